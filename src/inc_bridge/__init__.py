@@ -1,0 +1,54 @@
+"""inc_bridge: INC's FP8 measurements → torchao Float8 tensors or quantized modules, bit-exact.
+
+Example:
+    >>> import inc_bridge as ib
+    >>> qmodel = ib.quantize(model, calib_batches)                       # doctest: +SKIP
+    >>> meas = ib.calibrate(model, calib_batches)                         # doctest: +SKIP
+    >>> qmodel = ib.convert(model, ib.compute_scales(meas, model=model), form="module")  # doctest: +SKIP
+"""
+
+from .calibrate import calibrate
+from .convert import ConversionResult, conversion_result, convert
+from .errors import (
+    BackendUnavailableError,
+    CalibrationError,
+    ConversionError,
+    IncBridgeError,
+    RecipeError,
+    SerializationError,
+)
+from .formats import FP8Format, Target
+from .inc_files import load_inc_measurements
+from .measurements import LayerStats, Measurements
+from .pipeline import compute_scales, quantize
+from .recipe import Recipe, default_recipe, load_recipe
+from .scales import LayerScales, ScaleSet
+from .tensor import Float8StaticTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CalibrationError",
+    "ConversionError",
+    "ConversionResult",
+    "FP8Format",
+    "Float8StaticTensor",
+    "IncBridgeError",
+    "LayerScales",
+    "LayerStats",
+    "Measurements",
+    "RecipeError",
+    "Recipe",
+    "ScaleSet",
+    "SerializationError",
+    "Target",
+    "calibrate",
+    "compute_scales",
+    "conversion_result",
+    "convert",
+    "default_recipe",
+    "load_inc_measurements",
+    "load_recipe",
+    "quantize",
+]

@@ -1,0 +1,123 @@
+"""The one place that speaks INC: its config strings, its prepare/convert calls, its quirks.
+
+Everything else in inc_bridge uses enums and dataclasses. INC 3.10 on CPU measures FP8 only in QDQ
+mode (``use_qdq=True, measure_on_hpu=False``); its ``autotune`` crashes for FP8, so the bridge drives
+measurement itself. INC is imported lazily: it is heavy and logs on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .formats import FP8Format
+from .recipe import Granularity, ScaleMethod
+
+_HP_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+_FORMAT = {FP8Format.E4M3: "E4M3", FP8Format.E5M2: "E5M2"}
+# The observer is independent of the scale method: measuring with any maxabs method records the
+# same raw amax values, from which we recompute every method ourselves.
+MEASURE_SCALE_METHOD = "maxabs_arbitrary"
+
+
+def inc_version() -> str:
+    for dist in ("neural-compressor-pt", "neural-compressor"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def inc_scale_method(weight_method: ScaleMethod, weight_granularity: Granularity, act_method: ScaleMethod) -> str | None:
+    """INC's name for a (weight, activation) scale-method pair, or None where INC has none."""
+    if weight_granularity is Granularity.PER_TENSOR and weight_method is act_method:
+        return weight_method.value
+    if (weight_granularity, weight_method, act_method) == (
+        Granularity.PER_CHANNEL, ScaleMethod.MAXABS_POW2, ScaleMethod.MAXABS_POW2
+    ):
+        return "act_maxabs_pow2_weights_pcs_maxabs_pow2"
+    return None
+
+
+def fp8_config(dump_dir: Path, hp_dtype: torch.dtype, fmt: FP8Format, scale_method: str = MEASURE_SCALE_METHOD) -> Any:
+    """INC's FP8Config for CPU QDQ with dumps under ``dump_dir``.
+
+    ``hp_dtype`` is set to the model's dtype: INC's default bf16 on an fp32 model breaks its own
+    Conv2d ("Input type (BFloat16) and bias type (float)") and changes the rounding of scales.
+    """
+    from neural_compressor.torch.quantization import FP8Config
+
+    if hp_dtype not in _HP_DTYPE:
+        raise ValueError(f"INC supports hp_dtype float32 or bfloat16, got {hp_dtype}")
+    return FP8Config(
+        use_qdq=True,
+        measure_on_hpu=False,
+        scale_method=scale_method,
+        dump_stats_path=str(dump_dir / "measure"),
+        hp_dtype=_HP_DTYPE[hp_dtype],
+        fp8_config=_FORMAT[fmt],
+    )
+
+
+def config_record(hp_dtype: torch.dtype, fmt: FP8Format) -> dict[str, Any]:
+    """The INC options a measurement used, as plain JSON data."""
+    return {
+        "use_qdq": True,
+        "measure_on_hpu": False,
+        "scale_method": MEASURE_SCALE_METHOD,
+        "observer": "maxabs",
+        "hp_dtype": _HP_DTYPE[hp_dtype],
+        "fp8_config": _FORMAT[fmt],
+    }
+
+
+@contextlib.contextmanager
+def inc_session(workdir: Path) -> Iterator[None]:
+    """Run INC calls with its temporary files under ``workdir`` and its logging quieted.
+
+    INC writes its config to ``tempfile.NamedTemporaryFile(delete=False)`` on every ``prepare`` and
+    never removes it; pointing ``tempfile`` at our work directory keeps those files in a place we
+    clean up. INC logs each step at INFO/WARNING; we keep only its errors.
+    """
+    saved_tempdir = tempfile.tempdir
+    loggers = [logging.getLogger(n) for n in ("neural_compressor", "INC")]
+    saved_levels = [lg.level for lg in loggers]
+    tempfile.tempdir = str(workdir)
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_tempdir
+        for lg, level in zip(loggers, saved_levels):
+            lg.setLevel(level)
+
+
+def measure(model: nn.Module, run: Callable[[nn.Module], int], config: Any) -> int:
+    """INC prepare → ``run(prepared)`` → finalize_calibration. Patches ``model`` in place.
+
+    Returns the number of batches ``run`` reports.
+    """
+    from neural_compressor.torch.quantization import finalize_calibration, prepare
+
+    prepared = prepare(model, config)
+    n = run(prepared)
+    if n > 0:
+        finalize_calibration(prepared)
+    return n
+
+
+def convert_qdq(model: nn.Module, config: Any) -> nn.Module:
+    """INC's own ``convert`` of a prepared, calibrated model: the reference QDQ model."""
+    from neural_compressor.torch.quantization import convert
+
+    return convert(model, config)

@@ -1,0 +1,165 @@
+"""``calibrate``: drive INC's FP8 measurement over calibration data and return raw Measurements.
+
+INC's ``prepare`` patches the model it is given in place. To leave the caller's model untouched
+without holding a second copy of its weights, INC gets a *structural* copy: new module objects that
+share every parameter and buffer with the original (a deep copy whose memo maps each tensor to
+itself). INC's dump files go to ``workdir`` or to a temporary directory that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from . import _inc
+from .errors import CalibrationError
+from .formats import SUPPORTED_HP_DTYPES, dtype_name
+from .inc_files import load_inc_measurements
+from .measurements import LayerStats, Measurements, Source
+from .recipe import Recipe, resolve_recipe
+from .select import select_layers
+
+CalibData = Union[Iterable[Any], Callable[[nn.Module], Any]]
+
+
+def calibrate(
+    model: nn.Module,
+    calib_data: CalibData,
+    recipe: Recipe | Path | str | None = None,
+    *,
+    workdir: Path | str | None = None,
+) -> Measurements:
+    """Measure ``model`` on ``calib_data`` with INC and return raw per-layer statistics.
+
+    Args:
+        model: fp32 or bf16 model; left unchanged (same module types, same parameter tensors).
+        calib_data: an iterable of batches (a tensor, a tuple/list of positional arguments, or a
+            dict of keyword arguments) or a callable ``run_fn(model)`` that runs the forwards itself.
+        recipe: selects the layers to measure (``quantization.ops/include/exclude``) and the format.
+        workdir: where INC's dump files go; by default a temporary directory, removed afterwards.
+    Returns:
+        Measurements of every selected layer that ran during calibration.
+    Raises:
+        CalibrationError: no batches, a batch of an unsupported type, a failing forward, or NaN/Inf
+            statistics (the message names the layer).
+        ConversionError: the recipe names a module that cannot be quantized.
+
+    Example:
+        >>> meas = calibrate(model, [torch.randn(8, 16) for _ in range(4)])   # doctest: +SKIP
+    """
+    recipe = resolve_recipe(recipe)
+    selection = select_layers(model, recipe.quantization)
+    if not selection.selected:
+        raise CalibrationError(
+            "nothing to calibrate: the recipe selects no layer of this model "
+            f"({len(selection.skipped)} quantizable layers skipped)"
+        )
+    modules = dict(model.named_modules())
+    hp_dtype = _hp_dtype(modules, selection.selected)
+    fmt = recipe.quantization.format
+    with _workdir(workdir) as wd, _inc.inc_session(wd):
+        shadow = _structural_copy(model).eval()
+        num_batches = _inc.measure(shadow, _runner(calib_data), _inc.fp8_config(wd, hp_dtype, fmt))
+        del shadow
+        raw = load_inc_measurements(wd)
+    layers: dict[str, LayerStats] = {}
+    for name, op in selection.selected.items():
+        measured = raw.layers.get(name)
+        if measured is None or not measured.input_amax:
+            continue  # never ran during calibration: compute_scales reports it by name
+        weight = modules[name].weight.detach()
+        stats = LayerStats(
+            name=name,
+            kind=op.value,
+            input_amax=measured.input_amax,
+            weight_amax=float(weight.abs().max()),
+            weight_amax_per_channel=tuple(weight.abs().reshape(weight.shape[0], -1).amax(dim=1).tolist()),
+            dtype=dtype_name(hp_dtype),
+            source=Source.INC,
+        )
+        stats.check_finite()
+        layers[name] = stats
+    return Measurements(
+        layers=layers,
+        inc_version=_inc.inc_version(),
+        inc_config=_inc.config_record(hp_dtype, fmt),
+        num_batches=num_batches if num_batches >= 0 else None,
+    )
+
+
+def _hp_dtype(modules: Mapping[str, nn.Module], selected: Mapping[str, object]) -> torch.dtype:
+    dtypes = {modules[name].weight.dtype for name in selected}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_HP_DTYPES:
+        raise CalibrationError(
+            f"the selected layers have weight dtypes {sorted(map(str, dtypes))}; inc_bridge calibrates models "
+            "whose quantized layers are all float32 or all bfloat16"
+        )
+    return dtypes.pop()
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """New module objects, same parameter and buffer tensors: INC may patch it freely."""
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def _workdir(workdir: Path | str | None) -> Iterator[Path]:
+    if workdir is not None:
+        path = Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="inc_bridge_calib_") as tmp:
+        yield Path(tmp)
+
+
+def _runner(calib_data: CalibData) -> Callable[[nn.Module], int]:
+    """A function that runs the calibration forwards and returns the batch count (-1 if unknown)."""
+
+    def run(model: nn.Module) -> int:
+        with torch.no_grad():
+            if callable(calib_data) and not isinstance(calib_data, (torch.Tensor, Mapping, nn.Module)):
+                try:
+                    calib_data(model)
+                except Exception as exc:
+                    raise CalibrationError(f"calibration run_fn failed: {type(exc).__name__}: {exc}") from exc
+                return -1
+            if isinstance(calib_data, (torch.Tensor, Mapping, str)):
+                raise CalibrationError(
+                    f"calib_data must be an iterable of batches or a callable, got a single {type(calib_data).__name__}; "
+                    "wrap one batch in a list"
+                )
+            n = 0
+            for n, batch in enumerate(calib_data, start=1):
+                try:
+                    if isinstance(batch, torch.Tensor):
+                        model(batch)
+                    elif isinstance(batch, Mapping):
+                        model(**batch)
+                    elif isinstance(batch, (tuple, list)):
+                        model(*batch)
+                    else:
+                        raise CalibrationError(
+                            f"calibration batch {n - 1}: expected a tensor, a tuple of arguments or a dict of "
+                            f"keyword arguments, got {type(batch).__name__}"
+                        )
+                except CalibrationError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationError(
+                        f"calibration forward failed on batch {n - 1}: {type(exc).__name__}: {exc}"
+                    ) from exc
+            if n == 0:
+                raise CalibrationError("calib_data yielded no batches; calibration needs at least one")
+            return n
+
+    return run

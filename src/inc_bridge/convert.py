@@ -1,0 +1,119 @@
+"""``convert``: swap FP8 weights (form "subclass") or FP8 modules (form "module") into a model.
+
+The conversion is all-or-nothing: every replacement is built before the first one is installed, so
+an error leaves the model as it was. What was converted, and why other quantizable layers were not,
+is recorded in a ``ConversionResult`` that ``conversion_result(qmodel)`` returns.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .converters import converter_for
+from .errors import ConversionError
+from .kernels import resolve_backend
+from .recipe import Backend, Form
+from .scales import ScaleSet
+
+_RESULT_ATTR = "_inc_bridge_conversion"
+
+
+@dataclass
+class ConversionResult:
+    """``converted`` maps layer name → op; ``skipped`` maps quantizable layer name → reason."""
+
+    form: Form
+    backend: str
+    converted: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.converted)} layers converted (form={self.form.value}, backend={self.backend}), "
+                 f"{len(self.skipped)} left in high precision"]
+        lines += [f"  kept {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def conversion_result(model: nn.Module) -> ConversionResult:
+    """The ConversionResult of the ``convert`` call that produced ``model``.
+
+    Raises:
+        ConversionError: ``model`` did not come from ``inc_bridge.convert``.
+    """
+    result = getattr(model, _RESULT_ATTR, None)
+    if result is None:
+        raise ConversionError("this model was not produced by inc_bridge.convert (no conversion result attached)")
+    return result
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def convert(
+    model: nn.Module,
+    scales: ScaleSet,
+    *,
+    form: Form | str = Form.SUBCLASS,
+    backend: Backend | str = Backend.AUTO,
+    inplace: bool = False,
+) -> nn.Module:
+    """Quantize the layers named in ``scales``.
+
+    Args:
+        model: the float model (fp32 or bf16) the scales were computed for.
+        scales: from ``compute_scales``.
+        form: "subclass" keeps every module and makes weights ``Float8StaticTensor``; "module"
+            swaps in ``QuantizedLinear`` / ``QConv2d``. Both give identical outputs.
+        backend: kernel backend; "auto" picks the best available.
+        inplace: convert ``model`` itself instead of a deep copy.
+    Returns:
+        The quantized model; ``conversion_result(qmodel)`` lists converted and skipped layers.
+    Raises:
+        ConversionError: a scaled layer is missing from the model, of another type or shape.
+        BackendUnavailableError: ``backend`` cannot run here.
+
+    Example:
+        >>> qmodel = convert(model, scales, form="module")   # doctest: +SKIP
+    """
+    try:
+        form = Form(form)
+        backend_name = resolve_backend(Backend(backend).value)
+    except ValueError as exc:
+        raise ConversionError(f"{exc}; valid forms: {[f.value for f in Form]}, backends: {[b.value for b in Backend]}") from None
+    modules = dict(model.named_modules())
+    replacements: dict[str, nn.Module] = {}
+    for name, ls in scales.layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise ConversionError(f"scales name layer {name!r}, but the model has no module of that name")
+        conv = converter_for(module)
+        if conv is None or conv.op is not ls.kind:
+            raise ConversionError(
+                f"layer {name!r} is a {type(module).__name__}, but its scales are for a {ls.kind.value} layer"
+            )
+        impl = conv.impl.to_subclass if form is Form.SUBCLASS else conv.impl.to_module
+        replacements[name] = impl(module, ls, backend_name)
+
+    if inplace:
+        target = model
+        for name, new in replacements.items():
+            _set_submodule(target, name, new)
+    else:
+        # Deep-copy everything except the replaced modules, which the memo maps to their FP8
+        # replacements: the float weights being replaced are never copied.
+        memo = {id(modules[name]): new for name, new in replacements.items()}
+        target = copy.deepcopy(model, memo)
+
+    result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped))
+    result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
+    for name in modules:
+        if name and name not in result.converted and name not in result.skipped and converter_for(modules[name]):
+            result.skipped[name] = "no scales for this layer"
+    object.__setattr__(target, _RESULT_ATTR, result)
+    return target

@@ -1,0 +1,88 @@
+"""Converter registry: how each float module type becomes FP8 in either form.
+
+``@register_converter(nn.Linear, Op.LINEAR)`` on a class with two static methods:
+``to_subclass(module, scales, backend)`` keeps the module and makes its weight a
+``Float8StaticTensor``; ``to_module(module, scales, backend)`` returns a swapped quantized module.
+Lookups are by exact type: a subclass of ``nn.Linear`` may use its weight in ways a swap would break.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import nn
+
+from .nn import QConv2d, QuantizedLinear
+from .recipe import Op
+from .scales import LayerScales
+from .tensor import Float8StaticTensor
+
+
+class _ConverterImpl(Protocol):
+    @staticmethod
+    def to_subclass(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module: ...
+
+    @staticmethod
+    def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class Converter:
+    module_type: type[nn.Module]
+    op: Op
+    impl: type[_ConverterImpl]
+
+
+_CONVERTERS: dict[type[nn.Module], Converter] = {}
+
+
+def register_converter(module_type: type[nn.Module], op: Op):
+    """Class decorator registering the conversions of ``module_type`` under ``op``."""
+
+    def decorator(impl: type[_ConverterImpl]) -> type[_ConverterImpl]:
+        _CONVERTERS[module_type] = Converter(module_type, op, impl)
+        return impl
+
+    return decorator
+
+
+def converter_for(module: nn.Module) -> Converter | None:
+    return _CONVERTERS.get(type(module))
+
+
+def describe_registered() -> str:
+    return ", ".join(f"{c.op.value} ({t.__name__})" for t, c in _CONVERTERS.items())
+
+
+def _with_fp8_weight(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+    """A shallow copy of ``module`` whose weight is a Float8StaticTensor (the original is untouched)."""
+    qdata, weight_scale = scales.quantize_weight(module.weight)
+    weight = Float8StaticTensor(
+        qdata, weight_scale, scales.activation_scale(), scales.fp8_max, backend, module.weight.dtype
+    )
+    # A deep copy whose memo maps the float weight to the FP8 one: nothing shared with the original.
+    return copy.deepcopy(module, {id(module.weight): nn.Parameter(weight, requires_grad=False)})
+
+
+@register_converter(nn.Linear, Op.LINEAR)
+class LinearConverter:
+    @staticmethod
+    def to_subclass(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return _with_fp8_weight(module, scales, backend)
+
+    @staticmethod
+    def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return QuantizedLinear.from_float(module, scales, backend)  # type: ignore[arg-type]
+
+
+@register_converter(nn.Conv2d, Op.CONV2D)
+class Conv2dConverter:
+    @staticmethod
+    def to_subclass(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return _with_fp8_weight(module, scales, backend)
+
+    @staticmethod
+    def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return QConv2d.from_float(module, scales, backend)  # type: ignore[arg-type]

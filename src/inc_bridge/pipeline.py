@@ -1,0 +1,110 @@
+"""The user-facing steps that walk a model: ``compute_scales`` and ``quantize``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .calibrate import CalibData, calibrate
+from .convert import convert
+from .errors import CalibrationError
+from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
+from .measurements import Measurements
+from .recipe import Op, Recipe, resolve_recipe
+from .scales import LayerScales, ScaleSet, layer_scales
+from .select import matches, select_layers
+
+
+def compute_scales(
+    measurements: Measurements,
+    recipe: Recipe | Path | str | None = None,
+    *,
+    model: nn.Module | None = None,
+) -> ScaleSet:
+    """Turn raw measurements into one LayerScales per selected layer.
+
+    Args:
+        measurements: from ``calibrate`` or ``load_inc_measurements``.
+        recipe: format, target range, granularity, scale methods and layer selection.
+        model: the float model. With it, layers are selected from the model and weight amax is read
+            from the weights themselves (as INC does at convert time); without it, from the
+            measurements, which must then know each layer's kind and dtype.
+    Returns:
+        ScaleSet.
+    Raises:
+        CalibrationError: a selected layer has no measurements, or statistics are NaN/Inf.
+
+    Example:
+        >>> scales = compute_scales(meas, recipe, model=model)   # doctest: +SKIP
+    """
+    recipe = resolve_recipe(recipe)
+    q = recipe.quantization
+    layers: dict[str, LayerScales] = {}
+    if model is not None:
+        selection = select_layers(model, q)
+        modules = dict(model.named_modules())
+        for name, op in selection.selected.items():
+            stats = measurements.layers.get(name)
+            if stats is None:
+                raise CalibrationError(
+                    f"layer {name!r} is selected for quantization but has no measurements (it did not run during "
+                    f"calibration, or the measurements are for another model); measured: {_few(measurements.names)}"
+                )
+            weight = modules[name].weight
+            if weight.dtype not in SUPPORTED_HP_DTYPES:
+                raise CalibrationError(f"layer {name!r}: weight dtype {weight.dtype} is not float32 or bfloat16")
+            layers[name] = layer_scales(stats, op, recipe, weight.dtype, weight=weight)
+        skipped = selection.skipped
+    else:
+        skipped = {}
+        for name, stats in measurements.layers.items():
+            if stats.kind not in {o.value for o in Op} or stats.dtype is None:
+                raise CalibrationError(
+                    f"layer {name!r}: the measurements do not record its kind and dtype (INC dumps do not); "
+                    "pass model= to compute_scales"
+                )
+            op = Op(stats.kind)
+            why = _excluded(name, op, recipe)
+            if why:
+                skipped[name] = why
+                continue
+            layers[name] = layer_scales(stats, op, recipe, dtype_from_name(stats.dtype))
+    return ScaleSet(layers=layers, skipped=skipped, format=q.format, target=q.target)
+
+
+def _excluded(name: str, op: Op, recipe: Recipe) -> str | None:
+    q = recipe.quantization
+    if op not in q.ops:
+        return f"op {op.value!r} not in quantization.ops"
+    if q.include and not any(matches(name, s) for s in q.include):
+        return "not matched by quantization.include"
+    hit = next((s for s in q.exclude if matches(name, s)), None)
+    return f"excluded by {hit!r}" if hit else None
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "") if names else "none"
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: CalibData,
+    recipe: Recipe | Path | str | None = None,
+    *,
+    workdir: Path | str | None = None,
+    **convert_kwargs: Any,
+) -> nn.Module:
+    """``calibrate`` + ``compute_scales`` + ``convert`` in one call.
+
+    ``form`` and ``backend`` default to the recipe's; ``convert_kwargs`` override them.
+
+    Example:
+        >>> qmodel = quantize(model, calib_batches)   # doctest: +SKIP
+    """
+    recipe = resolve_recipe(recipe)
+    measurements = calibrate(model, calib_data, recipe, workdir=workdir)
+    scales = compute_scales(measurements, recipe, model=model)
+    kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend, **convert_kwargs}
+    return convert(model, scales, **kwargs)

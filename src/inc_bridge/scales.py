@@ -1,0 +1,175 @@
+"""Scale computation: Measurements + recipe → ScaleSet. Pure functions, no I/O, no module walking.
+
+The math is INC's, op for op, in INC's high-precision dtype (``hp_dtype`` = the model's dtype):
+
+* ``maxabs_arbitrary``: ``amax / (fullscale · backoff)``, backoff 0.5 for weights, 0.25 for activations;
+* ``maxabs_pow2``: that scale rounded up to a power of two, ``2 ** ceil(log2(s))``;
+* ``unit_scale``: 1.
+
+``fullscale`` is the target's FP8 range (448 for E4M3, 240 for E4M3 on Gaudi2, 57344 for E5M2).
+Scales never go below ``MIN_SCALE`` (INC's own floor for per-channel scales), so an all-zero tensor
+gets a tiny positive scale instead of a zero one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CalibrationError, ConversionError
+from .formats import ACTIVATION_BACKOFF, MIN_SCALE, WEIGHT_BACKOFF, FP8Format, Target, dtype_name, fullscale
+from .measurements import LayerStats, Measurements
+from .quant import inc_activation_scale, inc_weight_quant_scale, quantize_fp8
+from .recipe import Granularity, Op, Recipe, ScaleMethod
+
+
+def maxabs_scale(amax: torch.Tensor, full: float, backoff: float, method: ScaleMethod) -> torch.Tensor:
+    """One scale (or one per channel) from amax, in ``amax``'s dtype, as INC computes it."""
+    if method is ScaleMethod.UNIT_SCALE:
+        return torch.ones_like(amax)
+    scale = amax / (full * backoff)
+    scale = torch.clamp_min(scale, MIN_SCALE)
+    if method is ScaleMethod.MAXABS_POW2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale
+
+
+def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.dtype) -> torch.Tensor:
+    """Weight amax as INC takes it: per tensor (cast to hp_dtype) or per output channel (dim 0)."""
+    w = weight.detach().abs()
+    if granularity is Granularity.PER_TENSOR:
+        return torch.max(w).to(hp_dtype)
+    return torch.amax(w.reshape(w.shape[0], -1), dim=1).to(hp_dtype)
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """Scales for one layer, with INC's meaning: ``x ≈ q · scale``.
+
+    ``input_scale`` is 0-d; ``weight_scale`` is 0-d (per tensor) or has one entry per output
+    channel. Both are in ``hp_dtype``. ``fp8_max`` is the clamp bound when quantizing.
+    """
+
+    name: str
+    kind: Op
+    format: FP8Format
+    fp8_max: float
+    hp_dtype: torch.dtype
+    input_scale: torch.Tensor
+    weight_scale: torch.Tensor
+
+    @property
+    def granularity(self) -> Granularity:
+        return Granularity.PER_TENSOR if self.weight_scale.dim() == 0 else Granularity.PER_CHANNEL
+
+    def activation_scale(self) -> torch.Tensor:
+        """The fp32 scale activations are quantized and dequantized with (INC's reciprocal-of-reciprocal)."""
+        return inc_activation_scale(self.input_scale)
+
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
+
+        Per-channel scales come back shaped to broadcast over the weight: [N, 1] or [O, 1, 1, 1].
+        """
+        if weight.dtype != self.hp_dtype:
+            raise ConversionError(
+                f"layer {self.name!r}: weight dtype {weight.dtype} differs from the dtype its scales were "
+                f"computed in ({self.hp_dtype}); recompute scales for this model"
+            )
+        shape = (-1,) + (1,) * (weight.dim() - 1) if self.weight_scale.dim() else ()
+        if self.weight_scale.dim() and self.weight_scale.numel() != weight.shape[0]:
+            raise ConversionError(
+                f"layer {self.name!r}: {self.weight_scale.numel()} per-channel scales for a weight with "
+                f"{weight.shape[0]} output channels"
+            )
+        q_scale = inc_weight_quant_scale(self.weight_scale).reshape(shape)
+        qdata = quantize_fp8(weight.detach(), q_scale, self.format.dtype, self.fp8_max)
+        return qdata, self.weight_scale.to(torch.float32).reshape(shape)
+
+
+@dataclass
+class ScaleSet:
+    """One LayerScales per quantized layer, plus why other quantizable layers were left out."""
+
+    layers: dict[str, LayerScales]
+    skipped: dict[str, str] = field(default_factory=dict)
+    format: FP8Format = FP8Format.E4M3
+    target: Target = Target.CPU
+
+    def __getitem__(self, name: str) -> LayerScales:
+        return self.layers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain floats, for reports and locked recipes."""
+        return {
+            name: {
+                "kind": ls.kind.value,
+                "format": ls.format.value,
+                "fp8_max": ls.fp8_max,
+                "hp_dtype": dtype_name(ls.hp_dtype),
+                "input_scale": float(ls.input_scale),
+                "weight_scale": ls.weight_scale.tolist(),
+            }
+            for name, ls in self.layers.items()
+        }
+
+
+def layer_scales(
+    stats: LayerStats,
+    kind: Op,
+    recipe: Recipe,
+    hp_dtype: torch.dtype,
+    weight: torch.Tensor | None = None,
+) -> LayerScales:
+    """Scales for one layer from its statistics (and its weight, when the model is at hand).
+
+    With ``weight`` the weight amax is taken from the weight itself, as INC does at convert time;
+    without it, from the statistics.
+    """
+    q = recipe.quantization
+    full = fullscale(q.format, q.target)
+    stats.check_finite()
+    if stats.inc_scales is not None:  # INC "Scale"-mode dump: finished scales, used as they are
+        return _given_scales(stats, kind, q.format, full, hp_dtype)
+    if not stats.input_amax:
+        raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
+    input_amax = torch.tensor(stats.input_amax, dtype=hp_dtype).max()
+    input_scale = maxabs_scale(input_amax, full, ACTIVATION_BACKOFF, q.activation.scale_method)
+    gran = q.weight.granularity
+    if weight is not None:
+        w_amax = weight_amax(weight, gran, hp_dtype)
+    elif gran is Granularity.PER_TENSOR and stats.weight_amax is not None:
+        w_amax = torch.tensor(stats.weight_amax, dtype=hp_dtype)
+    elif gran is Granularity.PER_CHANNEL and stats.weight_amax_per_channel is not None:
+        w_amax = torch.tensor(stats.weight_amax_per_channel, dtype=hp_dtype)
+    else:
+        raise CalibrationError(
+            f"layer {stats.name!r}: no {gran.value} weight statistics in the measurements; pass model= to "
+            "compute_scales so the weight can be read"
+        )
+    weight_scale = maxabs_scale(w_amax, full, WEIGHT_BACKOFF, q.weight.scale_method)
+    return LayerScales(stats.name, kind, q.format, full, hp_dtype, input_scale, weight_scale)
+
+
+def _given_scales(stats: LayerStats, kind: Op, fmt: FP8Format, full: float, hp_dtype: torch.dtype) -> LayerScales:
+    given = stats.inc_scales or {}
+    inputs: Sequence[float] = given.get("inputs") or ()
+    if not inputs or given.get("weight") is None:
+        raise CalibrationError(f"layer {stats.name!r}: the INC scale dump lacks an input or weight scale")
+    return LayerScales(
+        stats.name,
+        kind,
+        fmt,
+        full,
+        hp_dtype,
+        torch.tensor(max(inputs), dtype=hp_dtype),
+        torch.tensor(given["weight"], dtype=hp_dtype),
+    )

@@ -1,0 +1,72 @@
+"""Layer selection: which modules a recipe quantizes, and why the others are left alone.
+
+A selector is an exact module name or ``re:<pattern>``; patterns match from the start of the
+name (``re.match``), the convention of llm-compressor and compressed-tensors. An exact name in
+``include`` must exist and be quantizable: naming a module we cannot convert is an error, not a
+silent no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .converters import converter_for, describe_registered
+from .errors import ConversionError
+from .recipe import Op, Quantization
+
+
+def matches(name: str, selector: str) -> bool:
+    if selector.startswith("re:"):
+        return re.match(selector[3:], name) is not None
+    return name == selector
+
+
+@dataclass
+class Selection:
+    """``selected`` maps module name → op; ``skipped`` maps quantizable module name → reason."""
+
+    selected: dict[str, Op] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def select_layers(model: nn.Module, q: Quantization) -> Selection:
+    """Apply ``q.ops``, ``q.include`` and ``q.exclude`` to the modules of ``model``.
+
+    Raises:
+        ConversionError: an exact name in ``include`` does not exist, or names a module whose type
+            inc_bridge cannot quantize or whose op is not in ``ops``.
+    """
+    modules = dict(model.named_modules())
+    for selector in q.include:
+        if selector.startswith("re:"):
+            continue
+        if selector not in modules:
+            raise ConversionError(f"quantization.include names {selector!r}, but the model has no module of that name")
+        conv = converter_for(modules[selector])
+        if conv is None:
+            raise ConversionError(
+                f"quantization.include names {selector!r} ({type(modules[selector]).__name__}), which inc_bridge "
+                f"cannot quantize; quantizable: {describe_registered()}"
+            )
+        if conv.op not in q.ops:
+            raise ConversionError(
+                f"quantization.include names {selector!r} ({conv.op.value}), but {conv.op.value!r} is not in "
+                f"quantization.ops {[o.value for o in q.ops]}"
+            )
+    sel = Selection()
+    for name, module in modules.items():
+        conv = converter_for(module)
+        if conv is None or not name:
+            continue
+        if conv.op not in q.ops:
+            sel.skipped[name] = f"op {conv.op.value!r} not in quantization.ops"
+        elif q.include and not any(matches(name, s) for s in q.include):
+            sel.skipped[name] = "not matched by quantization.include"
+        elif hit := next((s for s in q.exclude if matches(name, s)), None):
+            sel.skipped[name] = f"excluded by {hit!r}"
+        else:
+            sel.selected[name] = conv.op
+    return sel
