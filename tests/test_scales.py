@@ -1,0 +1,90 @@
+"""Scale math: INC's own functions are the reference (torch.equal), plus edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import inc_bridge as ib
+from inc_bridge.formats import FP8Format, Target, fullscale
+from inc_bridge.measurements import LayerStats, Measurements
+from inc_bridge.recipe import Op, ScaleMethod
+from inc_bridge.scales import layer_scales, maxabs_scale
+
+
+def _inc_scale(amax: torch.Tensor, backoff: float, pow2: bool, full: float = 448.0) -> torch.Tensor:
+    from neural_compressor.torch.algorithms.fp8_quant._core.fp_utils import calc_scale_from_maxabs
+    from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.round_scales_function import ScaleToPow2
+
+    s = calc_scale_from_maxabs(amax, full, backoff)
+    return ScaleToPow2().calc(s) if pow2 else s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", [ScaleMethod.MAXABS_ARBITRARY, ScaleMethod.MAXABS_POW2])
+@pytest.mark.parametrize("backoff", [0.5, 0.25])
+def test_maxabs_matches_inc_functions(dtype, method, backoff):
+    amax = (torch.rand(500) * 10 ** torch.randint(-4, 4, (500,)).float()).to(dtype)
+    ours = maxabs_scale(amax, 448.0, backoff, method)
+    theirs = _inc_scale(amax, backoff, method is ScaleMethod.MAXABS_POW2)
+    assert ours.dtype == dtype and torch.equal(ours, theirs)
+
+
+def test_fullscale_per_target():
+    assert fullscale(FP8Format.E4M3, Target.CPU) == 448.0
+    assert fullscale(FP8Format.E4M3, Target.CUDA) == 448.0
+    assert fullscale(FP8Format.E4M3, Target.GAUDI3) == 448.0
+    assert fullscale(FP8Format.E4M3, Target.GAUDI2) == 240.0
+    assert fullscale(FP8Format.E5M2, Target.GAUDI2) == 57344.0
+
+
+def test_zero_amax_gives_a_small_positive_scale():
+    for method in (ScaleMethod.MAXABS_ARBITRARY, ScaleMethod.MAXABS_POW2):
+        s = maxabs_scale(torch.zeros(3), 448.0, 0.5, method)
+        assert torch.all(s > 0) and torch.all(torch.isfinite(s)) and torch.all(torch.isfinite(1 / s))
+    stats = LayerStats("fc", "linear", input_amax=(0.0,), weight_amax=0.0)
+    ls = layer_scales(stats, Op.LINEAR, ib.Recipe(), torch.float32)
+    q, s = ls.quantize_weight(torch.zeros(4, 4))
+    assert torch.equal(q.float(), torch.zeros(4, 4)) and float(s) > 0
+
+
+def test_zero_input_runs_through_a_model():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    qmodel = ib.quantize(model, [torch.zeros(2, 4)], form="module")
+    out = qmodel(torch.zeros(2, 4))
+    assert torch.isfinite(out).all() and torch.equal(out, model[0].bias.detach().expand(2, 4))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_statistics_raise_naming_the_layer(bad):
+    meas = Measurements(layers={"enc.fc": LayerStats("enc.fc", "linear", input_amax=(bad,), weight_amax=1.0, dtype="float32")})
+    with pytest.raises(ib.CalibrationError, match="layer 'enc.fc'.*not finite"):
+        ib.compute_scales(meas)
+
+
+def test_compute_scales_without_model_uses_stored_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    meas = ib.calibrate(model, [torch.randn(4, 8)])
+    with_model = ib.compute_scales(meas, model=model)
+    without = ib.compute_scales(meas)
+    pc = ib.Recipe.model_validate({"quantization": {"weight": {"granularity": "per_channel"}}})
+    for name in ("0", "2"):
+        assert torch.equal(with_model[name].input_scale, without[name].input_scale)
+        assert torch.equal(with_model[name].weight_scale, without[name].weight_scale)
+        assert torch.equal(ib.compute_scales(meas, pc)[name].weight_scale, ib.compute_scales(meas, pc, model=model)[name].weight_scale)
+
+
+def test_inc_dump_without_model_needs_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    ib.calibrate(model, [torch.randn(4, 8)], workdir=tmp_path)
+    with pytest.raises(ib.CalibrationError, match="pass model= to compute_scales"):
+        ib.compute_scales(ib.load_inc_measurements(tmp_path))
+
+
+def test_scale_set_to_dict_is_plain_data():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    d = ib.compute_scales(ib.calibrate(model, [torch.randn(4, 8)]), model=model).to_dict()
+    assert set(d["0"]) == {"kind", "format", "fp8_max", "hp_dtype", "input_scale", "weight_scale"}
+    assert isinstance(d["0"]["input_scale"], float) and d["0"]["hp_dtype"] == "float32"
