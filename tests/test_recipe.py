@@ -103,5 +103,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_recipe_is_immutable():
     r = ib.Recipe()
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         r.form = Form.MODULE  # type: ignore[misc]

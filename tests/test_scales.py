@@ -16,7 +16,9 @@ from inc_bridge.scales import layer_scales, maxabs_scale
 
 def _inc_scale(amax: torch.Tensor, backoff: float, pow2: bool, full: float = 448.0) -> torch.Tensor:
     from neural_compressor.torch.algorithms.fp8_quant._core.fp_utils import calc_scale_from_maxabs
-    from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.round_scales_function import ScaleToPow2
+    from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.round_scales_function import (
+        ScaleToPow2,
+    )
 
     s = calc_scale_from_maxabs(amax, full, backoff)
     return ScaleToPow2().calc(s) if pow2 else s

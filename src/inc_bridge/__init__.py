@@ -7,6 +7,7 @@ Example:
     >>> qmodel = ib.convert(model, ib.compute_scales(meas, model=model), form="module")  # doctest: +SKIP
 """
 
+from . import nn
 from .calibrate import calibrate
 from .convert import ConversionResult, conversion_result, convert
 from .errors import (
@@ -23,7 +24,6 @@ from .measurements import LayerStats, Measurements
 from .pipeline import compute_scales, quantize
 from .recipe import Recipe, default_recipe, load_recipe
 from .scales import LayerScales, ScaleSet
-from . import nn
 from .tensor import Float8StaticTensor
 
 __version__ = "0.1.0"
@@ -51,5 +51,6 @@ __all__ = [
     "default_recipe",
     "load_inc_measurements",
     "load_recipe",
+    "nn",
     "quantize",
 ]

@@ -101,7 +101,7 @@ def inc_session(workdir: Path) -> Iterator[None]:
         yield
     finally:
         tempfile.tempdir = saved_tempdir
-        for lg, level in zip(loggers, saved_levels):
+        for lg, level in zip(loggers, saved_levels, strict=True):
             lg.setLevel(level)
 
 

@@ -27,7 +27,7 @@ from .measurements import LayerStats, Measurements, Source
 from .recipe import Recipe, resolve_recipe
 from .select import select_layers
 
-CalibData = Union[Iterable[Any], Callable[[nn.Module], Any]]
+CalibData = Union[Iterable[Any], Callable[[nn.Module], Any]]  # noqa: UP007 - runtime alias on 3.10
 
 
 def calibrate(

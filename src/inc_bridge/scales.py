@@ -20,7 +20,7 @@ import torch
 
 from .errors import CalibrationError, ConversionError
 from .formats import ACTIVATION_BACKOFF, MIN_SCALE, WEIGHT_BACKOFF, FP8Format, Target, dtype_name, fullscale
-from .measurements import LayerStats, Measurements
+from .measurements import LayerStats
 from .quant import inc_activation_scale, inc_weight_quant_scale, quantize_fp8
 from .recipe import Granularity, Op, Recipe, ScaleMethod
 
