@@ -1,0 +1,55 @@
+"""``emulated``: the exact reference kernels, on any device.
+
+They quantize and dequantize with plain torch ops exactly as INC's CPU QDQ model does and run the
+matmul / conv in the model's dtype, so their outputs equal INC's converted model bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import dequantize_fp8, quant_dequant
+from .registry import EMULATED, Fp8Params, register_kernel
+
+
+@register_kernel("linear", EMULATED)
+def linear_emulated(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: Fp8Params,
+) -> torch.Tensor:
+    """INC's PatchedLinear QDQ math: ``matmul(qdq(x), dequant(W)ᵀ) + bias``.
+
+    The weight is dequantized into a contiguous [K, N] matrix because that is the layout INC keeps
+    (it stores FP8 weights transposed); BLAS sums in a layout-dependent order, so the transposed
+    view of an [N, K] matrix would differ in the last bit for some shapes. For the same reason the
+    bias is added after the matmul instead of through ``addmm``.
+    """
+    xq = quant_dequant(x, input_scale, p.fp8_dtype, p.fp8_max, p.hp_dtype)
+    scale_kn = weight_scale.t() if weight_scale.dim() == 2 else weight_scale
+    w_kn = dequantize_fp8(qweight.t().contiguous(), scale_kn, p.hp_dtype)
+    y = torch.matmul(xq, w_kn)
+    return y + bias if bias is not None else y
+
+
+@register_kernel("conv2d", EMULATED)
+def conv2d_emulated(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: Fp8Params,
+    stride: tuple[int, ...] | int = 1,
+    padding: tuple[int, ...] | int | str = 0,
+    dilation: tuple[int, ...] | int = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """INC's PatchedConv2d QDQ math: ``conv2d(qdq(x), dequant(W), bias, ...)``."""
+    xq = quant_dequant(x, input_scale, p.fp8_dtype, p.fp8_max, p.hp_dtype)
+    w = dequantize_fp8(qweight, weight_scale, p.hp_dtype)
+    return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
