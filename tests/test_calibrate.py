@@ -175,3 +175,9 @@ def test_recipe_path_is_accepted(tmp_path):
     path.write_text("quantization:\n  ops: [linear]\n")
     meas = ib.calibrate(ToyNet(), toy_batches(1), path)
     assert set(meas.names) == {"proj", "seq", "head"}
+
+
+def test_workdir_holds_only_inc_dumps(tmp_path):
+    ib.calibrate(LinearNet(), [torch.randn(2, 32)], workdir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]

@@ -199,3 +199,69 @@ def test_unit_scale():
     recipe = ib.Recipe.model_validate({"quantization": {"weight": {"scale_method": "unit_scale"}, "activation": {"scale_method": "unit_scale"}}})
     scales = _scales(model, recipe, batches=[torch.randn(2, 32)])
     assert float(scales["fc1"].input_scale) == 1.0 and float(scales["fc1"].weight_scale) == 1.0
+
+
+class _Tokens(nn.Module):
+    def __init__(self, max_norm=None):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16, padding_idx=0, max_norm=max_norm)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_embedding_weight_only(granularity, dtype):
+    model = _Tokens().to(dtype)
+    ids = [torch.randint(0, 50, (3, 7)) for _ in range(2)]
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "embedding"], "weight": {"granularity": granularity}}})
+    scales = ib.compute_scales(ib.calibrate(model, ids, recipe), recipe, model=model)
+    assert scales["emb"].input_scale is None
+    qsub, qmod = ib.convert(model, scales), ib.convert(model, scales, form="module")
+    assert type(qmod.emb).__name__ == "QEmbedding" and qmod.emb.weight.dtype == torch.float8_e4m3fn
+    # independent reference: dequantize the whole table, then look up
+    w = model.emb.weight.detach()
+    s = scales["emb"].weight_scale.float().reshape(-1, 1) if granularity == "per_channel" else scales["emb"].weight_scale.float()
+    s_q = torch.reciprocal(torch.reciprocal(scales["emb"].weight_scale)).float().reshape(s.shape) if granularity == "per_channel" \
+        else torch.tensor(1.0 / float(torch.reciprocal(scales["emb"].weight_scale)))
+    table = ((w.float() / s_q).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s).to(dtype)
+    x = torch.randint(0, 50, (2, 9))
+    expected = torch.nn.functional.embedding(x, table)
+    assert torch.equal(qsub.emb(x), expected) and torch.equal(qmod.emb(x), expected)
+    assert torch.equal(qsub(x), qmod(x))
+
+
+def test_embedding_not_in_default_ops_and_max_norm_refused():
+    model = _Tokens()
+    scales = ib.compute_scales(ib.calibrate(model, [torch.randint(0, 50, (2, 3))]), model=model)
+    assert "emb" not in scales and scales.skipped["emb"] == "op 'embedding' not in quantization.ops"
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["embedding", "linear"]}})
+    normed = _Tokens(max_norm=1.0)
+    scales = ib.compute_scales(ib.calibrate(normed, [torch.randint(0, 50, (2, 3))], recipe), recipe, model=normed)
+    with pytest.raises(ib.ConversionError, match="max_norm"):
+        ib.convert(normed, scales, form="module")
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_dtype_casts_keep_fp8_data(form):
+    model = ToyNet()
+    scales = _scales(model)
+    qmodel = ib.convert(model, scales, form=form)
+    x = toy_batches(1, seed=4)[0]
+    expected = qmodel(x)
+    qmodel.float()  # a no-op cast: FP8 data, scales and outputs unchanged
+    weight = qmodel.proj.weight
+    data = weight.qdata if form == "subclass" else weight
+    assert data.dtype == torch.float8_e4m3fn and torch.equal(qmodel(x), expected)
+    qmodel.to(torch.bfloat16)  # now computes in bf16, weights stay FP8
+    data = qmodel.proj.weight.qdata if form == "subclass" else qmodel.proj.weight
+    assert data.dtype == torch.float8_e4m3fn
+    if form == "module":
+        assert qmodel.proj.weight_scale.dtype == torch.float32 and qmodel.proj.dtype == torch.bfloat16
+    else:
+        assert qmodel.proj.weight.dtype == torch.bfloat16 and qmodel.proj.weight.scale.dtype == torch.float32
+    y = qmodel(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(y.float().flatten(), expected.flatten(), dim=0) > 0.99

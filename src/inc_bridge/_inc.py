@@ -81,12 +81,13 @@ def config_record(hp_dtype: torch.dtype, fmt: FP8Format) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def inc_session(workdir: Path) -> Iterator[None]:
-    """Run INC calls with its temporary files under ``workdir`` and its logging quieted.
+def inc_session() -> Iterator[None]:
+    """Run INC calls with its stray temporary files contained and its logging quieted.
 
     INC writes its config to ``tempfile.NamedTemporaryFile(delete=False)`` on every ``prepare`` and
-    never removes it; pointing ``tempfile`` at our work directory keeps those files in a place we
-    clean up. INC logs each step at INFO/WARNING; we keep only its errors.
+    never removes it; pointing ``tempfile`` at a private directory that we remove afterwards keeps
+    them out of the system temp dir and out of the caller's workdir. INC logs each step at
+    INFO/WARNING; we keep only its errors.
     """
     from neural_compressor.common.utils.logger import Logger
 
@@ -94,13 +95,15 @@ def inc_session(workdir: Path) -> Iterator[None]:
     saved_tempdir = tempfile.tempdir
     loggers = [logging.getLogger(n) for n in ("neural_compressor", "INC")]
     saved_levels = [lg.level for lg in loggers]
-    tempfile.tempdir = str(workdir)
+    private = tempfile.TemporaryDirectory(prefix="inc_bridge_inc_")
+    tempfile.tempdir = private.name
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
         tempfile.tempdir = saved_tempdir
+        private.cleanup()
         for lg, level in zip(loggers, saved_levels, strict=True):
             lg.setLevel(level)
 

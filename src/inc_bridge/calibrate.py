@@ -65,7 +65,7 @@ def calibrate(
     modules = dict(model.named_modules())
     hp_dtype = _hp_dtype(modules, selection.selected)
     fmt = recipe.quantization.format
-    with _workdir(workdir) as wd, _inc.inc_session(wd):
+    with _workdir(workdir) as wd, _inc.inc_session():
         shadow = _structural_copy(model).eval()
         num_batches = _inc.measure(shadow, _runner(calib_data), _inc.fp8_config(wd, hp_dtype, fmt))
         del shadow
@@ -73,13 +73,13 @@ def calibrate(
     layers: dict[str, LayerStats] = {}
     for name, op in selection.selected.items():
         measured = raw.layers.get(name)
-        if measured is None or not measured.input_amax:
+        if not op.weight_only and (measured is None or not measured.input_amax):
             continue  # never ran during calibration: compute_scales reports it by name
         weight = modules[name].weight.detach()
         stats = LayerStats(
             name=name,
             kind=op.value,
-            input_amax=measured.input_amax,
+            input_amax=() if op.weight_only else measured.input_amax,
             weight_amax=float(weight.abs().max()),
             weight_amax_per_channel=tuple(weight.abs().reshape(weight.shape[0], -1).amax(dim=1).tolist()),
             dtype=dtype_name(hp_dtype),

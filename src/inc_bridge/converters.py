@@ -14,7 +14,7 @@ from typing import Protocol
 
 from torch import nn
 
-from .nn import QConv2d, QuantizedLinear
+from .nn import QConv2d, QEmbedding, QuantizedLinear
 from .recipe import Op
 from .scales import LayerScales
 from .tensor import Float8StaticTensor
@@ -60,7 +60,7 @@ def _with_fp8_weight(module: nn.Module, scales: LayerScales, backend: str) -> nn
     """A shallow copy of ``module`` whose weight is a Float8StaticTensor (the original is untouched)."""
     qdata, weight_scale = scales.quantize_weight(module.weight)
     weight = Float8StaticTensor(
-        qdata, weight_scale, scales.activation_scale(), scales.fp8_max, backend, module.weight.dtype
+        qdata, weight_scale, scales.fp8_max, backend, module.weight.dtype, act_scale=scales.activation_scale()
     )
     # A deep copy whose memo maps the float weight to the FP8 one: nothing shared with the original.
     return copy.deepcopy(module, {id(module.weight): nn.Parameter(weight, requires_grad=False)})
@@ -86,3 +86,14 @@ class Conv2dConverter:
     @staticmethod
     def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
         return QConv2d.from_float(module, scales, backend)  # type: ignore[arg-type]
+
+
+@register_converter(nn.Embedding, Op.EMBEDDING)
+class EmbeddingConverter:
+    @staticmethod
+    def to_subclass(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return _with_fp8_weight(module, scales, backend)
+
+    @staticmethod
+    def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return QEmbedding.from_float(module, scales, backend)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from .calibrate import CalibData, calibrate
 from .convert import convert
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
-from .measurements import Measurements
+from .measurements import LayerStats, Measurements
 from .recipe import Op, Recipe, resolve_recipe
 from .scales import LayerScales, ScaleSet, layer_scales
 from .select import matches, select_layers
@@ -47,6 +47,8 @@ def compute_scales(
         modules = dict(model.named_modules())
         for name, op in selection.selected.items():
             stats = measurements.layers.get(name)
+            if stats is None and op.weight_only:  # INC does not measure embeddings; the weight suffices
+                stats = LayerStats(name=name, kind=op.value)
             if stats is None:
                 raise CalibrationError(
                     f"layer {name!r} is selected for quantization but has no measurements (it did not run during "

@@ -42,6 +42,11 @@ class ScaleMethod(str, Enum):
 class Op(str, Enum):
     LINEAR = "linear"
     CONV2D = "conv2d"
+    EMBEDDING = "embedding"  # weight-only: an embedding's input is integer ids
+
+    @property
+    def weight_only(self) -> bool:
+        return self is Op.EMBEDDING
 
 
 class Form(str, Enum):

@@ -48,8 +48,9 @@ def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.
 class LayerScales:
     """Scales for one layer, with INC's meaning: ``x ≈ q · scale``.
 
-    ``input_scale`` is 0-d; ``weight_scale`` is 0-d (per tensor) or has one entry per output
-    channel. Both are in ``hp_dtype``. ``fp8_max`` is the clamp bound when quantizing.
+    ``input_scale`` is 0-d (None for weight-only layers); ``weight_scale`` is 0-d (per tensor) or
+    has one entry per output channel (per row for embeddings). Both are in ``hp_dtype``.
+    ``fp8_max`` is the clamp bound when quantizing.
     """
 
     name: str
@@ -57,16 +58,16 @@ class LayerScales:
     format: FP8Format
     fp8_max: float
     hp_dtype: torch.dtype
-    input_scale: torch.Tensor
+    input_scale: torch.Tensor | None
     weight_scale: torch.Tensor
 
     @property
     def granularity(self) -> Granularity:
         return Granularity.PER_TENSOR if self.weight_scale.dim() == 0 else Granularity.PER_CHANNEL
 
-    def activation_scale(self) -> torch.Tensor:
+    def activation_scale(self) -> torch.Tensor | None:
         """The fp32 scale activations are quantized and dequantized with (INC's reciprocal-of-reciprocal)."""
-        return inc_activation_scale(self.input_scale)
+        return None if self.input_scale is None else inc_activation_scale(self.input_scale)
 
     def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
@@ -115,7 +116,7 @@ class ScaleSet:
                 "format": ls.format.value,
                 "fp8_max": ls.fp8_max,
                 "hp_dtype": dtype_name(ls.hp_dtype),
-                "input_scale": float(ls.input_scale),
+                "input_scale": None if ls.input_scale is None else float(ls.input_scale),
                 "weight_scale": ls.weight_scale.tolist(),
             }
             for name, ls in self.layers.items()
@@ -139,10 +140,12 @@ def layer_scales(
     stats.check_finite()
     if stats.inc_scales is not None:  # INC "Scale"-mode dump: finished scales, used as they are
         return _given_scales(stats, kind, q.format, full, hp_dtype)
-    if not stats.input_amax:
-        raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
-    input_amax = torch.tensor(stats.input_amax, dtype=hp_dtype).max()
-    input_scale = maxabs_scale(input_amax, full, ACTIVATION_BACKOFF, q.activation.scale_method)
+    input_scale = None
+    if not kind.weight_only:
+        if not stats.input_amax:
+            raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
+        input_amax = torch.tensor(stats.input_amax, dtype=hp_dtype).max()
+        input_scale = maxabs_scale(input_amax, full, ACTIVATION_BACKOFF, q.activation.scale_method)
     gran = q.weight.granularity
     if weight is not None:
         w_amax = weight_amax(weight, gran, hp_dtype)
@@ -162,7 +165,7 @@ def layer_scales(
 def _given_scales(stats: LayerStats, kind: Op, fmt: FP8Format, full: float, hp_dtype: torch.dtype) -> LayerScales:
     given = stats.inc_scales or {}
     inputs: Sequence[float] = given.get("inputs") or ()
-    if not inputs or given.get("weight") is None:
+    if (not inputs and not kind.weight_only) or given.get("weight") is None:
         raise CalibrationError(f"layer {stats.name!r}: the INC scale dump lacks an input or weight scale")
     return LayerScales(
         stats.name,
@@ -170,6 +173,6 @@ def _given_scales(stats: LayerStats, kind: Op, fmt: FP8Format, full: float, hp_d
         fmt,
         full,
         hp_dtype,
-        torch.tensor(max(inputs), dtype=hp_dtype),
+        None if kind.weight_only else torch.tensor(max(inputs), dtype=hp_dtype),
         torch.tensor(given["weight"], dtype=hp_dtype),
     )

@@ -24,20 +24,22 @@ class Float8StaticTensor(TorchAOBaseTensor):
     Attributes:
         qdata: FP8 data, same shape as the float weight.
         scale: fp32 dequantization scale, 0-d or per output channel ([N, 1] / [O, 1, 1, 1]).
-        act_scale: fp32 0-d static scale for the layer's input activation.
+        act_scale: fp32 0-d static scale for the layer's input activation; None for weight-only
+            layers (an embedding's input is integer ids).
         fp8_max: clamp bound when quantizing activations (the target's FP8 range).
         backend: kernel backend name (see ``inc_bridge.kernels``).
     """
 
-    tensor_data_names = ["qdata", "scale", "act_scale"]
+    tensor_data_names = ["qdata", "scale"]
     tensor_attribute_names = ["fp8_max", "backend", "dtype"]
+    optional_tensor_data_names = ["act_scale"]  # None for weight-only layers (embeddings)
 
-    def __new__(cls, qdata, scale, act_scale, fp8_max, backend, dtype):  # noqa: D102
+    def __new__(cls, qdata, scale, fp8_max, backend, dtype, act_scale=None):  # noqa: D102
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
         )
 
-    def __init__(self, qdata, scale, act_scale, fp8_max, backend, dtype):  # noqa: D107
+    def __init__(self, qdata, scale, fp8_max, backend, dtype, act_scale=None):  # noqa: D107
         super().__init__()
         self.qdata = qdata
         self.scale = scale
@@ -49,7 +51,8 @@ class Float8StaticTensor(TorchAOBaseTensor):
         gran = "per_tensor" if self.scale.dim() == 0 else "per_channel"
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, weight={gran}, "
-            f"act_scale={float(self.act_scale):.6g}, dtype={self.dtype}, backend={self.backend!r})"
+            f"act_scale={'none' if self.act_scale is None else f'{float(self.act_scale):.6g}'}, "
+            f"dtype={self.dtype}, backend={self.backend!r})"
         )
 
     @property
@@ -60,7 +63,31 @@ class Float8StaticTensor(TorchAOBaseTensor):
         return (self.qdata.to(torch.float32) * self.scale).to(output_dtype or self.dtype)
 
 
+implements = Float8StaticTensor.implements
 implements_torch_function = Float8StaticTensor.implements_torch_function
+
+
+@implements(torch.ops.aten._to_copy.default)
+def _to_copy(func, types, args, kwargs):
+    """``.to(device)`` moves the FP8 data; ``.to(dtype)`` changes only the high-precision dtype.
+
+    The FP8 bytes and fp32 scales are never cast: ``model.to(torch.bfloat16)`` of a quantized model
+    keeps its weights FP8 and makes the layers compute in bf16.
+    """
+    self = args[0]
+    device = kwargs.get("device") or self.device
+    dtype = kwargs.get("dtype") or self.dtype
+    if not dtype.is_floating_point or dtype.itemsize == 1:
+        raise TypeError(f"a Float8StaticTensor computes in a high-precision float dtype, not {dtype}")
+    return Float8StaticTensor(
+        self.qdata.to(device),
+        self.scale.to(device),
+        self.fp8_max,
+        self.backend,
+        dtype,
+        act_scale=None if self.act_scale is None else self.act_scale.to(device),
+    )
+
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
@@ -90,6 +117,14 @@ def _conv2d(func, types, args, kwargs):
         _arg(args, kwargs, 5, "dilation", 1),
         _arg(args, kwargs, 6, "groups", 1),
     )
+
+
+@implements_torch_function(F.embedding)
+def _embedding(func, types, args, kwargs):
+    ids, w = args[0], args[1]
+    if _arg(args, kwargs, 3, "max_norm") is not None:
+        raise NotImplementedError("F.embedding with max_norm renormalises the weight in place; FP8 weights cannot")
+    return get_kernel("embedding", w.backend)(ids, w.qdata, w.scale, w.params)
 
 
 # weights_only=True loading of a state_dict holding this tensor needs it allow-listed; registering

@@ -53,3 +53,11 @@ def conv2d_emulated(
     xq = quant_dequant(x, input_scale, p.fp8_dtype, p.fp8_max, p.hp_dtype)
     w = dequantize_fp8(qweight, weight_scale, p.hp_dtype)
     return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
+
+
+@register_kernel("embedding", EMULATED)
+def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
+    """Gather FP8 rows, then dequantize only those: equal to ``F.embedding(ids, dequant(W))``."""
+    rows = F.embedding(ids, qweight.view(torch.uint8)).view(qweight.dtype)
+    scale = F.embedding(ids, weight_scale) if weight_scale.dim() else weight_scale
+    return dequantize_fp8(rows, scale, p.hp_dtype)

@@ -9,9 +9,10 @@ from torch import nn
 from ..formats import dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
+from ._fp8_module import Fp8Module
 
 
-class QConv2d(nn.Module):
+class QConv2d(Fp8Module):
     """A Conv2d layer with an FP8 weight and a static FP8 activation scale.
 
     Buffers: ``weight`` (FP8, [out, in/groups, kh, kw]), ``weight_scale`` (fp32, 0-d or

@@ -8,9 +8,10 @@ from torch import nn
 from ..formats import dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
+from ._fp8_module import Fp8Module
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(Fp8Module):
     """A Linear layer with an FP8 weight and a static FP8 activation scale.
 
     Buffers (all in ``state_dict()``): ``weight`` (FP8, [out, in]), ``weight_scale`` (fp32, 0-d or

@@ -1,0 +1,31 @@
+"""Behaviour every quantized module shares: dtype casts never touch FP8 data or scales."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Fp8Module(nn.Module):
+    """Base of the quantized modules.
+
+    ``Module.to(dtype)`` / ``.float()`` / ``.bfloat16()`` cast every floating buffer, FP8 included,
+    which would silently turn an FP8 weight into a float one. Here the FP8 buffers and the fp32
+    scales keep their dtype (they still move with ``.to(device)``); the cast changes only the
+    dtype the layer computes in (``self.dtype``) and its bias.
+    """
+
+    dtype: torch.dtype
+    _fixed_dtype_buffers: tuple[str, ...] = ("weight", "weight_scale", "input_scale")
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        fixed = {n: b for n, b in self._buffers.items() if n in self._fixed_dtype_buffers and b is not None}
+        result = super()._apply(fn, recurse)
+        for name, before in fixed.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        probe = fn(torch.zeros((), dtype=self.dtype))
+        if probe.dtype.is_floating_point and probe.dtype.itemsize > 1:
+            self.dtype = probe.dtype
+        return result

@@ -1,0 +1,76 @@
+"""``QEmbedding``: the module form of a weight-only FP8 ``nn.Embedding``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConversionError
+from ..formats import dtype_name
+from ..kernels import Fp8Params, get_kernel
+from ..scales import LayerScales
+from ._fp8_module import Fp8Module
+
+
+class QEmbedding(Fp8Module):
+    """An embedding table stored in FP8; looked-up rows are dequantized to the model's dtype.
+
+    Buffers: ``weight`` (FP8, [num_embeddings, embedding_dim]) and ``weight_scale`` (fp32, 0-d or
+    [num_embeddings, 1], one scale per row). There is no activation scale: the input is integer ids.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        fp8_dtype: torch.dtype,
+        fp8_max: float,
+        dtype: torch.dtype,
+        per_channel: bool = False,
+        backend: str = "emulated",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.fp8_max = float(fp8_max)
+        self.dtype = dtype
+        self.backend = backend
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=fp8_dtype, device=device))
+        scale_shape = (num_embeddings, 1) if per_channel else ()
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, scales: LayerScales, backend: str = "emulated") -> QEmbedding:
+        if module.max_norm is not None:
+            raise ConversionError("nn.Embedding with max_norm renormalises its weight in place; it cannot be FP8")
+        qweight, weight_scale = scales.quantize_weight(module.weight)
+        q = cls(
+            module.num_embeddings,
+            module.embedding_dim,
+            module.padding_idx,
+            fp8_dtype=scales.format.dtype,
+            fp8_max=scales.fp8_max,
+            dtype=module.weight.dtype,
+            per_channel=weight_scale.dim() > 0,
+            backend=backend,
+            device="meta",
+        )
+        q.weight = qweight
+        q.weight_scale = weight_scale
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        kernel = get_kernel("embedding", self.backend)
+        return kernel(ids, self.weight, self.weight_scale, Fp8Params(self.weight.dtype, self.fp8_max, self.dtype))
+
+    def extra_repr(self) -> str:
+        gran = "per_channel" if self.weight_scale.dim() else "per_tensor"
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}{pad}, fp8={dtype_name(self.weight.dtype)}, "
+            f"weight={gran}, dtype={dtype_name(self.dtype)}, backend={self.backend}"
+        )
