@@ -8,7 +8,9 @@ Example:
 """
 
 from . import nn
+from .activation import Float8ActivationTensor
 from .calibrate import calibrate
+from .capture import capture_attention, captured_sites
 from .convert import ConversionResult, conversion_result, convert
 from .errors import (
     BackendUnavailableError,
@@ -33,6 +35,7 @@ __all__ = [
     "CalibrationError",
     "ConversionError",
     "ConversionResult",
+    "Float8ActivationTensor",
     "FP8Format",
     "Float8StaticTensor",
     "IncBridgeError",
@@ -45,6 +48,8 @@ __all__ = [
     "SerializationError",
     "Target",
     "calibrate",
+    "capture_attention",
+    "captured_sites",
     "compute_scales",
     "conversion_result",
     "convert",

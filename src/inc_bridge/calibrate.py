@@ -24,6 +24,7 @@ from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_name
 from .inc_files import load_inc_measurements
 from .measurements import LayerStats, Measurements, Source
+from .observers import AmaxObserver
 from .recipe import Recipe, resolve_recipe
 from .select import select_layers
 
@@ -63,15 +64,32 @@ def calibrate(
             f"({len(selection.skipped)} quantizable layers skipped)"
         )
     modules = dict(model.named_modules())
-    hp_dtype = _hp_dtype(modules, selection.selected)
+    weighted = {n: op for n, op in selection.selected.items() if op.has_weight}
+    hp_dtype = _hp_dtype(modules, weighted) if weighted else None
     fmt = recipe.quantization.format
     with _workdir(workdir) as wd, _inc.inc_session():
         shadow = _structural_copy(model).eval()
-        num_batches = _inc.measure(shadow, _runner(calib_data), _inc.fp8_config(wd, hp_dtype, fmt))
+        observers = {n: AmaxObserver(shadow.get_submodule(n)) for n, op in selection.selected.items() if not op.has_weight}
+        run = _runner(calib_data)
+        if hp_dtype is not None:
+            num_batches = _inc.measure(shadow, run, _inc.fp8_config(wd, hp_dtype, fmt))
+        else:  # only captured attention selected: nothing for INC to measure
+            num_batches = run(shadow)
         del shadow
-        raw = load_inc_measurements(wd)
+        raw = load_inc_measurements(wd) if hp_dtype is not None else Measurements(layers={})
     layers: dict[str, LayerStats] = {}
-    for name, op in selection.selected.items():
+    for name, observer in observers.items():
+        amax = observer.result()
+        if amax:  # a captured call site that never ran is reported by compute_scales, by name
+            layers[name] = LayerStats(
+                name=name,
+                kind=selection.selected[name].value,
+                input_amax=amax,
+                dtype=dtype_name(observer.dtype),
+                source=Source.BRIDGE,
+            )
+            layers[name].check_finite()
+    for name, op in weighted.items():
         measured = raw.layers.get(name)
         if not op.weight_only and (measured is None or not measured.input_amax):
             continue  # never ran during calibration: compute_scales reports it by name
@@ -90,7 +108,7 @@ def calibrate(
     return Measurements(
         layers=layers,
         inc_version=_inc.inc_version(),
-        inc_config=_inc.config_record(hp_dtype, fmt),
+        inc_config=_inc.config_record(hp_dtype, fmt) if hp_dtype is not None else {},
         num_batches=num_batches if num_batches >= 0 else None,
     )
 

@@ -14,7 +14,9 @@ from typing import Protocol
 
 from torch import nn
 
+from .activation import attach_input_quant
 from .nn import QConv2d, QEmbedding, QuantizedLinear
+from .nn.attention import QSDPA, SDPA, Matmul, QMatmul
 from .recipe import Op
 from .scales import LayerScales
 from .tensor import Float8StaticTensor
@@ -97,3 +99,30 @@ class EmbeddingConverter:
     @staticmethod
     def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
         return QEmbedding.from_float(module, scales, backend)  # type: ignore[arg-type]
+
+
+def _with_input_quant(module: nn.Module, scales: LayerScales) -> nn.Module:
+    """A copy of a captured attention module that quantizes its inputs (its type is unchanged)."""
+    return attach_input_quant(copy.deepcopy(module), scales.activation_scales(), scales.format.dtype, scales.fp8_max)
+
+
+@register_converter(SDPA, Op.SDPA)
+class SdpaConverter:
+    @staticmethod
+    def to_subclass(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return _with_input_quant(module, scales)
+
+    @staticmethod
+    def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return QSDPA.from_float(module, scales, backend)  # type: ignore[arg-type]
+
+
+@register_converter(Matmul, Op.BMM)
+class MatmulConverter:
+    @staticmethod
+    def to_subclass(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return _with_input_quant(module, scales)
+
+    @staticmethod
+    def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
+        return QMatmul.from_float(module, scales, backend)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ class Source(str, Enum):
     """Who measured a layer."""
 
     INC = "inc"  # INC's observers, driven by ib.calibrate
+    BRIDGE = "bridge"  # inc_bridge's own observer (captured attention inputs, which INC cannot measure on CPU)
     INC_DUMP = "inc_dump"  # read from INC's dump files (any INC run, e.g. on Gaudi)
 
 

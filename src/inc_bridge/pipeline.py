@@ -54,6 +54,9 @@ def compute_scales(
                     f"layer {name!r} is selected for quantization but has no measurements (it did not run during "
                     f"calibration, or the measurements are for another model); measured: {_few(measurements.names)}"
                 )
+            if not op.has_weight:  # captured attention: the dtype its inputs had during calibration
+                layers[name] = layer_scales(stats, op, recipe, _stats_dtype(stats))
+                continue
             weight = modules[name].weight
             if weight.dtype not in SUPPORTED_HP_DTYPES:
                 raise CalibrationError(f"layer {name!r}: weight dtype {weight.dtype} is not float32 or bfloat16")
@@ -74,6 +77,13 @@ def compute_scales(
                 continue
             layers[name] = layer_scales(stats, op, recipe, dtype_from_name(stats.dtype))
     return ScaleSet(layers=layers, skipped=skipped, format=q.format, target=q.target)
+
+
+def _stats_dtype(stats: LayerStats):
+    dtype = dtype_from_name(stats.dtype) if stats.dtype else None
+    if dtype not in SUPPORTED_HP_DTYPES:
+        raise CalibrationError(f"layer {stats.name!r}: measured in dtype {stats.dtype}, not float32 or bfloat16")
+    return dtype
 
 
 def _excluded(name: str, op: Op, recipe: Recipe) -> str | None:

@@ -43,10 +43,16 @@ class Op(str, Enum):
     LINEAR = "linear"
     CONV2D = "conv2d"
     EMBEDDING = "embedding"  # weight-only: an embedding's input is integer ids
+    SDPA = "sdpa"  # captured scaled-dot-product attention: q, k, v quantized
+    BMM = "bmm"  # captured activation × activation matmul / bmm: both operands quantized
 
     @property
     def weight_only(self) -> bool:
         return self is Op.EMBEDDING
+
+    @property
+    def has_weight(self) -> bool:
+        return self not in (Op.SDPA, Op.BMM)
 
 
 class Form(str, Enum):

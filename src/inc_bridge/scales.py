@@ -48,8 +48,9 @@ def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.
 class LayerScales:
     """Scales for one layer, with INC's meaning: ``x ≈ q · scale``.
 
-    ``input_scale`` is 0-d (None for weight-only layers); ``weight_scale`` is 0-d (per tensor) or
-    has one entry per output channel (per row for embeddings). Both are in ``hp_dtype``.
+    ``input_scales`` has one 0-d scale per quantized input (none for weight-only layers; q, k, v
+    for attention); ``weight_scale`` is 0-d (per tensor), one entry per output channel (per row for
+    embeddings), or None for layers without a weight (attention). All are in ``hp_dtype``.
     ``fp8_max`` is the clamp bound when quantizing.
     """
 
@@ -58,22 +59,34 @@ class LayerScales:
     format: FP8Format
     fp8_max: float
     hp_dtype: torch.dtype
-    input_scale: torch.Tensor | None
-    weight_scale: torch.Tensor
+    input_scales: tuple[torch.Tensor, ...]
+    weight_scale: torch.Tensor | None
+
+    @property
+    def input_scale(self) -> torch.Tensor | None:
+        """The first input's scale (the only one for Linear / Conv2d), None for weight-only layers."""
+        return self.input_scales[0] if self.input_scales else None
 
     @property
     def granularity(self) -> Granularity:
-        return Granularity.PER_TENSOR if self.weight_scale.dim() == 0 else Granularity.PER_CHANNEL
+        per_channel = self.weight_scale is not None and self.weight_scale.dim() > 0
+        return Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
 
     def activation_scale(self) -> torch.Tensor | None:
-        """The fp32 scale activations are quantized and dequantized with (INC's reciprocal-of-reciprocal)."""
+        """The fp32 scale the first input is quantized and dequantized with (INC's reciprocal-of-reciprocal)."""
         return None if self.input_scale is None else inc_activation_scale(self.input_scale)
+
+    def activation_scales(self) -> torch.Tensor:
+        """All input scales as one fp32 vector, in input order."""
+        return torch.stack([inc_activation_scale(s) for s in self.input_scales]) if self.input_scales else torch.empty(0)
 
     def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
 
         Per-channel scales come back shaped to broadcast over the weight: [N, 1] or [O, 1, 1, 1].
         """
+        if self.weight_scale is None:
+            raise ConversionError(f"layer {self.name!r} ({self.kind.value}) has no weight to quantize")
         if weight.dtype != self.hp_dtype:
             raise ConversionError(
                 f"layer {self.name!r}: weight dtype {weight.dtype} differs from the dtype its scales were "
@@ -116,8 +129,8 @@ class ScaleSet:
                 "format": ls.format.value,
                 "fp8_max": ls.fp8_max,
                 "hp_dtype": dtype_name(ls.hp_dtype),
-                "input_scale": None if ls.input_scale is None else float(ls.input_scale),
-                "weight_scale": ls.weight_scale.tolist(),
+                "input_scales": [float(s) for s in ls.input_scales],
+                "weight_scale": None if ls.weight_scale is None else ls.weight_scale.tolist(),
             }
             for name, ls in self.layers.items()
         }
@@ -140,12 +153,16 @@ def layer_scales(
     stats.check_finite()
     if stats.inc_scales is not None:  # INC "Scale"-mode dump: finished scales, used as they are
         return _given_scales(stats, kind, q.format, full, hp_dtype)
-    input_scale = None
+    input_scales: tuple[torch.Tensor, ...] = ()
     if not kind.weight_only:
         if not stats.input_amax:
             raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
-        input_amax = torch.tensor(stats.input_amax, dtype=hp_dtype).max()
-        input_scale = maxabs_scale(input_amax, full, ACTIVATION_BACKOFF, q.activation.scale_method)
+        input_scales = tuple(
+            maxabs_scale(torch.tensor(a, dtype=hp_dtype), full, ACTIVATION_BACKOFF, q.activation.scale_method)
+            for a in stats.input_amax
+        )
+    if not kind.has_weight:
+        return LayerScales(stats.name, kind, q.format, full, hp_dtype, input_scales, None)
     gran = q.weight.granularity
     if weight is not None:
         w_amax = weight_amax(weight, gran, hp_dtype)
@@ -159,13 +176,13 @@ def layer_scales(
             "compute_scales so the weight can be read"
         )
     weight_scale = maxabs_scale(w_amax, full, WEIGHT_BACKOFF, q.weight.scale_method)
-    return LayerScales(stats.name, kind, q.format, full, hp_dtype, input_scale, weight_scale)
+    return LayerScales(stats.name, kind, q.format, full, hp_dtype, input_scales, weight_scale)
 
 
 def _given_scales(stats: LayerStats, kind: Op, fmt: FP8Format, full: float, hp_dtype: torch.dtype) -> LayerScales:
     given = stats.inc_scales or {}
     inputs: Sequence[float] = given.get("inputs") or ()
-    if (not inputs and not kind.weight_only) or given.get("weight") is None:
+    if (not inputs and not kind.weight_only) or (given.get("weight") is None and kind.has_weight):
         raise CalibrationError(f"layer {stats.name!r}: the INC scale dump lacks an input or weight scale")
     return LayerScales(
         stats.name,
@@ -173,6 +190,6 @@ def _given_scales(stats: LayerStats, kind: Op, fmt: FP8Format, full: float, hp_d
         fmt,
         full,
         hp_dtype,
-        None if kind.weight_only else torch.tensor(max(inputs), dtype=hp_dtype),
-        torch.tensor(given["weight"], dtype=hp_dtype),
+        () if kind.weight_only else tuple(torch.tensor(v, dtype=hp_dtype) for v in inputs),
+        torch.tensor(given["weight"], dtype=hp_dtype) if kind.has_weight else None,
     )

@@ -61,3 +61,21 @@ def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: t
     rows = F.embedding(ids, qweight.view(torch.uint8)).view(qweight.dtype)
     scale = F.embedding(ids, weight_scale) if weight_scale.dim() else weight_scale
     return dequantize_fp8(rows, scale, p.hp_dtype)
+
+
+@register_kernel("sdpa", EMULATED)
+def sdpa_emulated(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
+    """Quantize-dequantize q, k, v with their static scales, then attention in high precision."""
+    q, k, v = (quant_dequant(t, input_scales[i], p.fp8_dtype, p.fp8_max, t.dtype) for i, t in enumerate((q, k, v)))
+    return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+
+
+@register_kernel("matmul", EMULATED)
+def matmul_emulated(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
+    """Quantize-dequantize both operands of a matmul / bmm / baddbmm, then run it in high precision."""
+    from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
+
+    args = list(args)
+    for i, pos in enumerate(MATMUL_OPERANDS[fn]):
+        args[pos] = quant_dequant(args[pos], input_scales[i], p.fp8_dtype, p.fp8_max, args[pos].dtype)
+    return MATMUL_FUNCTIONS[fn](*args, **kwargs)

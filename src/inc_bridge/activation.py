@@ -1,0 +1,100 @@
+"""``Float8ActivationTensor``: an activation quantized with a static scale, for the subclass form.
+
+In the subclass form attention keeps its module structure: a forward pre-hook on each captured
+``SDPA`` / ``Matmul`` module turns its q/k/v (or both operands) into Float8ActivationTensors, and
+``F.scaled_dot_product_attention``, ``torch.matmul`` (any rank), ``torch.bmm`` and ``torch.baddbmm``
+accept them. No FP8 attention kernel exists on CPU, so they dequantize first and run in high
+precision; any other op that meets a Float8ActivationTensor also dequantizes it first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map_only
+from torchao.utils import TorchAOBaseTensor
+
+from .quant import dequantize_fp8, quantize_fp8
+
+__all__ = ["Float8ActivationTensor", "attach_input_quant", "quantized_positions"]
+
+
+class Float8ActivationTensor(TorchAOBaseTensor):
+    """FP8 data + fp32 0-d scale; behaves as its dequantized value (dtype = the high-precision dtype)."""
+
+    tensor_data_names = ["qdata", "scale"]
+    tensor_attribute_names = ["dtype"]
+
+    def __new__(cls, qdata, scale, dtype):  # noqa: D102
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, qdata.shape, strides=qdata.stride(), dtype=dtype, device=qdata.device, requires_grad=False
+        )
+
+    def __init__(self, qdata, scale, dtype):  # noqa: D107
+        super().__init__()
+        self.qdata = qdata
+        self.scale = scale
+
+    @classmethod
+    def from_hp(cls, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Float8ActivationTensor:
+        return cls(quantize_fp8(x, scale, fp8_dtype, fp8_max), scale, x.dtype)
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_fp8(self.qdata, self.scale, output_dtype or self.dtype)
+
+    def __repr__(self) -> str:
+        return f"Float8ActivationTensor(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, scale={float(self.scale):.6g}, dtype={self.dtype})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "__get__":  # .shape, .dtype, .device ... need no data
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        # Every op: dequantize first. Attention ops land here too (there is no CPU FP8 attention
+        # kernel); a device backend with one would register it in this class's torch-function table.
+        table = getattr(cls, "_TORCH_FN_TABLE", {}).get(cls, {})
+        if func in table:
+            return table[func](func, types, args, kwargs)
+        args, kwargs = tree_map_only(Float8ActivationTensor, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+# Operand positions an FP8 input hook quantizes, per captured module type / matmul function.
+_SDPA_POSITIONS = (0, 1, 2)
+_SDPA_NAMES = ("query", "key", "value")
+
+
+def quantized_positions(module: nn.Module) -> tuple[int, ...]:
+    from .nn.attention import MATMUL_OPERANDS, SDPA
+
+    if isinstance(module, SDPA):
+        return _SDPA_POSITIONS
+    return MATMUL_OPERANDS[module.fn]
+
+
+def _quantize_inputs_hook(module: nn.Module, args: tuple, kwargs: dict):
+    args = list(args)
+    scales = module.input_scales
+    fp8_dtype, fp8_max = module._inc_bridge_fp8
+    for i, pos in enumerate(quantized_positions(module)):
+        if pos < len(args):
+            args[pos] = Float8ActivationTensor.from_hp(args[pos], scales[i], fp8_dtype, fp8_max)
+        elif pos < len(_SDPA_NAMES) and _SDPA_NAMES[pos] in kwargs:  # q/k/v passed by keyword
+            kwargs[_SDPA_NAMES[pos]] = Float8ActivationTensor.from_hp(kwargs[_SDPA_NAMES[pos]], scales[i], fp8_dtype, fp8_max)
+    return tuple(args), kwargs
+
+
+def attach_input_quant(module: nn.Module, input_scales: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> nn.Module:
+    """Make a captured SDPA / Matmul module quantize its inputs statically (subclass form).
+
+    The module keeps its type; it gains an ``input_scales`` buffer (fp32, one per quantized input)
+    and a forward pre-hook. Used by ``convert`` and by loading a saved subclass-form model.
+    """
+    module.register_buffer("input_scales", input_scales.to(torch.float32))
+    module._inc_bridge_fp8 = (fp8_dtype, float(fp8_max))
+    module.register_forward_pre_hook(_quantize_inputs_hook, with_kwargs=True)
+    return module
+
+
+torch.serialization.add_safe_globals([Float8ActivationTensor])

@@ -1,0 +1,292 @@
+"""Capture: turn functional attention into named modules, without editing model source.
+
+Two mechanisms, one result (an ``SDPA`` or ``Matmul`` submodule per attention call site):
+
+* Hugging Face transformers models: every attention module that dispatches through transformers'
+  attention-function registry gets an ``sdpa`` submodule (e.g.
+  ``encoder.layer.3.attention.self.sdpa``), and the model's attention implementation is set to
+  ``"inc_bridge"``, a registered function that runs the original implementation with its
+  ``F.scaled_dot_product_attention`` call routed to that module. No example input is needed.
+* Any other model: a discovery forward on ``example_inputs`` runs under a ``TorchFunctionMode``
+  that records each call site of ``F.scaled_dot_product_attention`` and of activation × activation
+  ``torch.matmul`` / ``torch.bmm`` / ``torch.baddbmm`` (``@`` included). A call site is the innermost
+  enclosing module plus the source position of the call (file, line, bytecode offset), so names are stable (``attn.sdpa``,
+  ``attn.bmm``, ``attn.bmm_1``). Afterwards a forward pre-hook on the root enters the same mode and
+  routes each known call site to its module. ``nn.MultiheadAttention`` is handled by running
+  PyTorch's own ``multi_head_attention_forward`` code with its attention calls routed the same way.
+
+We use a function mode rather than ``torch.fx`` because it works on models fx cannot trace and
+keeps every module's type. Capture changes no numerics: a captured float model's outputs are
+``torch.equal`` to the original's (for ``nn.MultiheadAttention``: to its Python path; PyTorch's
+fused fast path cannot be intercepted and is not taken while capturing).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import ConversionError
+from .nn.attention import SDPA, Matmul
+
+HF_IMPLEMENTATION = "inc_bridge"
+_SITES_ATTR = "_inc_bridge_sites"  # on the root: {(owner name, file, line, bytecode offset): module name}
+_ROUTERS_ATTR = "_inc_bridge_routers"  # on the root: active router modes (a stack)
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_FUNCTION_KIND: dict[Callable, str] = {
+    F.scaled_dot_product_attention: "sdpa",
+    torch.matmul: "matmul",
+    torch.Tensor.matmul: "matmul",
+    torch.Tensor.__matmul__: "matmul",
+    torch.bmm: "bmm",
+    torch.Tensor.bmm: "bmm",
+    torch.baddbmm: "baddbmm",
+    torch.Tensor.baddbmm: "baddbmm",
+}
+
+
+def capture_attention(model: nn.Module, example_inputs: Any = None) -> nn.Module:
+    """Give every attention call site of ``model`` its own ``SDPA`` / ``Matmul`` module, in place.
+
+    Args:
+        model: the float model. Hugging Face models using the "sdpa" attention implementation
+            need no example; other models are discovered by running ``example_inputs`` once.
+        example_inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments.
+    Returns:
+        ``model`` itself, with the new submodules (listed by ``captured_sites(model)``).
+    Raises:
+        ConversionError: a non-HF model without ``example_inputs``.
+
+    Example:
+        >>> model = capture_attention(model, example_inputs=torch.randn(2, 16, 64))   # doctest: +SKIP
+    """
+    if _hf_attention_modules(model):
+        _capture_hf(model)
+        return model
+    if example_inputs is None:
+        raise ConversionError(
+            "capture_attention needs example_inputs for a model that is not a Hugging Face model using "
+            "attn_implementation='sdpa': call sites are found by running one forward"
+        )
+    sites = _discover(model, example_inputs)
+    if not sites:
+        return model  # no attention: the model is left as it was
+    table: dict[tuple[str, str, int, int], str] = {}
+    for (owner_name, file, line, offset), fn in sites.items():
+        owner = model.get_submodule(owner_name) if owner_name else model
+        base = "sdpa" if fn == "sdpa" else fn
+        name = _free_name(owner, base)
+        owner.add_module(name, SDPA() if fn == "sdpa" else Matmul(fn))
+        table[(owner_name, file, line, offset)] = f"{owner_name}.{name}" if owner_name else name
+    existing = getattr(model, _SITES_ATTR, None)
+    if existing is None:
+        model.register_forward_pre_hook(_enter_router)
+        model.register_forward_hook(_exit_router, always_call=True)
+        existing = {}
+    setattr(model, _SITES_ATTR, {**existing, **table})
+    return model
+
+
+def captured_sites(model: nn.Module) -> dict[str, str]:
+    """Module name → kind ("sdpa", "matmul", "bmm", "baddbmm") of every captured attention module."""
+    return {
+        name: ("sdpa" if isinstance(m, SDPA) else m.fn)
+        for name, m in model.named_modules()
+        if isinstance(m, (SDPA, Matmul))
+    }
+
+
+# ---------------------------------------------------------------- Hugging Face: the attention registry
+
+
+@functools.cache
+def _dispatches_through_registry(cls: type) -> bool:
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", HF_IMPLEMENTATION):
+        return []
+    return [(n, m) for n, m in model.named_modules() if _dispatches_through_registry(type(m))]
+
+
+def _capture_hf(model: nn.Module) -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HF_IMPLEMENTATION, _hf_attention)
+    for _, module in _hf_attention_modules(model):
+        if not isinstance(getattr(module, "sdpa", None), nn.Module):
+            module.add_module("sdpa", SDPA())
+    if model.config._attn_implementation != HF_IMPLEMENTATION:
+        model.set_attn_implementation(HF_IMPLEMENTATION)
+
+
+def _hf_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """transformers' own SDPA attention, with its F.scaled_dot_product_attention call routed to ``module.sdpa``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    target = getattr(module, "sdpa", None)
+    if target is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    with _RouteSdpa(target):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class _RouteSdpa(TorchFunctionMode):
+    def __init__(self, target: nn.Module) -> None:
+        super().__init__()
+        self.target = target
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self.target(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- any model: call sites under a function mode
+
+
+def _is_activation_pair(func_kind: str, args: tuple) -> bool:
+    positions = (1, 2) if func_kind == "baddbmm" else (0, 1)
+    if len(args) <= max(positions):
+        return False
+    operands = [args[p] for p in positions]
+    return all(isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) for t in operands)
+
+
+class _CallSiteMode(TorchFunctionMode):
+    """Finds (discover=True) or routes (discover=False) attention call sites of one root module."""
+
+    def __init__(self, root: nn.Module, discover: bool) -> None:
+        super().__init__()
+        self.root = root
+        self.names = {id(m): n for n, m in root.named_modules()}
+        self.discover = discover
+        self.found: dict[tuple[str, str, int, int], str] = {}
+        self.table: dict[tuple[str, str, int, int], str] = getattr(root, _SITES_ATTR, {}) or {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            return self._multi_head_attention(args, kwargs)
+        kind = _FUNCTION_KIND.get(func)
+        if kind is None or (kind != "sdpa" and not _is_activation_pair(kind, args)):
+            return func(*args, **kwargs)
+        return self.route(kind, func, args, kwargs, sys._getframe(1))
+
+    def route(self, kind: str, func: Callable, args: tuple, kwargs: dict, frame: types.FrameType | None):
+        frame = _user_frame(frame)
+        owner = _owner_name(frame, self.names)
+        if frame is None or owner is None:
+            return func(*args, **kwargs)
+        # the bytecode offset tells apart two calls on one source line (``a @ b + c @ d``)
+        key = (owner, frame.f_code.co_filename, frame.f_lineno, frame.f_lasti)
+        if self.discover:
+            self.found.setdefault(key, kind)
+            return func(*args, **kwargs)
+        name = self.table.get(key)
+        if name is None:  # a call site the discovery run did not see: leave it alone
+            return func(*args, **kwargs)
+        return self.root.get_submodule(name)(*args, **kwargs)
+
+    def _multi_head_attention(self, args: tuple, kwargs: dict):
+        # The mode is inactive inside its own handler, so F.multi_head_attention_forward would run
+        # its attention ops unseen. Run the same code object with its attention functions routed.
+        _MHA_MODES.append(self)
+        try:
+            return _routed_mha()(*args, **kwargs)
+        finally:
+            _MHA_MODES.pop()
+
+
+_MHA_MODES: list[_CallSiteMode] = []  # the mode whose MultiheadAttention call is running
+
+
+@functools.cache
+def _routed_mha() -> Callable:
+    """``F.multi_head_attention_forward``'s own code, with bmm / baddbmm / sdpa routed to the active mode."""
+    original = F.multi_head_attention_forward
+
+    def routed(kind: str, func: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if not _MHA_MODES or (kind != "sdpa" and not _is_activation_pair(kind, args)):
+                return func(*args, **kwargs)
+            return _MHA_MODES[-1].route(kind, func, args, kwargs, sys._getframe(1))
+
+        return call
+
+    torch_proxy = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    torch_proxy.bmm = routed("bmm", torch.bmm)
+    torch_proxy.baddbmm = routed("baddbmm", torch.baddbmm)
+    env = dict(original.__globals__)
+    env["torch"] = torch_proxy
+    env["scaled_dot_product_attention"] = routed("sdpa", F.scaled_dot_product_attention)
+    return types.FunctionType(original.__code__, env, original.__name__, original.__defaults__, original.__closure__)
+
+
+def _user_frame(frame: types.FrameType | None) -> types.FrameType | None:
+    """The frame that made the call: skip inc_bridge's own frames and torch's dispatch helpers."""
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename.endswith("overrides.py")
+    ):
+        frame = frame.f_back
+    return frame
+
+
+def _owner_name(frame: types.FrameType | None, names: dict[int, str]) -> str | None:
+    """Name of the innermost module of the root whose forward is on the stack at ``frame``."""
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, nn.Module) and id(obj) in names and not isinstance(obj, (SDPA, Matmul)):
+            return names[id(obj)]
+        frame = frame.f_back
+    return None
+
+
+def _discover(model: nn.Module, example_inputs: Any) -> dict[tuple[str, str, int, int], str]:
+    mode = _CallSiteMode(model, discover=True)
+    with torch.no_grad(), mode:
+        if isinstance(example_inputs, dict):
+            model(**example_inputs)
+        elif isinstance(example_inputs, (tuple, list)):
+            model(*example_inputs)
+        else:
+            model(example_inputs)
+    return mode.found
+
+
+def _free_name(owner: nn.Module, base: str) -> str:
+    name, i = base, 0
+    while hasattr(owner, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _enter_router(module: nn.Module, args: tuple) -> None:
+    mode = _CallSiteMode(module, discover=False)
+    mode.__enter__()
+    module.__dict__.setdefault(_ROUTERS_ATTR, []).append(mode)
+
+
+def _exit_router(module: nn.Module, args: tuple, output: Any) -> None:
+    stack = module.__dict__.get(_ROUTERS_ATTR)
+    if stack:
+        stack.pop().__exit__(None, None, None)

@@ -1,0 +1,124 @@
+"""Attention as modules: ``SDPA`` and ``Matmul`` (float, from capture), ``QSDPA`` and ``QMatmul``.
+
+``SDPA`` is exactly ``F.scaled_dot_product_attention`` as an ``nn.Module``, so that attention has a
+name, can be measured (q, k, v) and can be swapped. ``Matmul`` stands for one activation ×
+activation ``torch.matmul`` / ``torch.bmm`` / ``torch.baddbmm`` call site (native attention written as
+matmul + softmax + matmul). The quantized versions quantize-dequantize their inputs with static
+scales and run the op in high precision (there is no FP8 attention kernel on CPU; the kernel
+registry lets a device backend use one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import dtype_name
+from ..kernels import Fp8Params, get_kernel
+from ..scales import LayerScales
+from ._fp8_module import Fp8Module
+
+MATMUL_FUNCTIONS = {"matmul": torch.matmul, "bmm": torch.bmm, "baddbmm": torch.baddbmm}
+# Which positional arguments of each function are the two activation operands.
+MATMUL_OPERANDS = {"matmul": (0, 1), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+
+class SDPA(nn.Module):
+    """``F.scaled_dot_product_attention`` as a module; outputs are identical to the functional call."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )
+
+
+class Matmul(nn.Module):
+    """One captured activation × activation matmul call site (``fn`` is matmul, bmm or baddbmm)."""
+
+    def __init__(self, fn: str = "matmul") -> None:
+        super().__init__()
+        if fn not in MATMUL_FUNCTIONS:
+            raise ValueError(f"Matmul fn must be one of {sorted(MATMUL_FUNCTIONS)}, got {fn!r}")
+        self.fn = fn
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return MATMUL_FUNCTIONS[self.fn](*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"fn={self.fn}"
+
+
+class QSDPA(Fp8Module):
+    """SDPA with static FP8 scales for q, k and v (buffer ``input_scales``, fp32 [3])."""
+
+    _fixed_dtype_buffers = ("input_scales",)
+
+    def __init__(self, *, fp8_dtype: torch.dtype, fp8_max: float, dtype: torch.dtype, backend: str = "emulated",
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.fp8_dtype = fp8_dtype
+        self.fp8_max = float(fp8_max)
+        self.dtype = dtype
+        self.backend = backend
+        self.register_buffer("input_scales", torch.ones(3, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_float(cls, module: SDPA, scales: LayerScales, backend: str = "emulated") -> QSDPA:
+        q = cls(fp8_dtype=scales.format.dtype, fp8_max=scales.fp8_max, dtype=scales.hp_dtype, backend=backend)
+        q.input_scales = scales.activation_scales()
+        return q
+
+    def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        kernel = get_kernel("sdpa", self.backend)
+        return kernel(
+            query, key, value, self.input_scales, Fp8Params(self.fp8_dtype, self.fp8_max, self.dtype),
+            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )
+
+    def extra_repr(self) -> str:
+        s = ", ".join(f"{float(v):.6g}" for v in self.input_scales)
+        return f"fp8={dtype_name(self.fp8_dtype)}, q/k/v scales=({s}), dtype={dtype_name(self.dtype)}, backend={self.backend}"
+
+
+class QMatmul(Fp8Module):
+    """Matmul with static FP8 scales for both operands (buffer ``input_scales``, fp32 [2])."""
+
+    _fixed_dtype_buffers = ("input_scales",)
+
+    def __init__(self, fn: str = "matmul", *, fp8_dtype: torch.dtype, fp8_max: float, dtype: torch.dtype,
+                 backend: str = "emulated", device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if fn not in MATMUL_FUNCTIONS:
+            raise ValueError(f"QMatmul fn must be one of {sorted(MATMUL_FUNCTIONS)}, got {fn!r}")
+        self.fn = fn
+        self.fp8_dtype = fp8_dtype
+        self.fp8_max = float(fp8_max)
+        self.dtype = dtype
+        self.backend = backend
+        self.register_buffer("input_scales", torch.ones(2, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_float(cls, module: Matmul, scales: LayerScales, backend: str = "emulated") -> QMatmul:
+        q = cls(module.fn, fp8_dtype=scales.format.dtype, fp8_max=scales.fp8_max, dtype=scales.hp_dtype, backend=backend)
+        q.input_scales = scales.activation_scales()
+        return q
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        kernel = get_kernel("matmul", self.backend)
+        return kernel(self.fn, args, kwargs, self.input_scales, Fp8Params(self.fp8_dtype, self.fp8_max, self.dtype))
+
+    def extra_repr(self) -> str:
+        s = ", ".join(f"{float(v):.6g}" for v in self.input_scales)
+        return f"fn={self.fn}, fp8={dtype_name(self.fp8_dtype)}, operand scales=({s}), dtype={dtype_name(self.dtype)}, backend={self.backend}"
