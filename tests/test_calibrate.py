@@ -181,3 +181,28 @@ def test_workdir_holds_only_inc_dumps(tmp_path):
     ib.calibrate(LinearNet(), [torch.randn(2, 32)], workdir=tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]
+
+
+def test_inc_global_registries_do_not_keep_models_alive():
+    import gc
+    import weakref
+
+    from neural_compressor.torch.algorithms.fp8_quant import model_configs
+    from neural_compressor.torch.algorithms.fp8_quant._core import patching_common
+    from neural_compressor.torch.algorithms.fp8_quant._core.save_measure import save_files
+
+    def sizes():
+        return len(patching_common.parent_child_mod_dict), len(model_configs.IMOD_DICT), len(save_files.gmod_list)
+
+    before = sizes()
+
+    def calibrate_twice():
+        model = LinearNet()
+        ib.calibrate(model, [torch.randn(2, 32)])
+        ib.calibrate(model, [torch.randn(2, 32)])
+        return weakref.ref(model.fc1.weight)
+
+    ref = calibrate_twice()
+    assert sizes() == before
+    gc.collect()
+    assert ref() is None  # once the caller lets go, the weights are freed

@@ -88,5 +88,5 @@ def test_inc_dump_without_model_needs_model(tmp_path):
 def test_scale_set_to_dict_is_plain_data():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     d = ib.compute_scales(ib.calibrate(model, [torch.randn(4, 8)]), model=model).to_dict()
-    assert set(d["0"]) == {"kind", "format", "fp8_max", "hp_dtype", "input_scale", "weight_scale"}
-    assert isinstance(d["0"]["input_scale"], float) and d["0"]["hp_dtype"] == "float32"
+    assert set(d["0"]) == {"kind", "format", "fp8_max", "hp_dtype", "input_scales", "weight_scale"}
+    assert isinstance(d["0"]["input_scales"][0], float) and d["0"]["hp_dtype"] == "float32"

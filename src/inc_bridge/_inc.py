@@ -108,6 +108,31 @@ def inc_session() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _global_state_restored() -> Iterator[None]:
+    """Undo what INC adds to its module-level registries during one prepare/convert.
+
+    INC records every patched module in ``patching_common.parent_child_mod_dict``,
+    ``model_configs.IMOD_DICT`` and ``save_files.gmod_list`` and never clears them, which keeps each
+    model INC saw (and so its weights) alive for the life of the process and lets one run's entries
+    leak into the next.
+    """
+    from neural_compressor.torch.algorithms.fp8_quant import model_configs
+    from neural_compressor.torch.algorithms.fp8_quant._core import patching_common
+    from neural_compressor.torch.algorithms.fp8_quant._core.save_measure import save_files
+
+    registries = (patching_common.parent_child_mod_dict, model_configs.IMOD_DICT)
+    keys = [set(r) for r in registries]
+    n_mods = len(save_files.gmod_list)
+    try:
+        yield
+    finally:
+        for registry, before in zip(registries, keys, strict=True):
+            for key in set(registry) - before:
+                del registry[key]
+        del save_files.gmod_list[n_mods:]
+
+
 def measure(model: nn.Module, run: Callable[[nn.Module], int], config: Any) -> int:
     """INC prepare → ``run(prepared)`` → finalize_calibration. Patches ``model`` in place.
 
@@ -115,10 +140,11 @@ def measure(model: nn.Module, run: Callable[[nn.Module], int], config: Any) -> i
     """
     from neural_compressor.torch.quantization import finalize_calibration, prepare
 
-    prepared = prepare(model, config)
-    n = run(prepared)
-    if n != 0:
-        finalize_calibration(prepared)
+    with _global_state_restored():
+        prepared = prepare(model, config)
+        n = run(prepared)
+        if n != 0:
+            finalize_calibration(prepared)
     return n
 
 
@@ -126,4 +152,5 @@ def convert_qdq(model: nn.Module, config: Any) -> nn.Module:
     """INC's own ``convert`` of a prepared, calibrated model: the reference QDQ model."""
     from neural_compressor.torch.quantization import convert
 
-    return convert(model, config)
+    with _global_state_restored():
+        return convert(model, config)

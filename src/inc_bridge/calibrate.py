@@ -93,13 +93,15 @@ def calibrate(
         measured = raw.layers.get(name)
         if not op.weight_only and (measured is None or not measured.input_amax):
             continue  # never ran during calibration: compute_scales reports it by name
-        weight = modules[name].weight.detach()
+        # per-channel amax without an |W|-sized temporary: max(max(W), -min(W)) per output channel
+        weight = modules[name].weight.detach().flatten(1)
+        per_channel = torch.maximum(weight.amax(dim=1), weight.amin(dim=1).neg())
         stats = LayerStats(
             name=name,
             kind=op.value,
             input_amax=() if op.weight_only else measured.input_amax,
-            weight_amax=float(weight.abs().max()),
-            weight_amax_per_channel=tuple(weight.abs().reshape(weight.shape[0], -1).amax(dim=1).tolist()),
+            weight_amax=float(per_channel.max()),
+            weight_amax_per_channel=tuple(per_channel.tolist()),
             dtype=dtype_name(hp_dtype),
             source=Source.INC,
         )

@@ -128,8 +128,11 @@ def _hf_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _capture_hf(model: nn.Module) -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    # Masks are built per implementation name: ours must get exactly the masks "sdpa" gets.
     AttentionInterface.register(HF_IMPLEMENTATION, _hf_attention)
+    AttentionMaskInterface.register(HF_IMPLEMENTATION, sdpa_mask)
     for _, module in _hf_attention_modules(model):
         if not isinstance(getattr(module, "sdpa", None), nn.Module):
             module.add_module("sdpa", SDPA())

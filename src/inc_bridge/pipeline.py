@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .calibrate import CalibData, calibrate
+from .capture import capture_attention, captured_sites
 from .convert import convert
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
@@ -110,13 +113,32 @@ def quantize(
 ) -> nn.Module:
     """``calibrate`` + ``compute_scales`` + ``convert`` in one call.
 
-    ``form`` and ``backend`` default to the recipe's; ``convert_kwargs`` override them.
+    ``form`` and ``backend`` default to the recipe's; ``convert_kwargs`` override them. When the
+    recipe quantizes attention (``sdpa`` / ``bmm``) and ``model`` is not captured yet, a copy of it
+    is captured first, with the first calibration batch as the example input.
 
     Example:
         >>> qmodel = quantize(model, calib_batches)   # doctest: +SKIP
     """
     recipe = resolve_recipe(recipe)
+    kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend, **convert_kwargs}
+    if {Op.SDPA, Op.BMM} & set(recipe.quantization.ops) and not captured_sites(model):
+        # Attention must be captured before calibration; do it on a copy, never on the caller's model.
+        calib_data, example = _peek(calib_data)
+        model = capture_attention(copy.deepcopy(model), example)
+        kwargs["inplace"] = True
     measurements = calibrate(model, calib_data, recipe, workdir=workdir)
     scales = compute_scales(measurements, recipe, model=model)
-    kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend, **convert_kwargs}
     return convert(model, scales, **kwargs)
+
+
+def _peek(calib_data: CalibData) -> tuple[CalibData, Any]:
+    """The first calibration batch (as capture's example input), without losing it."""
+    if callable(calib_data):
+        return calib_data, None
+    iterator = iter(calib_data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise CalibrationError("calib_data yielded no batches; calibration needs at least one") from None
+    return itertools.chain([first], iterator), first
