@@ -14,8 +14,8 @@ from torch import nn
 
 from .converters import converter_for
 from .errors import ConversionError
-from .kernels import resolve_backend
-from .recipe import Backend, Form
+from .kernels import model_device, resolve_backend
+from .recipe import Backend, Form, Recipe
 from .scales import ScaleSet
 
 _RESULT_ATTR = "_inc_bridge_conversion"
@@ -23,12 +23,18 @@ _RESULT_ATTR = "_inc_bridge_conversion"
 
 @dataclass
 class ConversionResult:
-    """``converted`` maps layer name → op; ``skipped`` maps quantizable layer name → reason."""
+    """``converted`` maps layer name → op; ``skipped`` maps quantizable layer name → reason.
+
+    ``scales`` are the scales ``convert`` used and ``recipe`` the recipe behind them, when known;
+    ``inc_bridge.save`` records both (a model loaded from disk has the recipe but no ScaleSet).
+    """
 
     form: Form
     backend: str
     converted: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    scales: ScaleSet | None = None
+    recipe: Recipe | None = None
 
     def summary(self) -> str:
         lines = [f"{len(self.converted)} layers converted (form={self.form.value}, backend={self.backend}), "
@@ -83,7 +89,7 @@ def convert(
     """
     try:
         form = Form(form)
-        backend_name = resolve_backend(Backend(backend).value)
+        backend_name = resolve_backend(Backend(backend).value, model_device(model))
     except ValueError as exc:
         raise ConversionError(f"{exc}; valid forms: {[f.value for f in Form]}, backends: {[b.value for b in Backend]}") from None
     modules = dict(model.named_modules())
@@ -110,7 +116,7 @@ def convert(
         memo = {id(modules[name]): new for name, new in replacements.items()}
         target = copy.deepcopy(model, memo)
 
-    result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped))
+    result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales)
     result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
     for name in modules:
         if name and name not in result.converted and name not in result.skipped and converter_for(modules[name]):

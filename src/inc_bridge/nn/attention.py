@@ -10,11 +10,13 @@ registry lets a device backend use one).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import dtype_name
+from ..formats import dtype_from_name, dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -80,6 +82,17 @@ class QSDPA(Fp8Module):
         q.input_scales = scales.activation_scales()
         return q
 
+    def quant_config(self) -> dict[str, Any]:
+        """The constructor arguments as JSON values; ``from_config`` turns them back into a module."""
+        return {"fp8_dtype": dtype_name(self.fp8_dtype), "fp8_max": self.fp8_max, "dtype": dtype_name(self.dtype),
+                "backend": self.backend}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QSDPA:
+        """An empty module (unit scales); ``inc_bridge.load`` fills ``input_scales``."""
+        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
+        return cls(**kwargs, device=device)
+
     def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         kernel = get_kernel("sdpa", self.backend)
         return kernel(
@@ -114,6 +127,17 @@ class QMatmul(Fp8Module):
         q = cls(module.fn, fp8_dtype=scales.format.dtype, fp8_max=scales.fp8_max, dtype=scales.hp_dtype, backend=backend)
         q.input_scales = scales.activation_scales()
         return q
+
+    def quant_config(self) -> dict[str, Any]:
+        """The constructor arguments as JSON values; ``from_config`` turns them back into a module."""
+        return {"fn": self.fn, "fp8_dtype": dtype_name(self.fp8_dtype), "fp8_max": self.fp8_max,
+                "dtype": dtype_name(self.dtype), "backend": self.backend}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QMatmul:
+        """An empty module (unit scales); ``inc_bridge.load`` fills ``input_scales``."""
+        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
+        return cls(**kwargs, device=device)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         kernel = get_kernel("matmul", self.backend)

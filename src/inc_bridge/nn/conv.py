@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import dtype_name
+from ..formats import dtype_from_name, dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -90,6 +92,41 @@ class QConv2d(Fp8Module):
         q.input_scale = scales.activation_scale().to(qweight.device)
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        return q
+
+    def quant_config(self) -> dict[str, Any]:
+        """The constructor arguments as JSON values; ``from_config`` turns them back into a module."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
+            "fp8_dtype": dtype_name(self.weight.dtype),
+            "fp8_max": self.fp8_max,
+            "dtype": dtype_name(self.dtype),
+            "per_channel": self.weight_scale.dim() > 0,
+            "backend": self.backend,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QConv2d:
+        """An empty module (zero weight, unit scales) shaped by ``quant_config()``'s output.
+
+        ``device="meta"`` allocates nothing; ``inc_bridge.load`` fills the tensors afterwards.
+        """
+        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
+        q = cls(**kwargs, device=device)
+        # nn.Conv2d derives its explicit padding amounts from the same arguments; a meta twin costs nothing.
+        twin = nn.Conv2d(
+            q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding, q.dilation, q.groups,
+            bias=False, padding_mode=q.padding_mode, device="meta",
+        )
+        q._reversed_padding_repeated_twice = list(twin._reversed_padding_repeated_twice)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

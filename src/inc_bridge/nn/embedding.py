@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..errors import ConversionError
-from ..formats import dtype_name
+from ..formats import dtype_from_name, dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -62,6 +64,25 @@ class QEmbedding(Fp8Module):
         q.weight = qweight
         q.weight_scale = weight_scale
         return q
+
+    def quant_config(self) -> dict[str, Any]:
+        """The constructor arguments as JSON values; ``from_config`` turns them back into a module."""
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+            "fp8_dtype": dtype_name(self.weight.dtype),
+            "fp8_max": self.fp8_max,
+            "dtype": dtype_name(self.dtype),
+            "per_channel": self.weight_scale.dim() > 0,
+            "backend": self.backend,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QEmbedding:
+        """An empty module shaped by ``quant_config()``'s output (``inc_bridge.load`` fills it)."""
+        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
+        return cls(**kwargs, device=device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         kernel = get_kernel("embedding", self.backend)

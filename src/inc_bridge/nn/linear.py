@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from ..formats import dtype_name
+from ..formats import dtype_from_name, dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -69,6 +71,28 @@ class QuantizedLinear(Fp8Module):
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
         return q
+
+    def quant_config(self) -> dict[str, Any]:
+        """The constructor arguments as JSON values; ``from_config`` turns them back into a module."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "fp8_dtype": dtype_name(self.weight.dtype),
+            "fp8_max": self.fp8_max,
+            "dtype": dtype_name(self.dtype),
+            "per_channel": self.weight_scale.dim() > 0,
+            "backend": self.backend,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QuantizedLinear:
+        """An empty module (zero weight, unit scales) shaped by ``quant_config()``'s output.
+
+        ``device="meta"`` allocates nothing; ``inc_bridge.load`` fills the tensors afterwards.
+        """
+        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
+        return cls(**kwargs, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = get_kernel("linear", self.backend)

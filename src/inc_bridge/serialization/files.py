@@ -1,0 +1,224 @@
+"""The on-disk format: a directory with ``model.safetensors`` and ``inc_bridge.json``.
+
+``model.safetensors`` holds every tensor of the model under its state-dict name (subclass weights
+flattened: ``fc.weight.qdata``, ``fc.weight.scale``, ...), FP8 data as safetensors' F8_E4M3 /
+F8_E5M2. ``inc_bridge.json`` (the manifest) holds the format version, library versions, each
+quantized layer's form, kind, class and configuration, the dtype, shape and SHA-256 of every tensor,
+and the recipe and scales when known. This module reads and checks both files and publishes a
+finished directory atomically; it knows nothing about models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SerializationError
+from ..formats import dtype_name
+
+FORMAT_NAME = "inc_bridge.quantized_model"
+FORMAT_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "inc_bridge.json"
+
+# safetensors' names for the dtypes a quantized model holds.
+_ST_DTYPES = {
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F32": torch.float32, "F64": torch.float64, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+    "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's bytes (any dtype, FP8 included)."""
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def tensor_record(t: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": tensor_digest(t)}
+
+
+# ---------------------------------------------------------------- writing
+
+
+@contextmanager
+def staging_dir(path: Path, overwrite: bool):
+    """Yield a fresh sibling directory of ``path``; on success it becomes ``path``, on error it is removed.
+
+    The rename is the commit point: until then ``path`` is untouched (or absent), so an exception
+    or a crash mid-save never leaves a loadable directory at ``path``. Replacing an existing
+    directory renames it aside first and removes it after the new one is in place.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite and not (path.is_dir() and not any(path.iterdir())):
+        raise SerializationError(f"{path}: already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        aside = None
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif path.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, aside / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if aside is not None:  # put the previous model back
+                os.replace(aside / path.name, path)
+                aside.rmdir()
+            raise
+        _fsync_dir(path.parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    try:
+        text = json.dumps(manifest, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"{MANIFEST_FILE}: the model description is not plain JSON: {exc}") from None
+    with open(directory / MANIFEST_FILE, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    target = directory / TENSORS_FILE
+    save_file(tensors, str(target), metadata={"format": "pt", "inc_bridge_format_version": str(FORMAT_VERSION)})
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest, checked for format and version; SerializationError naming the file otherwise."""
+    path = Path(directory) / MANIFEST_FILE
+    if not Path(directory).is_dir():
+        raise SerializationError(f"{directory}: not a directory saved by inc_bridge.save")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SerializationError(f"{path}: not valid JSON (truncated or corrupted?): {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise SerializationError(f"{path}: not an inc_bridge model manifest (no \"format\": \"{FORMAT_NAME}\")")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SerializationError(f"{path}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        saved_by = manifest.get("versions", {}).get("inc_bridge", "?")
+        raise SerializationError(
+            f"{path}: format version {version} (written by inc_bridge {saved_by}) is newer than this inc_bridge "
+            f"reads (up to {FORMAT_VERSION}); upgrade inc_bridge to load it"
+        )
+    for key, kind in (("layers", dict), ("tensors", dict), ("aliases", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise SerializationError(f"{path}: missing or malformed {key!r} section")
+    return manifest
+
+
+def read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and bounds-check a safetensors header: tensor name → {dtype, shape, data_offsets}.
+
+    Done by hand (the format is an 8-byte length and a JSON header) so that a truncated file names
+    the first tensor whose bytes are missing.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SerializationError(f"{path}: {size} bytes, too short to be a safetensors file (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise SerializationError(f"{path}: header of {n} bytes does not fit in a {size}-byte file (truncated or corrupted)")
+            raw = f.read(n)
+    except OSError as exc:
+        raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SerializationError(f"{path}: corrupted safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise SerializationError(f"{path}: corrupted safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise SerializationError(f"{path}: tensor {name!r}: corrupted header entry {info!r}") from None
+        if dtype not in _ST_DTYPES:
+            raise SerializationError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
+        if end > data_bytes:
+            raise SerializationError(
+                f"{path}: tensor {name!r}: its bytes {begin}..{end} lie past the end of the data ({data_bytes} bytes): "
+                "the file is truncated"
+            )
+        info["dtype"] = dtype_name(_ST_DTYPES[dtype])
+        info["shape"] = shape
+    return header
+
+
+def read_tensors(directory: Path, manifest: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, after checking names, dtypes, shapes and checksums against the manifest."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / TENSORS_FILE
+    header = read_header(path)
+    expected: dict[str, dict[str, Any]] = manifest["tensors"]
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:5]}" if missing else f"unexpected {extra[:5]}"
+        raise SerializationError(f"{path}: tensors do not match {MANIFEST_FILE}: {what}")
+    for name, rec in expected.items():
+        got = header[name]
+        if got["dtype"] != rec.get("dtype") or got["shape"] != rec.get("shape"):
+            raise SerializationError(
+                f"{path}: tensor {name!r}: {got['dtype']}{got['shape']} in the file, {rec.get('dtype')}{rec.get('shape')} "
+                f"in {MANIFEST_FILE} (corrupted)"
+            )
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name, rec in expected.items():
+                t = f.get_tensor(name)
+                if tensor_digest(t) != rec.get("sha256"):
+                    raise SerializationError(f"{path}: tensor {name!r}: checksum mismatch, the file is corrupted")
+                tensors[name] = t.to(device)
+    except SafetensorError as exc:
+        raise SerializationError(f"{path}: cannot read: {exc}") from None
+    return tensors
