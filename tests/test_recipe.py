@@ -56,7 +56,8 @@ backend: auto
     [
         ({"quantization": {"weight": {"granularty": "per_tensor"}}},
          r"quantization\.weight\.granularty: unknown key 'granularty'; valid keys here: granularity, scale_method"),
-        ({"tuning": {}}, r"unknown key 'tuning'; valid keys here: version, quantization, form, backend"),
+        ({"tunning": {}}, r"unknown key 'tunning'; valid keys here: version, quantization, form, backend, model, "
+                          r"calibration, evaluation, tuning, report, locked"),
         ({"quantization": {"format": "e3m4"}}, r"quantization\.format: 'e3m4' is not valid; .*'e4m3' or 'e5m2'"),
         ({"quantization": {"target": "tpu"}}, r"quantization\.target: 'tpu' is not valid"),
         ({"quantization": {"weight": {"scale_method": "maxabs_hw"}}}, r"quantization\.weight\.scale_method: 'maxabs_hw' is not valid"),

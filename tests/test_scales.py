@@ -90,3 +90,58 @@ def test_scale_set_to_dict_is_plain_data():
     d = ib.compute_scales(ib.calibrate(model, [torch.randn(4, 8)]), model=model).to_dict()
     assert set(d["0"]) == {"kind", "format", "fp8_max", "hp_dtype", "input_scales", "weight_scale"}
     assert isinstance(d["0"]["input_scales"][0], float) and d["0"]["hp_dtype"] == "float32"
+
+
+def test_histogram_grows_by_exact_merging():
+    from inc_bridge.observers import Histogram
+
+    h = Histogram(64)
+    a, b = torch.rand(1000) * 0.3, torch.rand(1000) * 5.0
+    h.add(a)
+    assert h.range == 0.5
+    h.add(b)
+    assert h.range == 8.0 and float(h.counts.sum()) == 2000
+    direct = torch.histc(torch.cat([a, b]).abs(), bins=64, min=0, max=8.0).double()
+    assert torch.equal(h.counts, direct)
+
+
+def test_percentile_and_mse_scales():
+    from inc_bridge.scales import histogram_clip
+
+    x = torch.cat([torch.randn(100_000), torch.tensor([60.0])])  # one outlier
+    from inc_bridge.observers import Histogram
+
+    h = Histogram(2048)
+    h.add(x)
+    hist = h.to_dict()
+    amax = float(x.abs().max())
+    p = histogram_clip(hist, ScaleMethod.PERCENTILE, 99.99, amax, torch.float8_e4m3fn, 448.0)
+    assert 3.0 < p < 6.0  # the outlier is clipped away; 99.99 % of |N(0,1)| lies below ~3.9
+    assert histogram_clip(hist, ScaleMethod.PERCENTILE, 100.0, amax, torch.float8_e4m3fn, 448.0) == pytest.approx(amax, rel=0.01)
+    m = histogram_clip(hist, ScaleMethod.MSE, 0, amax, torch.float8_e4m3fn, 448.0)
+    assert 0 < m <= amax
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    data = [torch.cat([torch.randn(64, 8), torch.full((1, 8), 50.0)])]
+    meas = ib.calibrate(model, data)
+    assert len(meas["0"].input_hist) == 1 and sum(meas["0"].input_hist[0]["counts"]) == 65 * 8
+    for method in ("percentile", "mse"):
+        r = ib.Recipe.model_validate({"quantization": {"activation": {"scale_method": method, "percentile": 99.0}}})
+        s = float(ib.compute_scales(meas, r, model=model)["0"].input_scale)
+        assert s < 50.0 / 448.0  # clipped below the outlier, no backoff
+    dump = ib.Measurements(layers={"0": ib.LayerStats("0", "linear", input_amax=(1.0,), weight_amax=1.0, dtype="float32")})
+    r = ib.Recipe.model_validate({"quantization": {"activation": {"scale_method": "mse"}}})
+    with pytest.raises(ib.CalibrationError, match="needs input histograms"):
+        ib.compute_scales(dump, r)
+
+
+def test_per_layer_overrides():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    meas = ib.calibrate(model, [torch.randn(4, 8)])
+    r = ib.Recipe.model_validate({"quantization": {"overrides": [
+        {"match": "2", "format": "e5m2", "weight": {"granularity": "per_channel", "scale_method": "maxabs_pow2"}}]}})
+    scales = ib.compute_scales(meas, r, model=model)
+    assert scales["0"].format.value == "e4m3" and scales["0"].weight_scale.dim() == 0
+    assert scales["2"].format.value == "e5m2" and scales["2"].weight_scale.shape == (2,)
+    assert torch.equal(scales["2"].weight_scale, torch.exp2(torch.ceil(torch.log2(scales["2"].weight_scale))))
+    qmodel = ib.convert(model, scales, form="module")
+    assert qmodel[2].weight.dtype == torch.float8_e5m2 and qmodel[0].weight.dtype == torch.float8_e4m3fn

@@ -23,10 +23,14 @@ from .errors import (
 from .formats import FP8Format, Target
 from .inc_files import load_inc_measurements
 from .measurements import LayerStats, Measurements
+from .onnx_export import export_onnx
 from .pipeline import compute_scales, quantize
 from .recipe import Recipe, default_recipe, load_recipe
+from .report import Report
 from .scales import LayerScales, ScaleSet
+from .serialization import load, save
 from .tensor import Float8StaticTensor
+from .tune import TuneResult, apply_recipe, autotune
 
 __version__ = "0.1.0"
 
@@ -44,9 +48,13 @@ __all__ = [
     "Measurements",
     "RecipeError",
     "Recipe",
+    "Report",
     "ScaleSet",
     "SerializationError",
     "Target",
+    "TuneResult",
+    "apply_recipe",
+    "autotune",
     "calibrate",
     "capture_attention",
     "captured_sites",
@@ -54,8 +62,11 @@ __all__ = [
     "conversion_result",
     "convert",
     "default_recipe",
+    "export_onnx",
+    "load",
     "load_inc_measurements",
     "load_recipe",
     "nn",
     "quantize",
+    "save",
 ]

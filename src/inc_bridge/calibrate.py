@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from . import _inc
+from .activation import quantized_positions
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_name
 from .inc_files import load_inc_measurements
 from .measurements import LayerStats, Measurements, Source
-from .observers import AmaxObserver
+from .observers import InputObserver
 from .recipe import Recipe, resolve_recipe
 from .select import select_layers
 
@@ -67,28 +68,40 @@ def calibrate(
     weighted = {n: op for n, op in selection.selected.items() if op.has_weight}
     hp_dtype = _hp_dtype(modules, weighted) if weighted else None
     fmt = recipe.quantization.format
+    bins = recipe.calibration.histogram_bins
+    observers: dict[str, InputObserver] = {}
+
+    def run_observed(prepared: nn.Module) -> int:
+        # INC has patched `prepared` by now; our observers sit on the same (patched) modules.
+        for name, op in selection.selected.items():
+            if not op.weight_only:
+                module = prepared.get_submodule(name)
+                observers[name] = InputObserver(module, (0,) if op.has_weight else quantized_positions(module), bins)
+        return run(prepared)
+
+    run = _runner(calib_data)
     with _workdir(workdir) as wd, _inc.inc_session():
         shadow = _structural_copy(model).eval()
-        observers = {n: AmaxObserver(shadow.get_submodule(n)) for n, op in selection.selected.items() if not op.has_weight}
-        run = _runner(calib_data)
         if hp_dtype is not None:
-            num_batches = _inc.measure(shadow, run, _inc.fp8_config(wd, hp_dtype, fmt))
+            num_batches = _inc.measure(shadow, run_observed, _inc.fp8_config(wd, hp_dtype, fmt))
         else:  # only captured attention selected: nothing for INC to measure
-            num_batches = run(shadow)
+            num_batches = run_observed(shadow)
         del shadow
         raw = load_inc_measurements(wd) if hp_dtype is not None else Measurements(layers={})
     layers: dict[str, LayerStats] = {}
-    for name, observer in observers.items():
-        amax = observer.result()
-        if amax:  # a captured call site that never ran is reported by compute_scales, by name
-            layers[name] = LayerStats(
-                name=name,
-                kind=selection.selected[name].value,
-                input_amax=amax,
-                dtype=dtype_name(observer.dtype),
-                source=Source.BRIDGE,
-            )
-            layers[name].check_finite()
+    for name, op in selection.selected.items():
+        if op.has_weight or not observers[name].input_amax():
+            continue  # a captured call site that never ran is reported by compute_scales, by name
+        observer = observers[name]
+        layers[name] = LayerStats(
+            name=name,
+            kind=op.value,
+            input_amax=observer.input_amax(),
+            dtype=dtype_name(observer.dtype),
+            source=Source.BRIDGE,
+            input_hist=observer.histograms(),
+        )
+        layers[name].check_finite()
     for name, op in weighted.items():
         measured = raw.layers.get(name)
         if not op.weight_only and (measured is None or not measured.input_amax):
@@ -104,6 +117,7 @@ def calibrate(
             weight_amax_per_channel=tuple(per_channel.tolist()),
             dtype=dtype_name(hp_dtype),
             source=Source.INC,
+            input_hist=() if op.weight_only else observers[name].histograms(),
         )
         stats.check_finite()
         layers[name] = stats

@@ -1,6 +1,6 @@
-"""The ``inc-bridge`` command line: ``demo``, ``doctor``, ``inspect``.
+"""The ``inc-bridge`` command line: ``demo``, ``tune``, ``apply``, ``report``, ``doctor``, ``inspect``, ``export-onnx``.
 
-Later issues add ``tune``, ``apply``, ``report`` and ``export-onnx``; they wrap the same library calls.
+Each wraps the library calls of the same name.
 """
 
 from __future__ import annotations
@@ -12,16 +12,28 @@ from pathlib import Path
 
 
 def _doctor(_: argparse.Namespace) -> int:
+    """Print the kernel backends, whether each runs here and why, and what each op runs on each."""
     import torch
+    import torchao
 
     from . import _inc, kernels
+    from .kernels.cpu import torchao_float8_linear_cpu
 
-    print(f"torch {torch.__version__}, INC {_inc.inc_version()}")
-    print(f"{'op':<8}{'backend':<10}status")
-    for op in ("linear", "conv2d"):
-        for backend in ("emulated", "cpu", "cuda", "hpu"):
-            ok = backend in kernels.registered_backends(op)
-            print(f"{op:<8}{backend:<10}{'available' if ok else 'not implemented in this version'}")
+    print(f"torch {torch.__version__}, torchao {torchao.__version__}, INC {_inc.inc_version()}")
+    backends = sorted(kernels.registered_backends(), key=lambda b: (b != kernels.EMULATED, b))
+    status = {b: kernels.backend_availability(b) for b in backends}
+    print(f"\n{'backend':<10}{'status':<13}reason")
+    for b in backends:
+        print(f"{b:<10}{'available' if status[b].available else 'unavailable':<13}{status[b].reason}")
+    ao = torchao_float8_linear_cpu()
+    print(f"torchao's float8_linear_cpu op: {'runs' if ao.available else 'does not run here'} ({ao.reason})")
+    print(f"backend='auto' picks: {kernels.resolve_backend('auto', 'cpu')} for cpu tensors"
+          + "".join(f", {kernels.resolve_backend('auto', d)} for {d} tensors" for d in ("cuda", "hpu")))
+    print(f"\n{'op':<11}{'backend':<10}{'status':<13}kernel")
+    for op in kernels.OPS:
+        for b in backends:
+            state = "available" if status[b].available else "unavailable"
+            print(f"{op:<11}{b:<10}{state:<13}{kernels.kernel_note(op, b)}")
     return 0
 
 
@@ -50,22 +62,126 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(_: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return run()
+    return run(Path(args.out) if args.out else None, quiet=args.quiet)
+
+
+def _model_from(recipe) -> object:
+    from .errors import RecipeError
+    from .recipe import resolve_callable
+
+    if recipe.model is None:
+        raise RecipeError("model: missing; the CLI needs model.factory: 'package.module:function' returning the float model")
+    return resolve_callable(recipe.model.factory, "model.factory")()
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .recipe import load_recipe
+    from .tune import autotune
+
+    recipe = load_recipe(Path(args.recipe))
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="inc_bridge_tune_"))
+    result = autotune(_model_from(recipe), recipe=recipe, output_dir=out, resume=args.resume, progress=not args.quiet)
+    r = result.report
+    kept = [row.name for row in r.layers if not row.quantized]
+    print(f"baseline {r.baseline_metric:.6g}, FP8 {r.final_metric if r.final_metric is not None else float('nan'):.6g}, "
+          f"threshold {r.tolerance['threshold']:.6g}: goal {'met' if r.goal_met else 'NOT met'} after {len(r.trials)} trials")
+    print(f"kept in high precision: {', '.join(kept) if kept else 'none'}")
+    print(f"report: {out / 'report' / 'report.html'}\nlocked recipe: {out / 'locked_recipe.yaml'}")
+    return 0 if r.goal_met else 1
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from . import save
+    from .recipe import load_recipe
+    from .tune import apply_recipe
+
+    recipe = load_recipe(Path(args.recipe))
+    qmodel = apply_recipe(_model_from(recipe), recipe)
+    path = save(qmodel, Path(args.out))
+    print(f"saved the FP8 model to {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import Report
+
+    directory = Path(args.dir)
+    if (directory / "report" / "report.json").exists() and not (directory / "report.json").exists():
+        directory = directory / "report"  # an autotune output_dir
+    Report.load(directory).save(directory)
+    print(f"rendered {directory / 'report.md'} and {directory / 'report.html'}")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .errors import IncBridgeError
+    from .onnx_export import export_onnx
+    from .recipe import resolve_callable
+    from .serialization import load
+
+    try:
+        build_model = resolve_callable(args.model, "--model")
+        build_inputs = resolve_callable(args.inputs, "--inputs")
+        qmodel = load(build_model(), Path(args.saved_dir), backend=args.backend)
+        out = export_onnx(qmodel, build_inputs(), Path(args.out), opset=args.opset)
+    except IncBridgeError as exc:
+        print(f"inc-bridge export-onnx: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inc-bridge", description="INC FP8 measurements → torchao FP8 models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="train a digits CNN and quantize it to FP8 in both forms").set_defaults(fn=_demo)
+    p = sub.add_parser("demo", help="autotune a digits CNN to FP8 (demo_digits.yaml) and print a summary")
+    p.add_argument("--out", help="directory for the report and locked recipe (default: a new temporary one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_demo)
+    p = sub.add_parser("tune", help="autotune the model a recipe names (model, calibration, evaluation sections)")
+    p.add_argument("recipe")
+    p.add_argument("--out", help="output directory (default: a new temporary one)")
+    p.add_argument("--resume", action="store_true", help="continue the run recorded in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_tune)
+    p = sub.add_parser("apply", help="rebuild and save the FP8 model a locked recipe describes")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="directory to save the model to")
+    p.set_defaults(fn=_apply)
+    p = sub.add_parser("report", help="re-render report.md and report.html from report.json")
+    p.add_argument("dir")
+    p.set_defaults(fn=_report)
     sub.add_parser("doctor", help="list kernel backends and whether they run here").set_defaults(fn=_doctor)
     p = sub.add_parser("inspect", help="show a recipe, a Measurements JSON or an INC dump")
     p.add_argument("path")
     p.set_defaults(fn=_inspect)
+    p = sub.add_parser(
+        "export-onnx",
+        help="export a model saved by inc_bridge.save to ONNX with FP8 QDQ",
+        description="Load SAVED_DIR into the float model that --model builds, then export it with example inputs "
+        "from --inputs. Both name an importable callable as package.module:function.",
+    )
+    p.add_argument("saved_dir", metavar="SAVED_DIR", help="a directory written by inc_bridge.save")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="callable returning the float model (the skeleton)")
+    p.add_argument("--inputs", required=True, metavar="MODULE:FACTORY",
+                   help="callable returning example inputs: a tensor, a tuple of arguments or a dict of keyword arguments")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset (at least 21; default 21)")
+    p.add_argument("--backend", default=None, help="kernel backend to load with (default: the saved one)")
+    p.set_defaults(fn=_export_onnx)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    from .errors import IncBridgeError
+
+    try:
+        return args.fn(args)
+    except IncBridgeError as exc:
+        print(f"inc-bridge {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

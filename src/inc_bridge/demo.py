@@ -1,15 +1,23 @@
-"""The embedded demo: a small CNN trained on scikit-learn's digits, quantized to FP8 both ways.
+"""The embedded demo: a small CNN on scikit-learn's digits, autotuned to FP8 with ``demo_digits.yaml``.
 
-Runs offline in seconds: trains the float model (fixed seed), calibrates with INC on training
-images, converts with form "subclass" and form "module", and prints accuracy and agreement.
+Runs offline: the CNN is trained on first use (seconds) and cached in the user's cache directory
+(``$XDG_CACHE_HOME/inc_bridge`` or ``~/.cache/inc_bridge``). ``digits_model``,
+``digits_calibration`` and ``digits_accuracy`` are the callables the recipe names, so
+``inc-bridge tune recipes/demo_digits.yaml`` runs the same job.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from functools import cache
+from pathlib import Path
 
 import torch
 from torch import nn
+
+RECIPE = Path(__file__).resolve().parent / "recipes" / "demo_digits.yaml"
 
 
 class DigitsCNN(nn.Module):
@@ -26,6 +34,7 @@ class DigitsCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+@cache
 def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train/test split of the digits data set (1797 8×8 images), scaled to [0, 1]."""
     from sklearn.datasets import load_digits
@@ -55,28 +64,74 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(-1) == y).float().mean().item() * 100
 
 
-def run() -> int:
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "inc_bridge"
+
+
+def digits_model() -> nn.Module:
+    """The trained demo CNN: loaded from the cache, or trained (seconds) and cached."""
+    path = cache_dir() / "digits_cnn.pt"
+    model = DigitsCNN()
+    if path.exists():
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        except Exception:  # a stale or corrupt cache entry: train again
+            pass
+    x, y, _, _ = load_digits_tensors()
+    torch.manual_seed(0)
+    train(model, x, y)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt")
+    os.close(fd)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval()
+
+
+def digits_calibration() -> list[torch.Tensor]:
+    x, _, _, _ = load_digits_tensors()
+    return list(x[:512].split(64))
+
+
+def digits_accuracy(model: nn.Module) -> float:
+    _, _, x, y = load_digits_tensors()
+    return accuracy(model, x, y)
+
+
+def run(out: Path | None = None, quiet: bool = False) -> int:
+    """Tune the digits CNN with demo_digits.yaml and print a summary table."""
     import inc_bridge as ib
 
     t0 = time.perf_counter()
-    x_train, y_train, x_test, y_test = load_digits_tensors()
-    torch.manual_seed(0)
-    model = train(DigitsCNN(), x_train, y_train)
-    print(f"trained DigitsCNN on {len(x_train)} digits in {time.perf_counter() - t0:.1f} s")
+    out = Path(out) if out else Path(tempfile.mkdtemp(prefix="inc_bridge_demo_"))
+    model = digits_model()
+    result = ib.autotune(model, digits_accuracy, calib_data=digits_calibration(), recipe=ib.load_recipe(RECIPE),
+                         output_dir=out, progress=not quiet)
+    report = result.report
+    fp8 = [row for row in report.layers if row.quantized]
+    kept = [row for row in report.layers if not row.quantized]
 
-    calib = list(x_train[:512].split(64))
-    measurements = ib.calibrate(model, calib)
-    scales = ib.compute_scales(measurements, model=model)
-    qsub = ib.convert(model, scales, form="subclass")
-    qmod = ib.convert(model, scales, form="module")
+    def weight_bytes(m: nn.Module) -> int:
+        total = 0
+        for mod in m.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, ib.Float8StaticTensor):
+                total += w.qdata.nbytes
+            elif isinstance(w, torch.Tensor):
+                total += w.nbytes
+        return total
 
-    print(ib.conversion_result(qmod).summary())
-    print(qmod)
-    with torch.no_grad():
-        same = torch.equal(qsub(x_test), qmod(x_test))
-    print(f"\n{'model':<28}{'test accuracy':>14}")
-    print(f"{'fp32':<28}{accuracy(model, x_test, y_test):>13.2f}%")
-    print(f"{'FP8 E4M3, form=subclass':<28}{accuracy(qsub, x_test, y_test):>13.2f}%")
-    print(f"{'FP8 E4M3, form=module':<28}{accuracy(qmod, x_test, y_test):>13.2f}%")
-    print(f"\nsubclass and module forms give identical logits: {same}")
-    return 0 if same else 1
+    print(f"\ninc_bridge demo: digits CNN, recipe {RECIPE.name}")
+    print(f"{'':<26}{'fp32':>12}{'FP8':>12}")
+    print(f"{'test accuracy (%)':<26}{report.baseline_metric:>12.2f}{report.final_metric or float('nan'):>12.2f}")
+    print(f"{'weight bytes':<26}{weight_bytes(model):>12}{weight_bytes(result.model):>12}")
+    print(f"{'tolerance':<26}{report.tolerance['kind']} {report.tolerance['value']} (threshold "
+          f"{report.tolerance['threshold']:.2f}) -> {'met' if report.goal_met else 'NOT met'}")
+    print(f"{'trials':<26}{len(report.trials)}")
+    print(f"{'layers in FP8':<26}{len(fp8)}")
+    print(f"{'kept in high precision':<26}{len(kept)}" + (f" ({', '.join(r.name for r in kept)})" if kept else ""))
+    print(f"report: {out / 'report' / 'report.html'}")
+    print(f"locked recipe: {out / 'locked_recipe.yaml'}   ({time.perf_counter() - t0:.1f} s)")
+    return 0 if report.goal_met else 1

@@ -45,6 +45,7 @@ class LayerStats:
     dtype: str | None = None
     source: Source = Source.INC
     inc_scales: dict[str, Any] | None = None
+    input_hist: tuple[dict[str, Any], ...] = ()  # per input: {"range": R, "counts": [...]} of |x| over [0, R)
 
     def check_finite(self, where: str = "") -> None:
         """Raise CalibrationError naming this layer if a statistic is NaN or infinite."""
@@ -119,6 +120,7 @@ class Measurements:
                     dtype=d.get("dtype"),
                     source=Source(d.get("source", Source.INC.value)),
                     inc_scales=d.get("inc_scales"),
+                    input_hist=tuple(d.get("input_hist") or ()),
                 )
             return cls(
                 layers=layers,

@@ -11,7 +11,7 @@ from torch import nn
 
 from .calibrate import CalibData, calibrate
 from .capture import capture_attention, captured_sites
-from .convert import convert
+from .convert import conversion_result, convert
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
 from .measurements import LayerStats, Measurements
@@ -129,7 +129,9 @@ def quantize(
         kwargs["inplace"] = True
     measurements = calibrate(model, calib_data, recipe, workdir=workdir)
     scales = compute_scales(measurements, recipe, model=model)
-    return convert(model, scales, **kwargs)
+    qmodel = convert(model, scales, **kwargs)
+    conversion_result(qmodel).recipe = recipe  # ib.save records it
+    return qmodel
 
 
 def _peek(calib_data: CalibData) -> tuple[CalibData, Any]:

@@ -15,10 +15,18 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import RecipeError
 from .formats import FP8Format, Target
@@ -32,11 +40,19 @@ class Granularity(str, Enum):
 
 
 class ScaleMethod(str, Enum):
-    """Scale methods with INC's meaning (backoff 0.5 for weights, 0.25 for activations)."""
+    """Scale methods. The maxabs ones have INC's meaning (backoff 0.5 for weights, 0.25 for
+    activations); ``percentile`` and ``mse`` clip activations using the histograms collected in the
+    same calibration pass (activations only)."""
 
     MAXABS_ARBITRARY = "maxabs_arbitrary"
     MAXABS_POW2 = "maxabs_pow2"
     UNIT_SCALE = "unit_scale"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+    @property
+    def from_histogram(self) -> bool:
+        return self in (ScaleMethod.PERCENTILE, ScaleMethod.MSE)
 
 
 class Op(str, Enum):
@@ -73,19 +89,43 @@ class _Closed(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _lowercase_enums(cls, value: Any) -> Any:
-        # YAML authors write E4M3 as often as e4m3; enum values are lower case.
-        return value.lower() if isinstance(value, str) and not value.startswith("re:") else value
+    def _lowercase_enums(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML authors write E4M3 as often as e4m3; enum values are lower case. Only enum fields:
+        # names, patterns and callable references are case-sensitive.
+        if not _is_enum_field(cls.model_fields[info.field_name].annotation):
+            return value
+        if isinstance(value, str):
+            return value.lower()
+        if isinstance(value, (list, tuple)):
+            return [v.lower() if isinstance(v, str) else v for v in value]
+        return value
+
+
+def _is_enum_field(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return True
+    return any(_is_enum_field(a) for a in get_args(annotation))
 
 
 class WeightQuant(_Closed):
     granularity: Granularity = Granularity.PER_TENSOR
     scale_method: ScaleMethod = ScaleMethod.MAXABS_ARBITRARY
 
+    @field_validator("scale_method", mode="after")
+    @classmethod
+    def _weight_methods(cls, value: ScaleMethod) -> ScaleMethod:
+        if value.from_histogram:
+            raise ValueError(
+                f"{value.value!r} is an activation scale method; weight scale methods: maxabs_arbitrary, "
+                "maxabs_pow2, unit_scale"
+            )
+        return value
+
 
 class ActivationQuant(_Closed):
     granularity: Granularity = Granularity.PER_TENSOR
     scale_method: ScaleMethod = ScaleMethod.MAXABS_ARBITRARY
+    percentile: float = Field(default=99.99, gt=0.0, le=100.0)  # used by scale_method: percentile
 
     @field_validator("granularity", mode="after")
     @classmethod
@@ -108,6 +148,29 @@ def _check_pattern(pattern: str) -> str:
     return pattern
 
 
+_CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _check_callable_ref(value: str | None) -> str | None:
+    if value is not None and not _CALLABLE_RE.match(value):
+        raise ValueError(f"{value!r} is not a callable reference of the form 'package.module:function'")
+    return value
+
+
+class LayerOverride(_Closed):
+    """Settings for the layers ``match`` selects (exact name or ``re:``); the first match wins."""
+
+    match: str
+    format: FP8Format | None = None
+    weight: WeightQuant | None = None
+    activation: ActivationQuant | None = None
+
+    @field_validator("match", mode="after")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        return _check_pattern(value)
+
+
 class Quantization(_Closed):
     format: FP8Format = FP8Format.E4M3
     target: Target = Target.CPU
@@ -116,6 +179,7 @@ class Quantization(_Closed):
     ops: tuple[Op, ...] = (Op.LINEAR, Op.CONV2D)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    overrides: tuple[LayerOverride, ...] = ()
 
     @field_validator("include", "exclude", mode="after")
     @classmethod
@@ -130,11 +194,121 @@ class Quantization(_Closed):
         return tuple(dict.fromkeys(value))
 
 
+class ModelSource(_Closed):
+    """Where the CLI gets the float model: ``factory`` returns it (``package.module:function``)."""
+
+    factory: str
+
+    _ref = field_validator("factory", mode="after")(classmethod(lambda cls, v: _check_callable_ref(v)))
+
+
+class Calibration(_Closed):
+    """``source`` returns an iterable of calibration batches; ``num_batches`` caps how many are used."""
+
+    source: str | None = None
+    num_batches: int | None = Field(default=None, ge=1)
+    histogram_bins: int = Field(default=2048, ge=16, le=65536)
+
+    _ref = field_validator("source", mode="after")(classmethod(lambda cls, v: _check_callable_ref(v)))
+
+
+class Evaluation(_Closed):
+    """``fn(model) -> float`` is the metric autotune judges by."""
+
+    fn: str | None = None
+    higher_is_better: bool = True
+
+    _ref = field_validator("fn", mode="after")(classmethod(lambda cls, v: _check_callable_ref(v)))
+
+
+class Tolerance(_Closed):
+    """Tolerable metric loss: ``relative`` (fraction of the baseline) or ``absolute`` (metric units)."""
+
+    relative: float | None = Field(default=None, ge=0.0)
+    absolute: float | None = Field(default=None, ge=0.0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Tolerance:
+        if (self.relative is None) == (self.absolute is None):
+            raise ValueError("set exactly one of relative or absolute")
+        return self
+
+
+class SearchSpace(_Closed):
+    """Values autotune tries; an empty list keeps the ``quantization`` section's value."""
+
+    format: tuple[FP8Format, ...] = ()
+    weight_granularity: tuple[Granularity, ...] = ()
+    weight_scale_method: tuple[ScaleMethod, ...] = ()
+    activation_scale_method: tuple[ScaleMethod, ...] = ()
+
+    @field_validator("weight_scale_method", mode="after")
+    @classmethod
+    def _weight_methods(cls, value: tuple[ScaleMethod, ...]) -> tuple[ScaleMethod, ...]:
+        for v in value:
+            WeightQuant(scale_method=v)
+        return value
+
+
+class Sensitivity(str, Enum):
+    """How layer fallback ranks layers: ``sqnr`` (each layer's own output SQNR, one forward; cheap)
+    or ``metric`` (``eval_fn`` with only that layer kept in high precision; one evaluation per layer)."""
+
+    SQNR = "sqnr"
+    METRIC = "metric"
+
+
+class Tuning(_Closed):
+    tolerable_loss: Tolerance = Field(default_factory=lambda: Tolerance(relative=0.01))
+    max_trials: int = Field(default=20, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+    layer_fallback: bool = True
+    sensitivity: Sensitivity = Sensitivity.SQNR
+
+
+class ReportFormat(str, Enum):
+    JSON = "json"
+    MD = "md"
+    HTML = "html"
+
+
+class ReportConfig(_Closed):
+    formats: tuple[ReportFormat, ...] = (ReportFormat.JSON, ReportFormat.MD, ReportFormat.HTML)
+
+
+class LockedLayer(_Closed):
+    kind: Op
+    format: FP8Format
+    fp8_max: float
+    hp_dtype: Literal["float32", "bfloat16"]
+    input_scales: tuple[float, ...] = ()
+    weight_scale: float | tuple[float, ...] | None = None
+
+
+class Locked(_Closed):
+    """What autotune chose, with the scales themselves: ``apply_recipe`` needs no calibration."""
+
+    scales: dict[str, LockedLayer]
+    fallback: dict[str, str] = Field(default_factory=dict)
+    skipped: dict[str, str] = Field(default_factory=dict)
+    captured_attention: bool = False
+    trial: int | None = None
+    metric: float | None = None
+    baseline: float | None = None
+
+
 class Recipe(_Closed):
     version: Literal[1] = RECIPE_VERSION
     quantization: Quantization = Field(default_factory=Quantization)
     form: Form = Form.SUBCLASS
     backend: Backend = Backend.AUTO
+    model: ModelSource | None = None
+    calibration: Calibration = Field(default_factory=Calibration)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    tuning: Tuning = Field(default_factory=Tuning)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    locked: Locked | None = None
 
     @model_validator(mode="after")
     def _unit_scale_together(self) -> Recipe:
@@ -156,7 +330,41 @@ class Recipe(_Closed):
 
     def to_yaml(self) -> str:
         """The recipe as YAML text that ``load_recipe`` reads back to an equal recipe."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    def save(self, path: Path | str) -> Path:
+        """Write the recipe as YAML (atomically: a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml(), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    def layer_settings(self, name: str) -> tuple[FP8Format, WeightQuant, ActivationQuant]:
+        """Format, weight and activation settings for layer ``name`` after per-layer overrides."""
+        from .select import matches
+
+        q = self.quantization
+        for o in q.overrides:
+            if matches(name, o.match):
+                return o.format or q.format, o.weight or q.weight, o.activation or q.activation
+        return q.format, q.weight, q.activation
+
+
+def resolve_callable(ref: str, key: str):
+    """Import ``package.module:function``; RecipeError naming ``key`` if it cannot be found."""
+    import importlib
+
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise RecipeError(f"{key}: cannot load {ref!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(obj):
+        raise RecipeError(f"{key}: {ref!r} is not callable")
+    return obj
 
 
 def default_recipe() -> Recipe:

@@ -22,7 +22,7 @@ from .errors import CalibrationError, ConversionError
 from .formats import ACTIVATION_BACKOFF, MIN_SCALE, WEIGHT_BACKOFF, FP8Format, Target, dtype_name, fullscale
 from .measurements import LayerStats
 from .quant import inc_activation_scale, inc_weight_quant_scale, quantize_fp8
-from .recipe import Granularity, Op, Recipe, ScaleMethod
+from .recipe import ActivationQuant, Granularity, Op, Recipe, ScaleMethod
 
 
 def maxabs_scale(amax: torch.Tensor, full: float, backoff: float, method: ScaleMethod) -> torch.Tensor:
@@ -34,6 +34,30 @@ def maxabs_scale(amax: torch.Tensor, full: float, backoff: float, method: ScaleM
     if method is ScaleMethod.MAXABS_POW2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale
+
+
+def histogram_clip(hist: dict, method: ScaleMethod, percentile: float, amax: float, fp8_dtype: torch.dtype,
+                   fp8_max: float) -> float:
+    """The clipping value a histogram-based method picks for one input (never above ``amax``).
+
+    ``percentile``: the upper edge of the bin where the cumulative count reaches ``percentile`` %.
+    ``mse``: among 128 candidates in (0, amax], the clip whose FP8 quantize-dequantize (values
+    beyond the clip saturate) has the least squared error over the histogram's bin centres.
+    """
+    counts = torch.tensor(hist["counts"], dtype=torch.float64)
+    if counts.numel() == 0 or counts.sum() == 0 or amax <= 0:
+        return amax
+    width = hist["range"] / counts.numel()
+    if method is ScaleMethod.PERCENTILE:
+        cumulative = torch.cumsum(counts, 0)
+        index = int(torch.searchsorted(cumulative, cumulative[-1] * (percentile / 100.0)))
+        return min((index + 1) * width, amax)
+    centres = (torch.arange(counts.numel(), dtype=torch.float64) + 0.5) * width
+    clips = torch.linspace(amax / 128, amax, 128, dtype=torch.float64)
+    scales = (clips / fp8_max).unsqueeze(1)
+    q = (centres / scales).clamp(-fp8_max, fp8_max).float().to(fp8_dtype).double() * scales
+    error = ((q - centres) ** 2 * counts).sum(dim=1)
+    return float(clips[int(torch.argmin(error))])
 
 
 def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.dtype) -> torch.Tensor:
@@ -148,22 +172,19 @@ def layer_scales(
     With ``weight`` the weight amax is taken from the weight itself, as INC does at convert time;
     without it, from the statistics.
     """
-    q = recipe.quantization
-    full = fullscale(q.format, q.target)
+    fmt, wq, aq = recipe.layer_settings(stats.name)
+    full = fullscale(fmt, recipe.quantization.target)
     stats.check_finite()
     if stats.inc_scales is not None:  # INC "Scale"-mode dump: finished scales, used as they are
-        return _given_scales(stats, kind, q.format, full, hp_dtype)
+        return _given_scales(stats, kind, fmt, full, hp_dtype)
     input_scales: tuple[torch.Tensor, ...] = ()
     if not kind.weight_only:
         if not stats.input_amax:
             raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
-        input_scales = tuple(
-            maxabs_scale(torch.tensor(a, dtype=hp_dtype), full, ACTIVATION_BACKOFF, q.activation.scale_method)
-            for a in stats.input_amax
-        )
+        input_scales = tuple(_activation_scale(stats, i, aq, fmt, full, hp_dtype) for i in range(len(stats.input_amax)))
     if not kind.has_weight:
-        return LayerScales(stats.name, kind, q.format, full, hp_dtype, input_scales, None)
-    gran = q.weight.granularity
+        return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, None)
+    gran = wq.granularity
     if weight is not None:
         w_amax = weight_amax(weight, gran, hp_dtype)
     elif gran is Granularity.PER_TENSOR and stats.weight_amax is not None:
@@ -175,8 +196,23 @@ def layer_scales(
             f"layer {stats.name!r}: no {gran.value} weight statistics in the measurements; pass model= to "
             "compute_scales so the weight can be read"
         )
-    weight_scale = maxabs_scale(w_amax, full, WEIGHT_BACKOFF, q.weight.scale_method)
-    return LayerScales(stats.name, kind, q.format, full, hp_dtype, input_scales, weight_scale)
+    weight_scale = maxabs_scale(w_amax, full, WEIGHT_BACKOFF, wq.scale_method)
+    return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, weight_scale)
+
+
+def _activation_scale(stats: LayerStats, i: int, aq: ActivationQuant, fmt: FP8Format, full: float,
+                      hp_dtype: torch.dtype) -> torch.Tensor:
+    amax = stats.input_amax[i]
+    if not aq.scale_method.from_histogram:
+        return maxabs_scale(torch.tensor(amax, dtype=hp_dtype), full, ACTIVATION_BACKOFF, aq.scale_method)
+    if len(stats.input_hist) <= i:
+        raise CalibrationError(
+            f"layer {stats.name!r}: activation scale method {aq.scale_method.value!r} needs input histograms, "
+            "which these measurements lack (INC dumps have none); calibrate with inc_bridge"
+        )
+    clip = histogram_clip(stats.input_hist[i], aq.scale_method, aq.percentile, amax, fmt.dtype, full)
+    # The clip is the range on purpose: no backoff, values beyond it saturate.
+    return torch.clamp_min(torch.tensor(clip, dtype=hp_dtype) / full, MIN_SCALE)
 
 
 def _given_scales(stats: LayerStats, kind: Op, fmt: FP8Format, full: float, hp_dtype: torch.dtype) -> LayerScales:

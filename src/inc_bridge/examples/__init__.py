@@ -1,0 +1,1 @@
+"""Example models the shipped recipes name (each needs the ``examples`` extra)."""

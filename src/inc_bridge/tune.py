@@ -1,0 +1,447 @@
+"""``autotune``: calibrate once, try whole-model settings, then fall back layer by layer.
+
+The float baseline is evaluated once and the model is calibrated once; each trial only recomputes
+scales from the stored statistics (amax and histograms) and converts. When no whole-model setting
+meets the tolerance, layers are ranked by their own output SQNR (``sensitivity``) and the most
+sensitive are kept in high precision: 1, 2, 4, ... layers until the metric is within tolerance,
+then a bisection for the fewest. Every trial is appended to ``output_dir/trials.jsonl`` as it
+finishes, so ``resume=True`` continues an interrupted run without redoing finished trials.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibrate import CalibData, calibrate
+from .capture import capture_attention, captured_sites
+from .convert import conversion_result, convert
+from .errors import RecipeError
+from .formats import dtype_name
+from .measurements import Measurements
+from .pipeline import _peek, compute_scales
+from .recipe import (
+    Granularity,
+    Locked,
+    LockedLayer,
+    Op,
+    Recipe,
+    ScaleMethod,
+    Sensitivity,
+    Tolerance,
+    resolve_callable,
+    resolve_recipe,
+)
+from .report import LayerRow, Report, TrialRecord
+from .scales import ScaleSet
+from .sensitivity import layer_sqnr
+from .trial_log import TrialLog, trial_key
+
+
+@dataclass
+class TuneResult:
+    """The tuned model, its report, the locked recipe that rebuilds it, and the measurements."""
+
+    model: nn.Module
+    report: Report
+    recipe: Recipe
+    measurements: Measurements
+
+
+def autotune(
+    model: nn.Module,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    *,
+    calib_data: CalibData | None = None,
+    recipe: Recipe | Path | str | None = None,
+    tolerable_loss: float | dict[str, float] | None = None,
+    max_trials: int | None = None,
+    output_dir: Path | str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TuneResult:
+    """Find the FP8 model that keeps ``eval_fn`` within tolerance of the float model.
+
+    Args:
+        model: the float model; never modified.
+        eval_fn: ``eval_fn(model) -> float``; defaults to the recipe's ``evaluation.fn``.
+        calib_data: calibration batches or ``run_fn``; defaults to the recipe's ``calibration.source``.
+        recipe: base settings, search space (``tuning.search_space``) and tolerance.
+        tolerable_loss: overrides the recipe: a float is a relative loss (0.01 = 1 %), or
+            ``{"absolute": 0.5}`` / ``{"relative": 0.01}``.
+        max_trials: overrides ``tuning.max_trials`` (whole-model and fallback trials together).
+        output_dir: where ``trials.jsonl``, ``measurements.json``, ``locked_recipe.yaml`` and
+            ``report/`` go; None keeps everything in memory.
+        resume: continue the run recorded in ``output_dir`` without redoing finished trials.
+        progress: show progress bars (on stderr); False for scripts.
+    Returns:
+        TuneResult(model, report, recipe, measurements); ``report.goal_met`` says whether the
+        tolerance was met (if not, the best trial is returned).
+    Raises:
+        RecipeError: no eval function or calibration data given nor named by the recipe.
+
+    Example:
+        >>> result = autotune(model, eval_fn, calib_data=batches, tolerable_loss={"absolute": 0.5})  # doctest: +SKIP
+    """
+    recipe = resolve_recipe(recipe)
+    recipe = _with_overrides(recipe, tolerable_loss, max_trials)
+    eval_fn = eval_fn or _from_recipe(recipe.evaluation.fn, "evaluation.fn")
+    if calib_data is None:
+        source = _from_recipe(recipe.calibration.source, "calibration.source")
+        calib_data = source()
+    if recipe.calibration.num_batches and not callable(calib_data):
+        calib_data = itertools.islice(calib_data, recipe.calibration.num_batches)
+    out = Path(output_dir) if output_dir is not None else None
+    log = TrialLog(out / "trials.jsonl" if out else None, resume)
+    started = time.monotonic()
+    tol, hib = recipe.tuning.tolerable_loss, recipe.evaluation.higher_is_better
+
+    work, first_batch, calib_data = _prepare_model(model, calib_data, recipe)
+    baseline_event = log.first("baseline")
+    if baseline_event is None:
+        baseline = float(eval_fn(model))
+        log.append("baseline", metric=baseline)
+    else:
+        baseline = float(baseline_event["metric"])
+    threshold = _threshold(baseline, tol, hib)
+
+    measurements = _measurements(work, calib_data, recipe, out, resume, progress)
+    done = log.finished_trials()
+    trials: list[TrialRecord] = []
+    bar = _progress(progress, recipe.tuning.max_trials)
+
+    def trial(config: dict[str, Any], fallback: list[str], sensitivity: dict[str, float], method: str = "sqnr") -> TrialRecord:
+        key = trial_key(config, fallback)
+        if key in done:
+            record = done[key]
+        else:
+            record = _run_trial(len(trials), work, eval_fn, recipe, measurements, config, fallback, sensitivity,
+                                method, baseline, threshold, hib)
+            log.append("trial", **record.__dict__)
+        record.index = len(trials)
+        trials.append(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(metric=record.metric, ok=record.within_tolerance)
+        return record
+
+    def budget_left() -> bool:
+        timeout = recipe.tuning.timeout_s
+        return len(trials) < recipe.tuning.max_trials and (timeout is None or time.monotonic() - started < timeout)
+
+    for config in _search_space(recipe):
+        if not budget_left():
+            break
+        if trial(config, [], {}).within_tolerance:
+            break
+    fallback_notes: list[str] = []
+    if not any(t.within_tolerance for t in trials) and recipe.tuning.layer_fallback and budget_left():
+        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, recipe, measurements, first_batch,
+                                         eval_fn)
+    if bar is not None:
+        bar.close()
+
+    chosen = _choose(trials, hib)
+    config = chosen.config if chosen else _search_space(recipe)[0]
+    fallback = chosen.fallback if chosen else []
+    event = dict(log.first("sensitivity") or {})
+    sensitivity, method = event.get("sqnr", {}), event.get("method", "sqnr")
+    tuned_recipe = _recipe_for(recipe, config)
+    scales = _without(compute_scales(measurements, tuned_recipe, model=work), fallback, sensitivity, method)
+    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
+    final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), first_batch) if first_batch is not None else {}
+    report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
+                     final_sqnr, fallback_notes)
+    locked = _locked(tuned_recipe, scales, work is not model, chosen, baseline)
+    conversion_result(qmodel).recipe = locked  # ib.save records it
+    if out is not None:
+        locked.save(out / "locked_recipe.yaml")
+        report.save(out / "report")
+    return TuneResult(model=qmodel, report=report, recipe=locked, measurements=measurements)
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe | Path | str, *, example_inputs: Any = None) -> nn.Module:
+    """Rebuild a tuned model from a locked recipe: no calibration data, no INC.
+
+    Outputs are ``torch.equal`` to ``autotune``'s ``result.model``. Attention captured during
+    tuning is captured again (Hugging Face models need no ``example_inputs``).
+
+    Raises:
+        RecipeError: the recipe has no ``locked`` section (only autotune writes one).
+    """
+    recipe = resolve_recipe(recipe)
+    if recipe.locked is None:
+        raise RecipeError("locked: this recipe has no locked section; apply_recipe needs a recipe written by autotune")
+    work, inplace = model, False
+    if recipe.locked.captured_attention and not captured_sites(model):
+        work, inplace = capture_attention(copy.deepcopy(model), example_inputs), True
+    scales = ScaleSet(layers={}, skipped={**recipe.locked.skipped, **recipe.locked.fallback},
+                      format=recipe.quantization.format, target=recipe.quantization.target)
+    from .scales import LayerScales
+
+    for name, layer in recipe.locked.scales.items():
+        dtype = getattr(torch, layer.hp_dtype)
+        weight = None if layer.weight_scale is None else torch.tensor(layer.weight_scale, dtype=dtype)
+        scales.layers[name] = LayerScales(
+            name, layer.kind, layer.format, layer.fp8_max, dtype,
+            tuple(torch.tensor(v, dtype=dtype) for v in layer.input_scales), weight,
+        )
+    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, inplace=inplace)
+    conversion_result(qmodel).recipe = recipe
+    return qmodel
+
+
+# ---------------------------------------------------------------------------------------- steps
+
+
+def _from_recipe(ref: str | None, key: str) -> Callable:
+    if ref is None:
+        raise RecipeError(f"{key}: missing; pass it to autotune or name a callable 'package.module:function' in the recipe")
+    return resolve_callable(ref, key)
+
+
+def _with_overrides(recipe: Recipe, tolerable_loss: float | dict | None, max_trials: int | None) -> Recipe:
+    tuning = recipe.tuning
+    if tolerable_loss is not None:
+        tol = Tolerance(relative=float(tolerable_loss)) if isinstance(tolerable_loss, (int, float)) else Tolerance(**tolerable_loss)
+        tuning = tuning.model_copy(update={"tolerable_loss": tol})
+    if max_trials is not None:
+        tuning = tuning.model_copy(update={"max_trials": int(max_trials)})
+    return recipe.model_copy(update={"tuning": tuning})
+
+
+def _prepare_model(model: nn.Module, calib_data: CalibData, recipe: Recipe) -> tuple[nn.Module, Any, CalibData]:
+    """The model trials convert (a captured copy when attention is tuned) and one calibration batch."""
+    calib_data, first = _peek(calib_data)
+    if {Op.SDPA, Op.BMM} & set(recipe.quantization.ops) and not captured_sites(model):
+        return capture_attention(copy.deepcopy(model), first), first, calib_data
+    return model, first, calib_data
+
+
+def _measurements(work, calib_data, recipe, out: Path | None, resume: bool, progress: bool) -> Measurements:
+    path = out / "measurements.json" if out else None
+    if resume and path is not None and path.exists():
+        return Measurements.load(path)
+    if progress and not callable(calib_data):
+        from tqdm.auto import tqdm
+
+        calib_data = tqdm(calib_data, desc="calibrating", unit="batch", leave=False)
+    measurements = calibrate(work, calib_data, recipe)
+    if path is not None:
+        measurements.save(path)
+    return measurements
+
+
+def _progress(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="autotune trials", unit="trial")
+
+
+def _threshold(baseline: float, tol: Tolerance, higher_is_better: bool) -> float:
+    allowed = tol.absolute if tol.absolute is not None else abs(baseline) * float(tol.relative)
+    return baseline - allowed if higher_is_better else baseline + allowed
+
+
+def _search_space(recipe: Recipe) -> list[dict[str, Any]]:
+    """Whole-model settings in order: the recipe's own first, then the rest of the product."""
+    q, s = recipe.quantization, recipe.tuning.search_space
+    axes = {
+        "format": [v.value for v in (s.format or (q.format,))],
+        "weight_granularity": [v.value for v in (s.weight_granularity or (q.weight.granularity,))],
+        "weight_scale_method": [v.value for v in (s.weight_scale_method or (q.weight.scale_method,))],
+        "activation_scale_method": [v.value for v in (s.activation_scale_method or (q.activation.scale_method,))],
+    }
+    own = {"format": q.format.value, "weight_granularity": q.weight.granularity.value,
+           "weight_scale_method": q.weight.scale_method.value, "activation_scale_method": q.activation.scale_method.value}
+    configs = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    return [own] + [c for c in configs if c != own]
+
+
+def _recipe_for(recipe: Recipe, config: dict[str, Any]) -> Recipe:
+    q = recipe.quantization
+    weight = q.weight.model_copy(update={"granularity": Granularity(config["weight_granularity"]),
+                                         "scale_method": ScaleMethod(config["weight_scale_method"])})
+    activation = q.activation.model_copy(update={"scale_method": ScaleMethod(config["activation_scale_method"])})
+    from .formats import FP8Format
+
+    quant = q.model_copy(update={"format": FP8Format(config["format"]), "weight": weight, "activation": activation})
+    return recipe.model_copy(update={"quantization": quant})
+
+
+def _without(scales: ScaleSet, fallback: list[str], sensitivity: dict[str, float], method: str = "sqnr") -> ScaleSet:
+    """The scale set with ``fallback`` layers left in high precision, each with its reason."""
+    ranked = sorted(sensitivity, key=sensitivity.get)
+    skipped = dict(scales.skipped)
+    for name in fallback:
+        rank = ranked.index(name) + 1 if name in ranked else None
+        value = sensitivity.get(name, math.nan)
+        why = f"own output SQNR {value:.1f} dB" if method == "sqnr" else f"metric gain {-value:.4g} when kept in high precision"
+        skipped[name] = f"fallback: sensitivity rank {rank} of {len(ranked)} ({why})"
+    layers = {n: ls for n, ls in scales.layers.items() if n not in fallback}
+    return ScaleSet(layers=layers, skipped=skipped, format=scales.format, target=scales.target)
+
+
+def _run_trial(index, work, eval_fn, recipe, measurements, config, fallback, sensitivity, method, baseline,
+               threshold, hib) -> TrialRecord:
+    record = TrialRecord(index=index, config=config, fallback=list(fallback))
+    t0 = time.monotonic()
+    try:
+        scales = _without(compute_scales(measurements, _recipe_for(recipe, config), model=work), fallback, sensitivity,
+                          method)
+        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
+        metric = float(eval_fn(qmodel))
+        if math.isnan(metric):
+            raise ValueError("eval_fn returned NaN")
+        record.metric = metric
+        record.within_tolerance = metric >= threshold if hib else metric <= threshold
+    except Exception as exc:  # recorded with the trial and reported; the run goes on
+        record.status = "error"
+        record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+    record.duration_s = time.monotonic() - t0
+    return record
+
+
+def _layer_fallback(trial, budget_left, trials, log, work, recipe, measurements, batch, eval_fn) -> list[str]:
+    """Keep the most sensitive layers in high precision: exponential search, then bisection."""
+    hib = recipe.evaluation.higher_is_better
+    best = _choose(trials, hib)
+    if best is None:
+        return ["layer fallback skipped: every whole-model trial failed"]
+    config = best.config
+    event = log.first("sensitivity")
+    if event is None or event.get("config") != config:
+        scales = compute_scales(measurements, _recipe_for(recipe, config), model=work)
+        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
+        sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
+        score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
+        if recipe.tuning.sensitivity is Sensitivity.METRIC:
+            # leave one out: the metric with only this layer in high precision; a bigger gain = more
+            # sensitive, so the score (lower = more sensitive) is the negated gain
+            for name in scales.layers:
+                one = convert(work, _without(scales, [name], {}), form=recipe.form, backend=recipe.backend)
+                gain = float(eval_fn(one)) - best.metric
+                score[name] = -(gain if hib else -gain)
+        log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
+        event = log.first("sensitivity")
+    sensitivity: dict[str, float] = event["sqnr"]
+    method = event.get("method", "sqnr")
+    order = sorted(sensitivity, key=sensitivity.get)
+    lo, hi, k = 0, None, 1
+    while hi is None and budget_left():
+        k = min(k, len(order))
+        if trial(config, order[:k], sensitivity, method).within_tolerance:
+            hi = k
+        elif k == len(order):
+            break
+        else:
+            lo, k = k, k * 2
+    while hi is not None and hi - lo > 1 and budget_left():
+        mid = (lo + hi) // 2
+        if trial(config, order[:mid], sensitivity, method).within_tolerance:
+            hi = mid
+        else:
+            lo = mid
+    return [f"layer fallback ranked {len(order)} layers by {'own output SQNR' if method == 'sqnr' else 'leave-one-out metric gain'}; "
+            + (f"{hi} kept in high precision" if hi is not None else "no fallback met the tolerance")]
+
+
+def _choose(trials: list[TrialRecord], hib: bool) -> TrialRecord | None:
+    ok = [t for t in trials if t.status == "ok" and t.metric is not None]
+    within = [t for t in ok if t.within_tolerance]
+    if within:
+        return min(within, key=lambda t: (len(t.fallback), t.index))
+    if not ok:
+        return None
+    return max(ok, key=lambda t: t.metric if hib else -t.metric)
+
+
+def _locked(recipe: Recipe, scales: ScaleSet, captured: bool, chosen: TrialRecord | None, baseline: float) -> Recipe:
+    layers = {}
+    for name, ls in scales.layers.items():
+        w = ls.weight_scale
+        layers[name] = LockedLayer(
+            kind=ls.kind, format=ls.format, fp8_max=ls.fp8_max, hp_dtype=dtype_name(ls.hp_dtype),
+            input_scales=tuple(float(s) for s in ls.input_scales),
+            weight_scale=None if w is None else (float(w) if w.dim() == 0 else tuple(w.tolist())),
+        )
+    fallback = {n: why for n, why in scales.skipped.items() if why.startswith("fallback")}
+    skipped = {n: why for n, why in scales.skipped.items() if n not in fallback}
+    locked = Locked(scales=layers, fallback=fallback, skipped=skipped, captured_attention=captured,
+                    trial=None if chosen is None else chosen.index,
+                    metric=None if chosen is None else chosen.metric, baseline=baseline)
+    return recipe.model_copy(update={"locked": locked})
+
+
+def _saturation(stats, scales) -> float | None:
+    fractions = []
+    for i, hist in enumerate(stats.input_hist):
+        counts = torch.tensor(hist["counts"], dtype=torch.float64)
+        if i >= len(scales.input_scales) or counts.sum() == 0:
+            continue
+        clip = float(scales.input_scales[i]) * scales.fp8_max
+        lower = torch.arange(counts.numel(), dtype=torch.float64) * (hist["range"] / counts.numel())
+        fractions.append(float(counts[lower >= clip].sum() / counts.sum()))
+    return max(fractions) if fractions else None
+
+
+def _report(work, recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib, sqnr, notes) -> Report:
+    import torchao
+
+    from . import __version__, _inc
+
+    rows = []
+    for name, ls in scales.layers.items():
+        stats = measurements.layers.get(name)
+        fmt, wq, aq = recipe.layer_settings(name)
+        w = ls.weight_scale
+        rows.append(LayerRow(
+            name=name, kind=ls.kind.value, quantized=True, source=stats.source.value if stats else None,
+            format=fmt.value, granularity=ls.granularity.value if ls.kind.has_weight else None,
+            weight_scale_method=wq.scale_method.value if ls.kind.has_weight else None,
+            activation_scale_method=None if ls.kind.weight_only else aq.scale_method.value,
+            input_amax=list(stats.input_amax) if stats else [], weight_amax=stats.weight_amax if stats else None,
+            input_scales=[float(s) for s in ls.input_scales],
+            weight_scale_min=None if w is None else float(w.min()), weight_scale_max=None if w is None else float(w.max()),
+            saturation=_saturation(stats, ls) if stats else None, sqnr_db=_finite(sqnr.get(name)),
+        ))
+    for name, why in scales.skipped.items():
+        stats = measurements.layers.get(name)
+        rows.append(LayerRow(name=name, kind=stats.kind if stats else "-", quantized=False,
+                             source=stats.source.value if stats else None, fallback_reason=why,
+                             input_amax=list(stats.input_amax) if stats else [],
+                             weight_amax=stats.weight_amax if stats else None))
+    environment = {
+        "python": platform.python_version(), "torch": torch.__version__, "torchao": torchao.__version__,
+        "neural_compressor": _inc.inc_version(), "inc_bridge": __version__, "form": recipe.form.value,
+        "backend": recipe.backend.value, "device": "cpu", "platform": platform.platform(),
+    }
+    kind = "absolute" if tol.absolute is not None else "relative"
+    value = tol.absolute if tol.absolute is not None else tol.relative
+    return Report(
+        baseline_metric=baseline, higher_is_better=hib,
+        tolerance={"kind": kind, "value": value, "threshold": threshold},
+        goal_met=bool(chosen and chosen.within_tolerance), chosen_trial=None if chosen is None else chosen.index,
+        trials=trials, layers=rows, environment=environment,
+        final_metric=None if chosen is None else chosen.metric, notes=notes,
+    )
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+
