@@ -121,16 +121,22 @@ def autotune(
     trials: list[TrialRecord] = []
     bar = _progress(progress, recipe.tuning.max_trials)
 
+    kept: dict[str, Any] = {}  # the model and scales of the trial that would be chosen now
+
     def trial(config: dict[str, Any], fallback: list[str], sensitivity: dict[str, float], method: str = "sqnr") -> TrialRecord:
         key = trial_key(config, fallback)
+        built = None
         if key in done:
             record = done[key]
         else:
-            record = _run_trial(len(trials), work, eval_fn, recipe, measurements, config, fallback, sensitivity,
-                                method, baseline, threshold, hib)
+            record, built = _run_trial(len(trials), work, eval_fn, recipe, measurements, config, fallback, sensitivity,
+                                       method, baseline, threshold, hib)
             log.append("trial", **record.__dict__)
         record.index = len(trials)
         trials.append(record)
+        if built is not None and _choose(trials, hib) is record:
+            kept.clear()
+            kept.update(key=key, model=built[0], scales=built[1])  # saves converting the winner again
         if bar is not None:
             bar.update(1)
             bar.set_postfix(metric=record.metric, ok=record.within_tolerance)
@@ -158,8 +164,11 @@ def autotune(
     event = dict(log.first("sensitivity") or {})
     sensitivity, method = event.get("sqnr", {}), event.get("method", "sqnr")
     tuned_recipe = _recipe_for(recipe, config)
-    scales = _without(compute_scales(measurements, tuned_recipe, model=work), fallback, sensitivity, method)
-    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
+    if kept.get("key") == trial_key(config, fallback):
+        qmodel, scales = kept["model"], kept["scales"]
+    else:
+        scales = _without(compute_scales(measurements, tuned_recipe, model=work), fallback, sensitivity, method)
+        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
     final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), first_batch) if first_batch is not None else {}
     report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
                      final_sqnr, fallback_notes)
@@ -296,8 +305,10 @@ def _without(scales: ScaleSet, fallback: list[str], sensitivity: dict[str, float
 
 
 def _run_trial(index, work, eval_fn, recipe, measurements, config, fallback, sensitivity, method, baseline,
-               threshold, hib) -> TrialRecord:
+               threshold, hib) -> tuple[TrialRecord, tuple[nn.Module, ScaleSet] | None]:
+    """Run one trial; returns its record and, when it succeeded, the model and scales it built."""
     record = TrialRecord(index=index, config=config, fallback=list(fallback))
+    built = None
     t0 = time.monotonic()
     try:
         scales = _without(compute_scales(measurements, _recipe_for(recipe, config), model=work), fallback, sensitivity,
@@ -308,11 +319,12 @@ def _run_trial(index, work, eval_fn, recipe, measurements, config, fallback, sen
             raise ValueError("eval_fn returned NaN")
         record.metric = metric
         record.within_tolerance = metric >= threshold if hib else metric <= threshold
+        built = (qmodel, scales)
     except Exception as exc:  # recorded with the trial and reported; the run goes on
         record.status = "error"
         record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
     record.duration_s = time.monotonic() - t0
-    return record
+    return record, built
 
 
 def _layer_fallback(trial, budget_left, trials, log, work, recipe, measurements, batch, eval_fn) -> list[str]:
