@@ -70,3 +70,18 @@ def test_tune_and_apply_from_the_command_line(tmp_path, capsys, monkeypatch):
     no_model.write_text("quantization: {format: e4m3}\n")
     assert main(["tune", str(no_model)]) == 2
     assert "model: missing" in capsys.readouterr().err
+
+
+def test_inspect_saved_model_and_apply(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base = ib.load_recipe(ib.demo.RECIPE).model_dump(mode="json", exclude_none=True)
+    base["tuning"].update(max_trials=1, search_space={}, tolerable_loss={"absolute": 100.0})
+    recipe = tmp_path / "digits.yaml"
+    recipe.write_text(ib.Recipe.model_validate(base).to_yaml())
+    assert main(["tune", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "run" / "locked_recipe.yaml"), "--out", str(tmp_path / "model")]) == 0
+    assert "saved the FP8 model" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "saved FP8 model: format version 1, form module" in out and "conv2d 2, linear 2" in out

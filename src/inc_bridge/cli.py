@@ -48,6 +48,8 @@ def _inspect(args: argparse.Namespace) -> int:
         if path.suffix in (".yaml", ".yml"):
             print(load_recipe(path).to_yaml(), end="")
             return 0
+        if path.is_dir() and (path / "inc_bridge.json").exists():
+            return _inspect_saved(path)
         if path.is_file() and path.suffix == ".json" and "format_version" in json.loads(path.read_text()):
             meas = Measurements.load(path)
         else:
@@ -59,6 +61,26 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, s in meas.layers.items():
         amax = ", ".join(f"{a:.6g}" for a in s.input_amax) or "-"
         print(f"  {name:<48}{s.kind:<9}{s.source.value:<10}input amax {amax}; weight amax {s.weight_amax}")
+    return 0
+
+
+def _inspect_saved(path: Path) -> int:
+    """Summarise a directory written by ``ib.save``."""
+    from .serialization.files import read_manifest
+
+    manifest = read_manifest(path)
+    layers = manifest.get("layers", {})
+    versions = ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    print(f"saved FP8 model: format version {manifest.get('format_version')}, form {manifest.get('form')}, "
+          f"backend {manifest.get('backend')}, {len(layers)} quantized layers, {size} bytes on disk")
+    print(f"written by: {versions}")
+    kinds: dict[str, int] = {}
+    for layer in layers.values():
+        kinds[layer.get("kind", "?")] = kinds.get(layer.get("kind", "?"), 0) + 1
+    print("layers by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    for name, why in (manifest.get("skipped") or {}).items():
+        print(f"  kept in high precision: {name}: {why}")
     return 0
 
 
