@@ -102,12 +102,73 @@ def test_npz_with_foreign_pickle_is_refused(tmp_path):
     assert isinstance(pickle.UnpicklingError("x"), Exception)
 
 
-def test_per_rank_dumps_are_reported(inc_dump, tmp_path):
-    path, _ = inc_dump
-    text = (path / "measure_hooks_maxabs.json").read_text()
+_RANK_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import inc_bridge as ib
+from tests.models import LinearNet, linear_batches
+rank = int(sys.argv[1])
+torch.manual_seed(0)
+model = LinearNet()
+data = [b * (3 if i % 2 else 1) for i, b in enumerate(linear_batches(n=4, seed=1))]  # rank 1 sees larger inputs
+shard = data[rank::2]
+ib.calibrate(model, shard, workdir=sys.argv[2])
+"""
+
+
+def _per_rank_dumps(directory):
+    """Two real INC runs, as ranks 0 and 1 of 2 (INC names its files by WORLD_SIZE / LOCAL_RANK)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    script = _RANK_SCRIPT.format(repo=str(REPO))
     for rank in (0, 1):
-        (tmp_path / f"measure_hooks_maxabs_{rank}_2.json").write_text(text)
-    with pytest.raises(ib.CalibrationError, match=r"per-rank INC dumps \(ranks 0, 1\)"):
+        # each rank gets its own folder: INC moves dumps it finds in its folder to a backup folder
+        own = directory / f"rank{rank}"
+        own.mkdir()
+        env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        subprocess.run([sys.executable, "-c", script, str(rank), str(own)], env=env, check=True,
+                       timeout=300, capture_output=True, cwd=own)
+        for f in own.iterdir():
+            f.rename(directory / f.name)
+        own.rmdir()
+
+
+def test_per_rank_dumps_merge_to_single_run_scales(tmp_path):
+    from .models import LinearNet, linear_batches
+
+    _per_rank_dumps(tmp_path)
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert "measure_hooks_maxabs_0_2.json" in names and "measure_hooks_maxabs_1_2.json" in names
+    merged = ib.load_inc_measurements(tmp_path)
+    assert merged.ranks == (0, 1)
+    torch.manual_seed(0)
+    model = LinearNet()
+    single = ib.calibrate(model, [b * (3 if i % 2 else 1) for i, b in enumerate(linear_batches(n=4, seed=1))])
+    for recipe in (ib.Recipe(), ib.Recipe.model_validate({"quantization": {"weight": {"scale_method": "maxabs_pow2"},
+                                                                             "activation": {"scale_method": "maxabs_pow2"}}})):
+        a = ib.compute_scales(single, recipe, model=model)
+        b = ib.compute_scales(merged, recipe, model=model)
+        for name in a.layers:
+            assert torch.equal(a[name].input_scale, b[name].input_scale)
+            assert torch.equal(a[name].weight_scale, b[name].weight_scale)
+    # each rank alone is not the whole story: its amax differs from the merged one somewhere
+    rank0 = ib.load_inc_measurements(tmp_path / "measure_hooks_maxabs_0_2.json")
+    assert any(rank0[n].input_amax != merged[n].input_amax for n in merged.names)
+
+
+def test_per_rank_dumps_mismatched_or_missing(inc_dump, tmp_path):
+    path, _ = inc_dump
+    data = json.loads((path / "measure_hooks_maxabs.json").read_text())
+    (tmp_path / "measure_hooks_maxabs_0_2.json").write_text(json.dumps(data))
+    with pytest.raises(ib.CalibrationError, match=r"incomplete: found ranks \[0\] of world size\(s\) \[2\]"):
+        ib.load_inc_measurements(tmp_path)
+    del data["Nodes"]["fc2"]
+    (tmp_path / "measure_hooks_maxabs_1_2.json").write_text(json.dumps(data))
+    with pytest.raises(ib.CalibrationError, match="rank 1 lacks layers the other ranks measured: fc2"):
         ib.load_inc_measurements(tmp_path)
     # one rank's file on its own is fine
     assert ib.load_inc_measurements(tmp_path / "measure_hooks_maxabs_0_2.json").names == ["fc1", "fc2", "fc3"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
+import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -23,9 +25,9 @@ from . import _inc
 from .activation import quantized_positions
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_name
-from .inc_files import load_inc_measurements
+from .inc_files import read_local_dump
 from .measurements import LayerStats, Measurements, Source
-from .observers import InputObserver
+from .observers import InputObserver, merge_histograms
 from .recipe import Recipe, resolve_recipe
 from .select import select_layers
 
@@ -47,6 +49,7 @@ def calibrate(
             dict of keyword arguments) or a callable ``run_fn(model)`` that runs the forwards itself.
         recipe: selects the layers to measure (``quantization.ops/include/exclude``) and the format.
         workdir: where INC's dump files go; by default a temporary directory, removed afterwards.
+            INC moves dumps it finds there from an earlier run into a ``backup_measure_*`` folder.
     Returns:
         Measurements of every selected layer that ran during calibration.
     Raises:
@@ -87,38 +90,32 @@ def calibrate(
         else:  # only captured attention selected: nothing for INC to measure
             num_batches = run_observed(shadow)
         del shadow
-        raw = load_inc_measurements(wd) if hp_dtype is not None else Measurements(layers={})
+        raw = read_local_dump(wd) if hp_dtype is not None else Measurements(layers={})
+    # What this process saw: name -> (input amax, input histograms, dtype); weight-only layers need none.
+    seen: dict[str, tuple[tuple[float, ...], tuple[dict, ...], str | None]] = {}
+    for name, op in selection.selected.items():
+        if op.weight_only:
+            continue
+        amax = observers[name].input_amax() if not op.has_weight else (
+            raw.layers[name].input_amax if name in raw.layers else ())
+        if amax:  # a layer that never ran is reported by compute_scales, by name
+            dtype = observers[name].dtype if not op.has_weight else hp_dtype
+            seen[name] = (amax, observers[name].histograms(), dtype_name(dtype))
+    if _distributed():
+        seen, num_batches = _merge_across_ranks(seen, num_batches)
     layers: dict[str, LayerStats] = {}
     for name, op in selection.selected.items():
-        if op.has_weight or not observers[name].input_amax():
-            continue  # a captured call site that never ran is reported by compute_scales, by name
-        observer = observers[name]
-        layers[name] = LayerStats(
-            name=name,
-            kind=op.value,
-            input_amax=observer.input_amax(),
-            dtype=dtype_name(observer.dtype),
-            source=Source.BRIDGE,
-            input_hist=observer.histograms(),
-        )
-        layers[name].check_finite()
-    for name, op in weighted.items():
-        measured = raw.layers.get(name)
-        if not op.weight_only and (measured is None or not measured.input_amax):
-            continue  # never ran during calibration: compute_scales reports it by name
-        # per-channel amax without an |W|-sized temporary: max(max(W), -min(W)) per output channel
-        weight = modules[name].weight.detach().flatten(1)
-        per_channel = torch.maximum(weight.amax(dim=1), weight.amin(dim=1).neg())
-        stats = LayerStats(
-            name=name,
-            kind=op.value,
-            input_amax=() if op.weight_only else measured.input_amax,
-            weight_amax=float(per_channel.max()),
-            weight_amax_per_channel=tuple(per_channel.tolist()),
-            dtype=dtype_name(hp_dtype),
-            source=Source.INC,
-            input_hist=() if op.weight_only else observers[name].histograms(),
-        )
+        if name not in seen and not op.weight_only:
+            continue
+        amax, hists, dtype = seen.get(name, ((), (), dtype_name(hp_dtype) if hp_dtype else None))
+        stats = LayerStats(name=name, kind=op.value, input_amax=amax, dtype=dtype, input_hist=hists,
+                           source=Source.INC if op.has_weight else Source.BRIDGE)
+        if op.has_weight:
+            # per-channel amax without an |W|-sized temporary: max(max(W), -min(W)) per output channel
+            weight = modules[name].weight.detach().flatten(1)
+            per_channel = torch.maximum(weight.amax(dim=1), weight.amin(dim=1).neg())
+            stats = dataclasses.replace(stats, weight_amax=float(per_channel.max()),
+                                        weight_amax_per_channel=tuple(per_channel.tolist()))
         stats.check_finite()
         layers[name] = stats
     return Measurements(
@@ -126,7 +123,31 @@ def calibrate(
         inc_version=_inc.inc_version(),
         inc_config=_inc.config_record(hp_dtype, fmt) if hp_dtype is not None else {},
         num_batches=num_batches if num_batches >= 0 else None,
+        ranks=tuple(range(torch.distributed.get_world_size())) if _distributed() else (),
     )
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _merge_across_ranks(seen: dict, num_batches: int) -> tuple[dict, int]:
+    """Every rank gets the statistics of all ranks' data: max of amax, sums of (aligned) histograms.
+
+    Each rank calibrated on its own shard; the result equals one process calibrating on all shards.
+    """
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (seen, num_batches))
+    merged: dict = {}
+    for name in sorted({n for part, _ in gathered for n in part}):
+        parts = [part[name] for part, _ in gathered if name in part]
+        amax = tuple(float(torch.stack([torch.tensor(p[0][i]) for p in parts]).max()) if not any(
+            math.isnan(p[0][i]) for p in parts) else math.nan for i in range(len(parts[0][0])))
+        hists = tuple(merge_histograms([p[1][i] for p in parts if len(p[1]) > i]) for i in range(len(parts[0][1])))
+        merged[name] = (amax, hists, parts[0][2])
+    counts = [n for _, n in gathered]
+    return merged, (-1 if any(n < 0 for n in counts) else sum(counts))
 
 
 def _hp_dtype(modules: Mapping[str, nn.Module], selected: Mapping[str, object]) -> torch.dtype:

@@ -37,22 +37,37 @@ def load_inc_measurements(path: Path | str) -> Measurements:
             one, and its finished scales are then used as they are.
     Returns:
         Measurements with ``source = inc_dump`` for every layer.
+    Per-rank dumps (``..._hooks_maxabs_<rank>_<world>.json``, written by multi-card runs) are merged
+    into one Measurements as optimum-habana's unify step does: the maximum of each amax (or scale)
+    over the ranks. ``Measurements.ranks`` lists the ranks found.
+
     Raises:
         CalibrationError: no dump file, an unreadable or malformed file (the message names the file
-            and what is wrong), per-rank files (merging them is a later feature), or NaN/Inf values.
+            and what is wrong), NaN/Inf values, missing ranks, or ranks whose layer sets differ (the
+            message names the layers).
 
     Example:
         >>> meas = load_inc_measurements("hqt_output")   # doctest: +SKIP
     """
     path = Path(path)
-    file = _pick_file(path)
-    data = _read_any(file)
-    return _parse(data, file)
+    files = _pick_files(path, all_ranks=True)
+    parts = [_parse(_read_any(f), f) for f in files.values()]
+    if len(parts) == 1:
+        return parts[0]
+    return _merge_ranks(parts, list(files), path)
 
 
-def _pick_file(path: Path) -> Path:
+def read_local_dump(path: Path) -> Measurements:
+    """The one DynamicRange dump INC wrote in ``path`` for this process (any rank suffix)."""
+    files = _pick_files(Path(path), all_ranks=False)
+    file = next(iter(files.values()))
+    return _parse(_read_any(file), file)
+
+
+def _pick_files(path: Path, all_ranks: bool) -> dict[int, Path]:
+    """rank → file (rank 0 for a single-card dump)."""
     if path.is_file():
-        return path
+        return {0: path}
     if not path.is_dir():
         raise CalibrationError(f"{path}: no such file or directory with INC measurement dumps")
     found: dict[tuple[str | None, str | None], list[Path]] = {}
@@ -68,16 +83,66 @@ def _pick_file(path: Path) -> Path:
             f"{path}: no INC measurement file found (expected '<prefix>_hooks_maxabs.json' or '.npz' "
             "as written by INC's finalize_calibration)"
         )
-    ranks = sorted({r for (_, r) in found if r is not None})
-    if ranks:
+    # DynamicRange (raw amax, no method in the name) is preferred over Scale-mode files.
+    methods = {m for (m, _) in found}
+    method = None if None in methods else sorted(methods)[0]
+    by_rank = {r: files for (m, r), files in found.items() if m == method}
+
+    def best(files: list[Path]) -> Path:  # JSON is plain data; prefer it over the pickled npz
+        return next((f for f in files if f.suffix == ".json"), files[0])
+
+    if None in by_rank:
+        return {0: best(by_rank[None])}
+    picked = {int(r): best(files) for r, files in by_rank.items()}
+    if not all_ranks:
+        return dict([min(picked.items())])
+    worlds = {int(_FILE_RE.match(f.stem)["world"]) for f in picked.values()}
+    if len(worlds) != 1 or set(picked) != set(range(next(iter(worlds)))):
         raise CalibrationError(
-            f"{path}: found per-rank INC dumps (ranks {', '.join(ranks)}); merging multi-rank measurements "
-            "is not supported yet: pass one rank's file"
+            f"{path}: per-rank INC dumps are incomplete: found ranks {sorted(picked)} of world size(s) "
+            f"{sorted(worlds)}"
         )
-    key = (None, None) if (None, None) in found else sorted(found, key=str)[0]
-    files = found[key]
-    # JSON is plain data; prefer it over the pickled npz when both exist.
-    return next((f for f in files if f.suffix == ".json"), files[0])
+    return dict(sorted(picked.items()))
+
+
+def _merge_ranks(parts: list[Measurements], ranks: list[int], path: Path) -> Measurements:
+    names = [set(p.layers) for p in parts]
+    union = set().union(*names)
+    for rank, have in zip(ranks, names, strict=True):
+        if have != union:
+            missing = sorted(union - have)
+            raise CalibrationError(
+                f"{path}: rank {rank} lacks layers the other ranks measured: {', '.join(missing[:10])}"
+                + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+            )
+    layers = {}
+    for name in parts[0].layers:
+        per_rank = [p.layers[name] for p in parts]
+        first = per_rank[0]
+        if first.inc_scales is not None:
+            given = [s.inc_scales for s in per_rank]
+            weights = [g["weight"] for g in given]
+            weight = (
+                [max(v) for v in zip(*weights, strict=True)] if isinstance(weights[0], list)
+                else None if weights[0] is None else max(weights)
+            )
+            inc_scales = {"inputs": [max(v) for v in zip(*(g["inputs"] for g in given), strict=True)], "weight": weight}
+            layers[name] = LayerStats(name=name, kind=first.kind, source=Source.INC_DUMP, inc_scales=inc_scales)
+            continue
+        if len({len(s.input_amax) for s in per_rank}) != 1:
+            raise CalibrationError(f"{path}: layer {name!r} has a different number of inputs on different ranks")
+        weights = [s.weight_amax for s in per_rank if s.weight_amax is not None]
+        layers[name] = LayerStats(
+            name=name,
+            kind=first.kind,
+            input_amax=tuple(max(v) for v in zip(*(s.input_amax for s in per_rank), strict=True)),
+            weight_amax=max(weights) if weights else None,
+            source=Source.INC_DUMP,
+        )
+    config = dict(parts[0].inc_config)
+    config.pop("local_rank", None)
+    config["files"] = [p.inc_config.get("file") for p in parts]
+    return Measurements(layers=layers, inc_config=config, ranks=tuple(ranks))
 
 
 def _read_any(file: Path) -> dict[str, Any]:

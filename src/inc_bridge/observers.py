@@ -48,6 +48,24 @@ class Histogram:
         return {"range": self.range, "counts": [] if self.counts is None else self.counts.tolist()}
 
 
+def merge_histograms(hists: list[dict]) -> dict:
+    """One histogram of all the data behind ``hists`` (ranges are powers of two: bins merge exactly)."""
+    hists = [h for h in hists if h["counts"]]
+    if not hists:
+        return {"range": 0.0, "counts": []}
+    top = max(h["range"] for h in hists)
+    total = None
+    for h in hists:
+        counts = torch.tensor(h["counts"], dtype=torch.float64)
+        factor = round(top / h["range"])
+        while factor > 1:  # double this histogram's range until it matches
+            merged = counts.view(-1, 2).sum(dim=1)
+            counts = torch.cat([merged, torch.zeros_like(merged)])
+            factor //= 2
+        total = counts if total is None else total + counts
+    return {"range": top, "counts": total.tolist()}
+
+
 class InputObserver:
     """Running amax and histogram of each quantized input of one module (NaN propagates, as in INC)."""
 
