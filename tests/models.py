@@ -63,7 +63,7 @@ def inc_reference(model: nn.Module, batches, dtype: torch.dtype, scale_method: s
     model = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as tmp:
         work = dump_dir or Path(tmp)
-        with _inc.inc_session():
+        with _inc.inc_session(lean_observer=False):  # INC exactly as shipped
             config = _inc.fp8_config(work, dtype, FP8Format.E4M3, scale_method)
             from neural_compressor.torch.quantization import finalize_calibration, prepare
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import itertools
 import math
 import tempfile
@@ -101,6 +102,10 @@ def calibrate(
         if amax:  # a layer that never ran is reported by compute_scales, by name
             dtype = observers[name].dtype if not op.has_weight else hp_dtype
             seen[name] = (amax, observers[name].histograms(), dtype_name(dtype))
+    # INC's patched modules form reference cycles; until the collector breaks them, the structural
+    # copy (and so every float weight it shares) would stay alive after the caller converts.
+    observers.clear()
+    gc.collect()
     if _distributed():
         seen, num_batches = _merge_across_ranks(seen, num_batches)
     layers: dict[str, LayerStats] = {}

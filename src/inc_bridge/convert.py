@@ -77,7 +77,9 @@ def convert(
         form: "subclass" keeps every module and makes weights ``Float8StaticTensor``; "module"
             swaps in ``QuantizedLinear`` / ``QConv2d``. Both give identical outputs.
         backend: kernel backend; "auto" picks the best available.
-        inplace: convert ``model`` itself instead of a deep copy.
+        inplace: convert ``model`` itself instead of a deep copy, layer by layer (peak memory: the
+            float model plus one layer). Everything is checked first, so a bad scale set changes
+            nothing; an unexpected failure midway (e.g. out of memory) can leave it partly converted.
     Returns:
         The quantized model; ``conversion_result(qmodel)`` lists converted and skipped layers.
     Raises:
@@ -93,8 +95,9 @@ def convert(
     except ValueError as exc:
         raise ConversionError(f"{exc}; valid forms: {[f.value for f in Form]}, backends: {[b.value for b in Backend]}") from None
     modules = dict(model.named_modules())
-    replacements: dict[str, nn.Module] = {}
-    for name, ls in scales.layers.items():
+    impls = {}
+    module = None
+    for name, ls in scales.layers.items():  # check everything before changing anything
         module = modules.get(name)
         if module is None:
             raise ConversionError(f"scales name layer {name!r}, but the model has no module of that name")
@@ -103,14 +106,19 @@ def convert(
             raise ConversionError(
                 f"layer {name!r} is a {type(module).__name__}, but its scales are for a {ls.kind.value} layer"
             )
-        impl = conv.impl.to_subclass if form is Form.SUBCLASS else conv.impl.to_module
-        replacements[name] = impl(module, ls, backend_name)
+        if ls.kind.has_weight:
+            ls.check_weight(module.weight)
+        impls[name] = conv.impl.to_subclass if form is Form.SUBCLASS else conv.impl.to_module
 
     if inplace:
+        # Layer by layer: each float layer is released as soon as its FP8 replacement is in place,
+        # so peak memory is the float model plus one layer.
+        del modules, module  # hold no references to the float layers
         target = model
-        for name, new in replacements.items():
-            _set_submodule(target, name, new)
+        for name, ls in scales.layers.items():
+            _set_submodule(target, name, impls[name](target.get_submodule(name), ls, backend_name))
     else:
+        replacements = {name: impls[name](modules[name], ls, backend_name) for name, ls in scales.layers.items()}
         # Deep-copy everything except the replaced modules, which the memo maps to their FP8
         # replacements: the float weights being replaced are never copied.
         memo = {id(modules[name]): new for name, new in replacements.items()}
@@ -118,8 +126,8 @@ def convert(
 
     result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales)
     result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
-    for name in modules:
-        if name and name not in result.converted and name not in result.skipped and converter_for(modules[name]):
+    for name, module in target.named_modules():
+        if name and name not in result.converted and name not in result.skipped and converter_for(module):
             result.skipped[name] = "no scales for this layer"
     object.__setattr__(target, _RESULT_ATTR, result)
     return target

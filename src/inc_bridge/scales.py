@@ -61,11 +61,18 @@ def histogram_clip(hist: dict, method: ScaleMethod, percentile: float, amax: flo
 
 
 def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.dtype) -> torch.Tensor:
-    """Weight amax as INC takes it: per tensor (cast to hp_dtype) or per output channel (dim 0)."""
-    w = weight.detach().abs()
+    """Weight amax as INC takes it: per tensor (cast to hp_dtype) or per output channel (dim 0).
+
+    Computed as ``max(max(W), -min(W))``, which equals ``max(|W|)`` exactly without allocating an
+    |W|-sized temporary (that matters for models near the memory limit).
+    """
+    w = weight.detach().reshape(weight.shape[0], -1)
     if granularity is Granularity.PER_TENSOR:
-        return torch.max(w).to(hp_dtype)
-    return torch.amax(w.reshape(w.shape[0], -1), dim=1).to(hp_dtype)
+        return torch.maximum(w.max(), w.min().neg()).to(hp_dtype)
+    return torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()).to(hp_dtype)
+
+
+_QUANT_BLOCK = 1 << 18  # elements per block when quantizing a weight
 
 
 @dataclass(frozen=True)
@@ -104,11 +111,8 @@ class LayerScales:
         """All input scales as one fp32 vector, in input order."""
         return torch.stack([inc_activation_scale(s) for s in self.input_scales]) if self.input_scales else torch.empty(0)
 
-    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
-
-        Per-channel scales come back shaped to broadcast over the weight: [N, 1] or [O, 1, 1, 1].
-        """
+    def check_weight(self, weight: torch.Tensor) -> None:
+        """Raise ConversionError if these scales cannot quantize ``weight`` (dtype, channel count)."""
         if self.weight_scale is None:
             raise ConversionError(f"layer {self.name!r} ({self.kind.value}) has no weight to quantize")
         if weight.dtype != self.hp_dtype:
@@ -116,14 +120,28 @@ class LayerScales:
                 f"layer {self.name!r}: weight dtype {weight.dtype} differs from the dtype its scales were "
                 f"computed in ({self.hp_dtype}); recompute scales for this model"
             )
-        shape = (-1,) + (1,) * (weight.dim() - 1) if self.weight_scale.dim() else ()
         if self.weight_scale.dim() and self.weight_scale.numel() != weight.shape[0]:
             raise ConversionError(
                 f"layer {self.name!r}: {self.weight_scale.numel()} per-channel scales for a weight with "
                 f"{weight.shape[0]} output channels"
             )
+
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
+
+        Per-channel scales come back shaped to broadcast over the weight: [N, 1] or [O, 1, 1, 1].
+        """
+        self.check_weight(weight)
+        shape = (-1,) + (1,) * (weight.dim() - 1) if self.weight_scale.dim() else ()
         q_scale = inc_weight_quant_scale(self.weight_scale).reshape(shape)
-        qdata = quantize_fp8(weight.detach(), q_scale, self.format.dtype, self.fp8_max)
+        w = weight.detach()
+        qdata = torch.empty(w.shape, dtype=self.format.dtype, device=w.device)
+        # In blocks of rows: the fp32 temporaries stay small (elementwise, so the result is the same).
+        step = max(1, _QUANT_BLOCK // max(1, w[0].numel())) if w.dim() else 1
+        for i in range(0, max(1, w.shape[0] if w.dim() else 1), step):
+            rows = slice(i, i + step)
+            block_scale = q_scale[rows] if q_scale.dim() else q_scale
+            qdata[rows] = quantize_fp8(w[rows], block_scale, self.format.dtype, self.fp8_max)
         return qdata, self.weight_scale.to(torch.float32).reshape(shape)
 
 
