@@ -8,6 +8,7 @@ is recorded in a ``ConversionResult`` that ``conversion_result(qmodel)`` returns
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -68,6 +69,7 @@ def convert(
     form: Form | str = Form.SUBCLASS,
     backend: Backend | str = Backend.AUTO,
     inplace: bool = False,
+    share_unconverted: bool = False,
 ) -> nn.Module:
     """Quantize the layers named in ``scales``.
 
@@ -80,6 +82,9 @@ def convert(
         inplace: convert ``model`` itself instead of a deep copy, layer by layer (peak memory: the
             float model plus one layer). Everything is checked first, so a bad scale set changes
             nothing; an unexpected failure midway (e.g. out of memory) can leave it partly converted.
+        share_unconverted: with ``inplace=False``, the copy shares the parameters and buffers of the
+            layers it does not convert with ``model`` instead of copying them (cheap, for short-lived
+            models such as autotune's trials; changing one then changes the other).
     Returns:
         The quantized model; ``conversion_result(qmodel)`` lists converted and skipped layers.
     Raises:
@@ -122,6 +127,8 @@ def convert(
         # Deep-copy everything except the replaced modules, which the memo maps to their FP8
         # replacements: the float weights being replaced are never copied.
         memo = {id(modules[name]): new for name, new in replacements.items()}
+        if share_unconverted:
+            memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
         target = copy.deepcopy(model, memo)
 
     result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales)

@@ -13,6 +13,7 @@ gets a tiny positive scale instead of a zero one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,16 +39,23 @@ def maxabs_scale(amax: torch.Tensor, full: float, backoff: float, method: ScaleM
 
 def histogram_clip(hist: dict, method: ScaleMethod, percentile: float, amax: float, fp8_dtype: torch.dtype,
                    fp8_max: float) -> float:
+    """See ``_histogram_clip``; memoised, since autotune trials ask for the same clips repeatedly."""
+    return _histogram_clip(tuple(hist["counts"]), float(hist["range"]), method, percentile, amax, fp8_dtype, fp8_max)
+
+
+@functools.lru_cache(maxsize=4096)
+def _histogram_clip(counts_key: tuple, hist_range: float, method: ScaleMethod, percentile: float, amax: float,
+                    fp8_dtype: torch.dtype, fp8_max: float) -> float:
     """The clipping value a histogram-based method picks for one input (never above ``amax``).
 
     ``percentile``: the upper edge of the bin where the cumulative count reaches ``percentile`` %.
     ``mse``: among 128 candidates in (0, amax], the clip whose FP8 quantize-dequantize (values
     beyond the clip saturate) has the least squared error over the histogram's bin centres.
     """
-    counts = torch.tensor(hist["counts"], dtype=torch.float64)
+    counts = torch.tensor(counts_key, dtype=torch.float64)
     if counts.numel() == 0 or counts.sum() == 0 or amax <= 0:
         return amax
-    width = hist["range"] / counts.numel()
+    width = hist_range / counts.numel()
     if method is ScaleMethod.PERCENTILE:
         cumulative = torch.cumsum(counts, 0)
         index = int(torch.searchsorted(cumulative, cumulative[-1] * (percentile / 100.0)))

@@ -313,7 +313,7 @@ def _run_trial(index, work, eval_fn, recipe, measurements, config, fallback, sen
     try:
         scales = _without(compute_scales(measurements, _recipe_for(recipe, config), model=work), fallback, sensitivity,
                           method)
-        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
+        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, share_unconverted=True)
         metric = float(eval_fn(qmodel))
         if math.isnan(metric):
             raise ValueError("eval_fn returned NaN")
@@ -337,14 +337,15 @@ def _layer_fallback(trial, budget_left, trials, log, work, recipe, measurements,
     event = log.first("sensitivity")
     if event is None or event.get("config") != config:
         scales = compute_scales(measurements, _recipe_for(recipe, config), model=work)
-        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
+        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, share_unconverted=True)
         sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
         score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
         if recipe.tuning.sensitivity is Sensitivity.METRIC:
             # leave one out: the metric with only this layer in high precision; a bigger gain = more
             # sensitive, so the score (lower = more sensitive) is the negated gain
             for name in scales.layers:
-                one = convert(work, _without(scales, [name], {}), form=recipe.form, backend=recipe.backend)
+                one = convert(work, _without(scales, [name], {}), form=recipe.form, backend=recipe.backend,
+                              share_unconverted=True)
                 gain = float(eval_fn(one)) - best.metric
                 score[name] = -(gain if hib else -gain)
         log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
