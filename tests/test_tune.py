@@ -195,3 +195,17 @@ def test_minilm_demo_recipe(tmp_path):
     assert r.goal_met and r.final_metric >= 0.999
     assert any(row.kind == "sdpa" for row in r.layers if row.quantized)  # attention is (partly) in FP8
     assert all(row.source in ("inc", "bridge") for row in r.layers if row.quantized)
+
+
+def test_convert_can_share_unconverted_parameters():
+    from .models import ToyNet, toy_batches
+
+    model = ToyNet()
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["conv2d"]}})
+    scales = ib.compute_scales(ib.calibrate(model, toy_batches(), recipe), recipe, model=model)
+    shared = ib.convert(model, scales, share_unconverted=True)
+    copied = ib.convert(model, scales)
+    assert shared.proj.weight is model.proj.weight and copied.proj.weight is not model.proj.weight
+    assert isinstance(shared.conv1.weight, ib.Float8StaticTensor)
+    x = toy_batches(1, seed=2)[0]
+    assert torch.equal(shared(x), copied(x))
