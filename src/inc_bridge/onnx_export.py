@@ -9,8 +9,10 @@ same thing with ONNX's own ops, emitted through ``torch.onnx.ops.symbolic``:
 
 The rest of the model is exported by ``torch.onnx.export(dynamo=True)`` as usual. Twins are found in
 a registry keyed by module type, ``@register_onnx_export(QuantizedLinear)``; a quantized layer whose
-type has no twin is refused with its name. Both forms export: a subclass-form ``nn.Linear`` whose
-weight is a ``Float8StaticTensor`` gets the same twin as a ``QuantizedLinear``.
+type has no twin is refused with its name. Linear, Conv2d and Embedding twins live here, attention
+twins (SDPA, matmul / bmm / baddbmm) in ``onnx_attention``. Both forms export: a subclass-form
+``nn.Linear`` whose weight is a ``Float8StaticTensor`` gets the same twin as a ``QuantizedLinear``,
+a captured ``SDPA`` with static input scales the same twin as a ``QSDPA``.
 
 Why ``QuantizeLinear`` carries ``output_dtype`` rather than an FP8 zero point: onnxruntime 1.32's
 graph optimizer drops a ``Relu`` feeding a ``QuantizeLinear`` whose zero point is 0 (right for
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SerializationError
-from .nn import QConv2d, QuantizedLinear
+from .nn import QConv2d, QEmbedding, QuantizedLinear
 from .nn._fp8_module import Fp8Module
 from .tensor import Float8StaticTensor
 
@@ -80,14 +82,35 @@ def qdq(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: f
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, axis: int, dtype: torch.dtype) -> torch.Tensor:
     """``DequantizeLinear`` of an FP8 initializer: per tensor (0-d scale) or per ``axis``."""
     attrs = {"axis": axis} if scale.dim() else {}
-    return _onnx_op("DequantizeLinear", (qweight, scale.reshape(-1) if scale.dim() else scale), attrs, torch.float32,
+    return _onnx_op("DequantizeLinear", (qweight, scale.reshape(-1) if scale.dim() > 1 else scale), attrs, torch.float32,
                     qweight.shape).to(dtype)
 
 
-# ---------------------------------------------------------------- export twins: Linear and Conv2d
+# ---------------------------------------------------------------- export twins: Linear, Conv2d, Embedding
 
 
-class OnnxFp8Linear(nn.Module):
+class OnnxTwin(nn.Module):
+    """Base of the export twins: records calls it cannot express, for ``export_onnx`` to report by layer.
+
+    A twin that meets such a call (attention dropout, say) notes it with ``refuse`` and still returns
+    a result, and ``export_onnx`` raises once tracing is over. Raising inside the traced forward
+    would leave torch.export's torch-function handler active in the process when the model's
+    attention was captured: the capture router exits in an ``always_call`` forward hook, which
+    non-strict torch.export (2.13) does not run on the root module when its forward raises.
+    """
+
+    layer_name, layer_type = "?", "?"  # the quantized layer it stands for; set by export_onnx
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: list[str] = []
+
+    def refuse(self, what: str) -> None:
+        if what not in self.refused:
+            self.refused.append(what)
+
+
+class OnnxFp8Linear(OnnxTwin):
     """``y = DQ(Q(x)) @ DQ(Wᵀ) + b``; the FP8 weight is stored transposed, [K, N], as the kernel uses it."""
 
     def __init__(self, qweight, weight_scale, input_scale, bias, fp8_max: float, dtype: torch.dtype) -> None:
@@ -106,7 +129,7 @@ class OnnxFp8Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-class OnnxFp8Conv2d(nn.Module):
+class OnnxFp8Conv2d(OnnxTwin):
     """``y = conv2d(DQ(Q(x)), DQ(W), b)`` with ``nn.Conv2d``'s stride, padding (and padding modes), dilation, groups."""
 
     def __init__(self, qweight, weight_scale, input_scale, bias, fp8_max: float, dtype: torch.dtype, conv) -> None:
@@ -130,6 +153,23 @@ class OnnxFp8Conv2d(nn.Module):
         xq = qdq(x, self.input_scale, self.weight.dtype, self.fp8_max)
         w = dequantize_weight(self.weight, self.weight_scale, 0, self.dtype)
         return F.conv2d(xq, w, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+class OnnxFp8Embedding(OnnxTwin):
+    """``Gather(DQ(W), ids)``: the FP8 table is dequantized (per tensor, or per row: axis 0), then rows gathered.
+
+    The kernel gathers FP8 rows first, but ONNX's ``Gather`` (opset 13, still current) does not take
+    FP8 tensors; dequantization is elementwise, so gathering afterwards gives the same values.
+    """
+
+    def __init__(self, qweight, weight_scale, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", qweight)
+        self.register_buffer("weight_scale", weight_scale.reshape(-1) if weight_scale.dim() else weight_scale)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, dequantize_weight(self.weight, self.weight_scale, 0, self.dtype))
 
 
 def _subclass_weight(module: nn.Module) -> Float8StaticTensor:
@@ -159,6 +199,19 @@ def _export_qconv2d(m: QConv2d) -> nn.Module:
 def _export_subclass_conv2d(m: nn.Conv2d) -> nn.Module:
     w = _subclass_weight(m)
     return OnnxFp8Conv2d(w.qdata, w.scale, w.act_scale, m.bias, w.fp8_max, w.dtype, m)
+
+
+@register_onnx_export(QEmbedding)
+def _export_qembedding(m: QEmbedding) -> nn.Module:
+    return OnnxFp8Embedding(m.weight, m.weight_scale, m.dtype)
+
+
+@register_onnx_export(nn.Embedding)
+def _export_subclass_embedding(m: nn.Embedding) -> nn.Module:
+    if m.max_norm is not None:
+        raise SerializationError("nn.Embedding with max_norm renormalises its weight; it cannot be exported in FP8")
+    w = _subclass_weight(m)
+    return OnnxFp8Embedding(w.qdata, w.scale, w.dtype)
 
 
 # ---------------------------------------------------------------- export
@@ -198,7 +251,10 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise SerializationError(f"FP8 QDQ export needs opset {MIN_OPSET} or newer, got {opset}")
     path = Path(path)
-    export_model, n_twins = _export_copy(qmodel)
+    export_model, twins = _export_copy(qmodel)
+    # Non-strict torch.export puts module attributes back after tracing (shallow copies), so hold on
+    # to the twins' refusal lists themselves, which the traced forwards append to.
+    refusals = [(t.layer_name, t.layer_type, t.refused) for t in twins if isinstance(t, OnnxTwin)]
     args, kwargs = _split_inputs(example_inputs)
     if dynamic_shapes is None:
         dynamic_shapes = _auto_dynamic(args, kwargs)
@@ -209,9 +265,11 @@ def export_onnx(
         )
         proto = program.model_proto
     except Exception as exc:
+        _raise_refused(refusals, path)
         raise SerializationError(f"{path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    _raise_refused(refusals, path)
     try:
-        _check_fp8_graph(proto, n_twins, path)
+        _check_fp8_graph(proto, twins, path)
     except SerializationError as exc:
         if any(t.dtype == torch.bfloat16 for t in [*qmodel.parameters(), *qmodel.buffers()]):
             raise SerializationError(
@@ -242,7 +300,9 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _export_copy(qmodel: nn.Module) -> tuple[nn.Module, int]:
+def _export_copy(qmodel: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    from . import onnx_attention  # noqa: F401  (registers the attention twins)
+
     memo: dict[int, Any] = {}
     for name, module in quantized_layers(qmodel).items():
         fn = _EXPORTERS.get(type(module))
@@ -252,13 +312,23 @@ def _export_copy(qmodel: nn.Module) -> tuple[nn.Module, int]:
                 f"{', '.join(sorted(t.__name__ for t in _EXPORTERS))}"
             )
         try:
-            memo[id(module)] = fn(module)
+            twin = fn(module)
         except SerializationError as exc:
             raise SerializationError(f"layer {name!r} ({type(module).__name__}): {exc}") from None
-    n_twins = len(memo)  # deepcopy fills the memo with everything it copies
+        if isinstance(twin, OnnxTwin):
+            twin.layer_name, twin.layer_type = name, type(module).__name__
+        memo[id(module)] = twin
+    twins = list(memo.values())  # deepcopy fills the memo with everything it copies
     # The twins share the FP8 tensors; everything else is deep-copied so qmodel stays untouched.
     export_model = copy.deepcopy(qmodel, memo)
-    return export_model.eval(), n_twins
+    return export_model.eval(), twins
+
+
+def _raise_refused(refusals: list[tuple[str, str, list[str]]], path: Path) -> None:
+    """Raise for the calls twins could not express while the model was traced, naming each layer."""
+    refused = [f"layer {name!r} ({kind}): cannot export {what}" for name, kind, whats in refusals for what in whats]
+    if refused:
+        raise SerializationError(f"{path}: {'; '.join(refused)}")
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -278,13 +348,16 @@ def _auto_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, .
     return tuple(spec(v) for v in args)
 
 
-def _check_fp8_graph(proto: Any, n_twins: int, path: Path) -> None:
+def _check_fp8_graph(proto: Any, twins: list[nn.Module], path: Path) -> None:
     import onnx
 
     fp8_inits = [t for t in proto.graph.initializer if t.data_type in _ONNX_FP8.values()]
-    ops = [n.op_type for n in proto.graph.node]
-    if n_twins and (not fp8_inits or "DequantizeLinear" not in ops):
+    ops = {n.op_type for n in proto.graph.node}
+    with_weights = [t for t in twins if any(b.dtype in _ONNX_FP8 for b in t.buffers())]
+    if with_weights and (not fp8_inits or "DequantizeLinear" not in ops):
         raise SerializationError(f"{path}: the exported graph lost its FP8 weights (folded by the exporter)")
+    if len(with_weights) < len(twins) and "QuantizeLinear" not in ops:  # attention twins: activations only
+        raise SerializationError(f"{path}: the exported graph lost its activation QuantizeLinear nodes")
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

