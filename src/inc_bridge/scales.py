@@ -14,6 +14,7 @@ gets a tiny positive scale instead of a zero one.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,13 +75,26 @@ def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.
     Computed as ``max(max(W), -min(W))``, which equals ``max(|W|)`` exactly without allocating an
     |W|-sized temporary (that matters for models near the memory limit).
     """
-    w = weight.detach().reshape(weight.shape[0], -1)
+    key = (id(weight), weight._version)
+    hit = _WEIGHT_AMAX.get(key)
+    if hit is None or hit[0]() is not weight:
+        w = weight.detach().reshape(weight.shape[0], -1)
+        per_channel = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())  # per-tensor max of it is exact too
+        hit = (weakref.ref(weight, lambda _, key=key: _WEIGHT_AMAX.pop(key, None)), per_channel)
+        _WEIGHT_AMAX[key] = hit
+    per_channel = hit[1]
     if granularity is Granularity.PER_TENSOR:
-        return torch.maximum(w.max(), w.min().neg()).to(hp_dtype)
-    return torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()).to(hp_dtype)
+        return per_channel.max().to(hp_dtype)
+    return per_channel.to(hp_dtype)
 
 
 _QUANT_BLOCK = 1 << 18  # elements per block when quantizing a weight
+# (id, version, format, range, scales) -> (weakref to the weight, FP8 data, dequant scale). The weak
+# reference makes a hit certain to be the same live tensor, not a reused id, and drops the entry
+# when the weight is freed. Converted models built from one weight share its FP8 data.
+_QUANTIZED_WEIGHTS: dict[tuple, tuple] = {}
+_CACHE_SIZE = 512
+_WEIGHT_AMAX: dict[tuple, tuple] = {}  # (id, version) -> (weakref to the weight, per-channel amax)
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,23 @@ class LayerScales:
         """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
 
         Per-channel scales come back shaped to broadcast over the weight: [N, 1] or [O, 1, 1, 1].
+        Results are remembered for the same weight tensor (same object, unmodified) and the same
+        scales, so autotune trials that differ only in activation settings do not quantize again.
         """
         self.check_weight(weight)
+        key = (id(weight), weight._version, self.format, self.fp8_max, self.weight_scale.dtype,
+               self.weight_scale.float().numpy().tobytes())
+        hit = _QUANTIZED_WEIGHTS.get(key)
+        if hit is not None and hit[0]() is weight:
+            return hit[1], hit[2]
+        qdata, scale = self._quantize_weight(weight)
+        if len(_QUANTIZED_WEIGHTS) >= _CACHE_SIZE:
+            _QUANTIZED_WEIGHTS.pop(next(iter(_QUANTIZED_WEIGHTS)))
+        # the entry goes when the float weight goes, so the cache never keeps FP8 copies alive
+        _QUANTIZED_WEIGHTS[key] = (weakref.ref(weight, lambda _, key=key: _QUANTIZED_WEIGHTS.pop(key, None)), qdata, scale)
+        return qdata, scale
+
+    def _quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (-1,) + (1,) * (weight.dim() - 1) if self.weight_scale.dim() else ()
         q_scale = inc_weight_quant_scale(self.weight_scale).reshape(shape)
         w = weight.detach()

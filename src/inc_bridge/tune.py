@@ -169,7 +169,7 @@ def autotune(
     else:
         scales = _without(compute_scales(measurements, tuned_recipe, model=work), fallback, sensitivity, method)
         qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
-    final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), first_batch) if first_batch is not None else {}
+    final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
     report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
                      final_sqnr, fallback_notes)
     locked = _locked(tuned_recipe, scales, work is not model, chosen, baseline)
@@ -451,6 +451,27 @@ def _report(work, recipe, measurements, scales, trials, chosen, baseline, thresh
         trials=trials, layers=rows, environment=environment,
         final_metric=None if chosen is None else chosen.metric, notes=notes,
     )
+
+
+def _one_example(batch: Any) -> Any:
+    """The first example of a batch (every tensor sliced to ``[:1]``) when all share a batch size.
+
+    The report's per-layer SQNR needs one example, not a whole batch; anything else is left as is.
+    """
+    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch.values()) if isinstance(batch, dict) \
+        else list(batch) if isinstance(batch, (tuple, list)) else []
+    sizes = {t.shape[0] for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1 or next(iter(sizes)) < 2:
+        return batch
+
+    def first(t: Any) -> Any:
+        return t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+    if isinstance(batch, torch.Tensor):
+        return first(batch)
+    if isinstance(batch, dict):
+        return {k: first(v) for k, v in batch.items()}
+    return type(batch)(first(t) for t in batch)
 
 
 def _finite(v: float | None) -> float | None:
