@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from ..formats import dtype_from_name
 
 
 class Fp8Module(nn.Module):
@@ -29,3 +33,12 @@ class Fp8Module(nn.Module):
         if probe.dtype.is_floating_point and probe.dtype.itemsize > 1:
             self.dtype = probe.dtype
         return result
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None):
+        """An empty module (zero FP8 data, unit scales) shaped by the class's ``quant_config()``.
+
+        ``device="meta"`` allocates nothing; ``inc_bridge.load`` fills the tensors afterwards.
+        """
+        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
+        return cls(**kwargs, device=device)

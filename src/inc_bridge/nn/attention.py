@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import dtype_from_name, dtype_name
+from ..formats import dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -87,11 +87,6 @@ class QSDPA(Fp8Module):
         return {"fp8_dtype": dtype_name(self.fp8_dtype), "fp8_max": self.fp8_max, "dtype": dtype_name(self.dtype),
                 "backend": self.backend}
 
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QSDPA:
-        """An empty module (unit scales); ``inc_bridge.load`` fills ``input_scales``."""
-        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
-        return cls(**kwargs, device=device)
 
     def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         kernel = get_kernel("sdpa", self.backend)
@@ -133,11 +128,6 @@ class QMatmul(Fp8Module):
         return {"fn": self.fn, "fp8_dtype": dtype_name(self.fp8_dtype), "fp8_max": self.fp8_max,
                 "dtype": dtype_name(self.dtype), "backend": self.backend}
 
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QMatmul:
-        """An empty module (unit scales); ``inc_bridge.load`` fills ``input_scales``."""
-        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
-        return cls(**kwargs, device=device)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         kernel = get_kernel("matmul", self.backend)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import dtype_from_name, dtype_name
+from ..formats import dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -119,8 +119,7 @@ class QConv2d(Fp8Module):
 
         ``device="meta"`` allocates nothing; ``inc_bridge.load`` fills the tensors afterwards.
         """
-        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
-        q = cls(**kwargs, device=device)
+        q = super().from_config(cfg, device)
         # nn.Conv2d derives its explicit padding amounts from the same arguments; a meta twin costs nothing.
         twin = nn.Conv2d(
             q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding, q.dilation, q.groups,

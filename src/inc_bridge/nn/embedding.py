@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConversionError
-from ..formats import dtype_from_name, dtype_name
+from ..formats import dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -78,11 +78,6 @@ class QEmbedding(Fp8Module):
             "backend": self.backend,
         }
 
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QEmbedding:
-        """An empty module shaped by ``quant_config()``'s output (``inc_bridge.load`` fills it)."""
-        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
-        return cls(**kwargs, device=device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         kernel = get_kernel("embedding", self.backend)

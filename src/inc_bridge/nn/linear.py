@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats import dtype_from_name, dtype_name
+from ..formats import dtype_name
 from ..kernels import Fp8Params, get_kernel
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
@@ -85,14 +85,6 @@ class QuantizedLinear(Fp8Module):
             "backend": self.backend,
         }
 
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QuantizedLinear:
-        """An empty module (zero weight, unit scales) shaped by ``quant_config()``'s output.
-
-        ``device="meta"`` allocates nothing; ``inc_bridge.load`` fills the tensors afterwards.
-        """
-        kwargs = {**cfg, "fp8_dtype": dtype_from_name(cfg["fp8_dtype"]), "dtype": dtype_from_name(cfg["dtype"])}
-        return cls(**kwargs, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = get_kernel("linear", self.backend)
