@@ -27,7 +27,7 @@ from .onnx_export import export_onnx
 from .pipeline import compute_scales, quantize
 from .recipe import Recipe, default_recipe, load_recipe
 from .report import Report
-from .scales import LayerScales, ScaleSet
+from .scales import LayerScales, ScaleSet, clear_caches
 from .serialization import load, save
 from .tensor import Float8StaticTensor
 from .tune import TuneResult, apply_recipe, autotune
@@ -58,6 +58,7 @@ __all__ = [
     "calibrate",
     "capture_attention",
     "captured_sites",
+    "clear_caches",
     "compute_scales",
     "conversion_result",
     "convert",

@@ -7,9 +7,12 @@ is recorded in a ``ConversionResult`` that ``conversion_result(qmodel)`` returns
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -94,6 +97,68 @@ def convert(
     Example:
         >>> qmodel = convert(model, scales, form="module")   # doctest: +SKIP
     """
+    form, backend_name, impls = _plan(model, scales, form, backend)
+    if inplace:
+        # Layer by layer: each float layer is released as soon as its FP8 replacement is in place,
+        # so peak memory is the float model plus one layer.
+        target = model
+        for name, ls in scales.layers.items():
+            _set_submodule(target, name, impls[name](target.get_submodule(name), ls, backend_name))
+    else:
+        modules = dict(model.named_modules())
+        replacements = {name: impls[name](modules[name], ls, backend_name) for name, ls in scales.layers.items()}
+        # Deep-copy everything except the replaced modules, which the memo maps to their FP8
+        # replacements: the float weights being replaced are never copied.
+        memo = {id(modules[name]): new for name, new in replacements.items()}
+        if share_unconverted:
+            memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+        target = copy.deepcopy(model, memo)
+
+    _attach_result(target, form, backend_name, scales)
+    return target
+
+
+@contextlib.contextmanager
+def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SUBCLASS,
+               backend: Backend | str = Backend.AUTO) -> Iterator[nn.Module]:
+    """``model`` itself, converted for the duration of the block, then restored to the same modules.
+
+    For short-lived models such as autotune's trials: no copy of the model per trial. Inside the
+    block ``model`` is a converted model (``conversion_result`` works); afterwards it is exactly
+    what it was, also when the block raises. Never give it a model someone else is using meanwhile.
+    """
+    form, backend_name, impls = _plan(model, scales, form, backend)
+    modules = dict(model.named_modules())
+    originals = {name: modules[name] for name in scales.layers}
+    replacements = {name: impls[name](originals[name], ls, backend_name) for name, ls in scales.layers.items()}
+    prior = model.__dict__.get(_RESULT_ATTR)
+
+    def install(name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, module)  # modules[""] is the model itself
+
+    try:
+        for name, new in replacements.items():
+            install(name, new)
+        _attach_result(model, form, backend_name, scales)
+        yield model
+    finally:
+        for name, old in originals.items():
+            install(name, old)
+        model.__dict__.pop(_RESULT_ATTR, None)
+        if prior is not None:
+            object.__setattr__(model, _RESULT_ATTR, prior)
+
+
+def structural_copy(model: nn.Module) -> nn.Module:
+    """New module objects (and attributes), the same parameter and buffer tensors."""
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _plan(model: nn.Module, scales: ScaleSet, form: Form | str,
+          backend: Backend | str) -> tuple[Form, str, dict[str, Callable[..., nn.Module]]]:
+    """Check everything before changing anything: the form, the backend and every scaled layer."""
     try:
         form = Form(form)
         backend_name = resolve_backend(Backend(backend).value, model_device(model))
@@ -101,8 +166,7 @@ def convert(
         raise ConversionError(f"{exc}; valid forms: {[f.value for f in Form]}, backends: {[b.value for b in Backend]}") from None
     modules = dict(model.named_modules())
     impls = {}
-    module = None
-    for name, ls in scales.layers.items():  # check everything before changing anything
+    for name, ls in scales.layers.items():
         module = modules.get(name)
         if module is None:
             raise ConversionError(f"scales name layer {name!r}, but the model has no module of that name")
@@ -114,27 +178,13 @@ def convert(
         if ls.kind.has_weight:
             ls.check_weight(module.weight)
         impls[name] = conv.impl.to_subclass if form is Form.SUBCLASS else conv.impl.to_module
+    return form, backend_name, impls
 
-    if inplace:
-        # Layer by layer: each float layer is released as soon as its FP8 replacement is in place,
-        # so peak memory is the float model plus one layer.
-        del modules, module  # hold no references to the float layers
-        target = model
-        for name, ls in scales.layers.items():
-            _set_submodule(target, name, impls[name](target.get_submodule(name), ls, backend_name))
-    else:
-        replacements = {name: impls[name](modules[name], ls, backend_name) for name, ls in scales.layers.items()}
-        # Deep-copy everything except the replaced modules, which the memo maps to their FP8
-        # replacements: the float weights being replaced are never copied.
-        memo = {id(modules[name]): new for name, new in replacements.items()}
-        if share_unconverted:
-            memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
-        target = copy.deepcopy(model, memo)
 
+def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: ScaleSet) -> None:
     result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales)
     result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
     for name, module in target.named_modules():
         if name and name not in result.converted and name not in result.skipped and converter_for(module):
             result.skipped[name] = "no scales for this layer"
     object.__setattr__(target, _RESULT_ATTR, result)
-    return target

@@ -49,12 +49,10 @@ class LayerStats:
 
     def check_finite(self, where: str = "") -> None:
         """Raise CalibrationError naming this layer if a statistic is NaN or infinite."""
-        values = list(self.input_amax)
-        if self.weight_amax is not None:
-            values.append(self.weight_amax)
-        values.extend(self.weight_amax_per_channel or ())
-        bad = [v for v in values if not math.isfinite(v)]
-        if bad:
+        values = [*self.input_amax, *(() if self.weight_amax is None else (self.weight_amax,)),
+                  *(self.weight_amax_per_channel or ())]
+        if not all(map(math.isfinite, values)):  # one fast pass: autotune checks every layer per trial
+            bad = [v for v in values if not math.isfinite(v)]
             raise CalibrationError(
                 f"layer {self.name!r}{where}: statistics are not finite ({bad[0]}); the calibration data "
                 "produced NaN or Inf values in this layer's inputs or weights"

@@ -61,11 +61,15 @@ def _histogram_clip(counts_key: tuple, hist_range: float, method: ScaleMethod, p
         cumulative = torch.cumsum(counts, 0)
         index = int(torch.searchsorted(cumulative, cumulative[-1] * (percentile / 100.0)))
         return min((index + 1) * width, amax)
-    centres = (torch.arange(counts.numel(), dtype=torch.float64) + 0.5) * width
+    nonzero = counts.nonzero().squeeze(1)  # empty bins add nothing to any candidate's error
+    centres = (nonzero.double() + 0.5) * width
+    counts = counts[nonzero]
     clips = torch.linspace(amax / 128, amax, 128, dtype=torch.float64)
     scales = (clips / fp8_max).unsqueeze(1)
-    q = (centres / scales).clamp(-fp8_max, fp8_max).float().to(fp8_dtype).double() * scales
-    error = ((q - centres) ** 2 * counts).sum(dim=1)
+    # ((fp8(clamp(c / s)) · s - c)² · count) summed per candidate; in place where it saves a
+    # temporary (the centres are positive, so only the upper clamp can apply)
+    q = (centres / scales).clamp_(max=fp8_max).float().to(fp8_dtype).double()
+    error = q.mul_(scales).sub_(centres).square_().mul_(counts).sum(dim=1)
     return float(clips[int(torch.argmin(error))])
 
 
@@ -95,6 +99,18 @@ _QUANT_BLOCK = 1 << 18  # elements per block when quantizing a weight
 _QUANTIZED_WEIGHTS: dict[tuple, tuple] = {}
 _CACHE_SIZE = 512
 _WEIGHT_AMAX: dict[tuple, tuple] = {}  # (id, version) -> (weakref to the weight, per-channel amax)
+
+
+def clear_caches() -> None:
+    """Forget memoised FP8 weights, weight amax values and histogram clips.
+
+    Entries already go when their float weight is freed; this frees the FP8 copies of weights that
+    are still alive (one per weight and scale setting tried), e.g. after an autotune run, and lets
+    benchmarks time a run as a first one.
+    """
+    _QUANTIZED_WEIGHTS.clear()
+    _WEIGHT_AMAX.clear()
+    _histogram_clip.cache_clear()
 
 
 @dataclass(frozen=True)

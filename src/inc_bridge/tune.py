@@ -26,7 +26,7 @@ from torch import nn
 
 from .calibrate import CalibData, calibrate
 from .capture import capture_attention, captured_sites
-from .convert import conversion_result, convert
+from .convert import conversion_result, convert, structural_copy, swapped_in
 from .errors import RecipeError
 from .formats import dtype_name
 from .measurements import Measurements
@@ -87,7 +87,8 @@ def autotune(
         progress: show progress bars (on stderr); False for scripts.
     Returns:
         TuneResult(model, report, recipe, measurements); ``report.goal_met`` says whether the
-        tolerance was met (if not, the best trial is returned).
+        tolerance was met (if not, the best trial is returned). ``result.model`` shares the
+        parameters of the layers it keeps in high precision with ``model`` (no second copy).
     Raises:
         RecipeError: no eval function or calibration data given nor named by the recipe.
 
@@ -108,6 +109,7 @@ def autotune(
     tol, hib = recipe.tuning.tolerable_loss, recipe.evaluation.higher_is_better
 
     work, first_batch, calib_data = _prepare_model(model, calib_data, recipe)
+    scratch = structural_copy(work)  # what every trial converts in place and restores (no copy per trial)
     baseline_event = log.first("baseline")
     if baseline_event is None:
         baseline = float(eval_fn(model))
@@ -121,22 +123,16 @@ def autotune(
     trials: list[TrialRecord] = []
     bar = _progress(progress, recipe.tuning.max_trials)
 
-    kept: dict[str, Any] = {}  # the model and scales of the trial that would be chosen now
-
     def trial(config: dict[str, Any], fallback: list[str], sensitivity: dict[str, float], method: str = "sqnr") -> TrialRecord:
         key = trial_key(config, fallback)
-        built = None
         if key in done:
             record = done[key]
         else:
-            record, built = _run_trial(len(trials), work, eval_fn, recipe, measurements, config, fallback, sensitivity,
+            record = _run_trial(len(trials), scratch, eval_fn, recipe, measurements, config, fallback, sensitivity,
                                        method, baseline, threshold, hib)
             log.append("trial", **record.__dict__)
         record.index = len(trials)
         trials.append(record)
-        if built is not None and _choose(trials, hib) is record:
-            kept.clear()
-            kept.update(key=key, model=built[0], scales=built[1])  # saves converting the winner again
         if bar is not None:
             bar.update(1)
             bar.set_postfix(metric=record.metric, ok=record.within_tolerance)
@@ -153,8 +149,8 @@ def autotune(
             break
     fallback_notes: list[str] = []
     if not any(t.within_tolerance for t in trials) and recipe.tuning.layer_fallback and budget_left():
-        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, recipe, measurements, first_batch,
-                                         eval_fn)
+        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, measurements,
+                                         first_batch, eval_fn)
     if bar is not None:
         bar.close()
 
@@ -164,11 +160,8 @@ def autotune(
     event = dict(log.first("sensitivity") or {})
     sensitivity, method = event.get("sqnr", {}), event.get("method", "sqnr")
     tuned_recipe = _recipe_for(recipe, config)
-    if kept.get("key") == trial_key(config, fallback):
-        qmodel, scales = kept["model"], kept["scales"]
-    else:
-        scales = _without(compute_scales(measurements, tuned_recipe, model=work), fallback, sensitivity, method)
-        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend)
+    scales = _without(compute_scales(measurements, tuned_recipe, model=work), fallback, sensitivity, method)
+    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, share_unconverted=True)
     final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
     report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
                      final_sqnr, fallback_notes)
@@ -234,7 +227,7 @@ def _prepare_model(model: nn.Module, calib_data: CalibData, recipe: Recipe) -> t
     """The model trials convert (a captured copy when attention is tuned) and one calibration batch."""
     calib_data, first = _peek(calib_data)
     if {Op.SDPA, Op.BMM} & set(recipe.quantization.ops) and not captured_sites(model):
-        return capture_attention(copy.deepcopy(model), first), first, calib_data
+        return capture_attention(structural_copy(model), first), first, calib_data
     return model, first, calib_data
 
 
@@ -304,30 +297,28 @@ def _without(scales: ScaleSet, fallback: list[str], sensitivity: dict[str, float
     return ScaleSet(layers=layers, skipped=skipped, format=scales.format, target=scales.target)
 
 
-def _run_trial(index, work, eval_fn, recipe, measurements, config, fallback, sensitivity, method, baseline,
-               threshold, hib) -> tuple[TrialRecord, tuple[nn.Module, ScaleSet] | None]:
-    """Run one trial; returns its record and, when it succeeded, the model and scales it built."""
+def _run_trial(index, scratch, eval_fn, recipe, measurements, config, fallback, sensitivity, method, baseline,
+               threshold, hib) -> TrialRecord:
+    """Run one trial on ``scratch`` (converted for the evaluation, then restored); returns its record."""
     record = TrialRecord(index=index, config=config, fallback=list(fallback))
-    built = None
     t0 = time.monotonic()
     try:
-        scales = _without(compute_scales(measurements, _recipe_for(recipe, config), model=work), fallback, sensitivity,
-                          method)
-        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, share_unconverted=True)
-        metric = float(eval_fn(qmodel))
+        scales = _without(compute_scales(measurements, _recipe_for(recipe, config), model=scratch), fallback,
+                          sensitivity, method)
+        with swapped_in(scratch, scales, form=recipe.form, backend=recipe.backend) as qmodel:
+            metric = float(eval_fn(qmodel))
         if math.isnan(metric):
             raise ValueError("eval_fn returned NaN")
         record.metric = metric
         record.within_tolerance = metric >= threshold if hib else metric <= threshold
-        built = (qmodel, scales)
     except Exception as exc:  # recorded with the trial and reported; the run goes on
         record.status = "error"
         record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
     record.duration_s = time.monotonic() - t0
-    return record, built
+    return record
 
 
-def _layer_fallback(trial, budget_left, trials, log, work, recipe, measurements, batch, eval_fn) -> list[str]:
+def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, measurements, batch, eval_fn) -> list[str]:
     """Keep the most sensitive layers in high precision: exponential search, then bisection."""
     hib = recipe.evaluation.higher_is_better
     best = _choose(trials, hib)
@@ -337,16 +328,16 @@ def _layer_fallback(trial, budget_left, trials, log, work, recipe, measurements,
     event = log.first("sensitivity")
     if event is None or event.get("config") != config:
         scales = compute_scales(measurements, _recipe_for(recipe, config), model=work)
-        qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, share_unconverted=True)
-        sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
+        with swapped_in(scratch, scales, form=recipe.form, backend=recipe.backend) as qmodel:
+            sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
         score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
         if recipe.tuning.sensitivity is Sensitivity.METRIC:
             # leave one out: the metric with only this layer in high precision; a bigger gain = more
             # sensitive, so the score (lower = more sensitive) is the negated gain
             for name in scales.layers:
-                one = convert(work, _without(scales, [name], {}), form=recipe.form, backend=recipe.backend,
-                              share_unconverted=True)
-                gain = float(eval_fn(one)) - best.metric
+                with swapped_in(scratch, _without(scales, [name], {}), form=recipe.form,
+                                backend=recipe.backend) as one:
+                    gain = float(eval_fn(one)) - best.metric
                 score[name] = -(gain if hib else -gain)
         log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
         event = log.first("sensitivity")
