@@ -157,8 +157,34 @@ def test_convert_copy_shares_nothing_with_the_float_model():
     model = ToyNet()
     qmodel = ib.convert(model, _scales(model))
     assert qmodel.proj is not model.proj and qmodel.conv1.bias is not model.conv1.bias
+    assert qmodel.conv1.bias.data_ptr() != model.conv1.bias.data_ptr()
     qmodel.conv1.register_forward_hook(lambda *a: None)
-    assert not model.conv1._forward_hooks
+    qmodel.proj.register_buffer("extra", torch.zeros(1))
+    assert not model.conv1._forward_hooks and "extra" not in model.proj._buffers
+    assert isinstance(qmodel.proj.weight, nn.Parameter) and not qmodel.proj.weight.requires_grad
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_swapped_in_converts_for_the_block_and_restores_the_same_modules(form):
+    from inc_bridge.convert import structural_copy, swapped_in
+
+    model = ToyNet()
+    scales = _scales(model)
+    x = toy_batches(1, seed=3)[0]
+    expected, float_out = ib.convert(model, scales, form=form)(x), model(x)
+    scratch = structural_copy(model)
+    before = dict(scratch.named_modules())
+    with swapped_in(scratch, scales, form=form) as qmodel:
+        assert qmodel is scratch and torch.equal(qmodel(x), expected)
+        assert set(ib.conversion_result(qmodel).converted) == set(scales.layers)
+    assert dict(scratch.named_modules()) == before  # the very same module objects, weights float again
+    assert torch.equal(scratch(x), float_out)
+    with pytest.raises(ib.ConversionError):
+        ib.conversion_result(scratch)
+    with pytest.raises(RuntimeError, match="inside"), swapped_in(scratch, scales, form=form):
+        raise RuntimeError("inside")
+    assert dict(scratch.named_modules()) == before and torch.equal(scratch(x), float_out)
+    assert torch.equal(model(x), float_out)  # the model the scratch copy shares weights with: untouched
 
 
 def test_backend_choice():

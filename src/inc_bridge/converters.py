@@ -64,7 +64,19 @@ def _with_fp8_weight(module: nn.Module, scales: LayerScales, backend: str) -> nn
     weight = Float8StaticTensor(
         qdata, weight_scale, scales.fp8_max, backend, module.weight.dtype, act_scale=scales.activation_scale()
     )
-    return _leaf_copy(module, weight=nn.Parameter(weight, requires_grad=False))
+    return _leaf_copy(module, weight=_new_parameter(weight))
+
+
+def _new_parameter(weight: Float8StaticTensor) -> nn.Parameter:
+    """``nn.Parameter(weight, requires_grad=False)`` for a weight built just now.
+
+    For a tensor subclass that call detaches (a dispatch round trip that cost more than the rest
+    of a trial's conversion of the layer) and flags the result as a parameter; a new tensor has no
+    autograd history to cut, so the flag alone gives the same tensor. Torch versions without the
+    flag take the documented call.
+    """
+    weight._is_param = True  # type: ignore[attr-defined]
+    return weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)  # type: ignore[return-value]
 
 
 def _leaf_copy(module: nn.Module, **params: nn.Parameter) -> nn.Module:

@@ -17,7 +17,7 @@ from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
 from .measurements import LayerStats, Measurements
 from .recipe import Op, Recipe, resolve_recipe
 from .scales import LayerScales, ScaleSet, layer_scales
-from .select import matches, select_layers
+from .select import Selection, matches, select_layers
 
 
 def compute_scales(
@@ -43,43 +43,48 @@ def compute_scales(
         >>> scales = compute_scales(meas, recipe, model=model)   # doctest: +SKIP
     """
     recipe = resolve_recipe(recipe)
+    if model is not None:
+        return model_scales(measurements, recipe, select_layers(model, recipe.quantization), dict(model.named_modules()))
     q = recipe.quantization
     layers: dict[str, LayerScales] = {}
-    if model is not None:
-        selection = select_layers(model, q)
-        modules = dict(model.named_modules())
-        for name, op in selection.selected.items():
-            stats = measurements.layers.get(name)
-            if stats is None and op.weight_only:  # INC does not measure embeddings; the weight suffices
-                stats = LayerStats(name=name, kind=op.value)
-            if stats is None:
-                raise CalibrationError(
-                    f"layer {name!r} is selected for quantization but has no measurements (it did not run during "
-                    f"calibration, or the measurements are for another model); measured: {_few(measurements.names)}"
-                )
-            if not op.has_weight:  # captured attention: the dtype its inputs had during calibration
-                layers[name] = layer_scales(stats, op, recipe, _stats_dtype(stats))
-                continue
-            weight = modules[name].weight
-            if weight.dtype not in SUPPORTED_HP_DTYPES:
-                raise CalibrationError(f"layer {name!r}: weight dtype {weight.dtype} is not float32 or bfloat16")
-            layers[name] = layer_scales(stats, op, recipe, weight.dtype, weight=weight)
-        skipped = selection.skipped
-    else:
-        skipped = {}
-        for name, stats in measurements.layers.items():
-            if stats.kind not in {o.value for o in Op} or stats.dtype is None:
-                raise CalibrationError(
-                    f"layer {name!r}: the measurements do not record its kind and dtype (INC dumps do not); "
-                    "pass model= to compute_scales"
-                )
-            op = Op(stats.kind)
-            why = _excluded(name, op, recipe)
-            if why:
-                skipped[name] = why
-                continue
-            layers[name] = layer_scales(stats, op, recipe, dtype_from_name(stats.dtype))
+    skipped = {}
+    for name, stats in measurements.layers.items():
+        if stats.kind not in {o.value for o in Op} or stats.dtype is None:
+            raise CalibrationError(
+                f"layer {name!r}: the measurements do not record its kind and dtype (INC dumps do not); "
+                "pass model= to compute_scales"
+            )
+        op = Op(stats.kind)
+        why = _excluded(name, op, recipe)
+        if why:
+            skipped[name] = why
+            continue
+        layers[name] = layer_scales(stats, op, recipe, dtype_from_name(stats.dtype))
     return ScaleSet(layers=layers, skipped=skipped, format=q.format, target=q.target)
+
+
+def model_scales(measurements: Measurements, recipe: Recipe, selection: Selection,
+                 modules: dict[str, nn.Module]) -> ScaleSet:
+    """``compute_scales`` with the model's layers already selected (autotune selects once per run)."""
+    layers: dict[str, LayerScales] = {}
+    for name, op in selection.selected.items():
+        stats = measurements.layers.get(name)
+        if stats is None and op.weight_only:  # INC does not measure embeddings; the weight suffices
+            stats = LayerStats(name=name, kind=op.value)
+        if stats is None:
+            raise CalibrationError(
+                f"layer {name!r} is selected for quantization but has no measurements (it did not run during "
+                f"calibration, or the measurements are for another model); measured: {_few(measurements.names)}"
+            )
+        if not op.has_weight:  # captured attention: the dtype its inputs had during calibration
+            layers[name] = layer_scales(stats, op, recipe, _stats_dtype(stats))
+            continue
+        weight = modules[name].weight
+        if weight.dtype not in SUPPORTED_HP_DTYPES:
+            raise CalibrationError(f"layer {name!r}: weight dtype {weight.dtype} is not float32 or bfloat16")
+        layers[name] = layer_scales(stats, op, recipe, weight.dtype, weight=weight)
+    q = recipe.quantization
+    return ScaleSet(layers=layers, skipped=dict(selection.skipped), format=q.format, target=q.target)
 
 
 def _stats_dtype(stats: LayerStats):

@@ -30,7 +30,7 @@ from .convert import conversion_result, convert, structural_copy, swapped_in
 from .errors import RecipeError
 from .formats import dtype_name
 from .measurements import Measurements
-from .pipeline import _peek, compute_scales
+from .pipeline import _peek, model_scales
 from .recipe import (
     Granularity,
     Locked,
@@ -45,6 +45,7 @@ from .recipe import (
 )
 from .report import LayerRow, Report, TrialRecord
 from .scales import ScaleSet
+from .select import select_layers
 from .sensitivity import layer_sqnr
 from .trial_log import TrialLog, trial_key
 
@@ -110,6 +111,15 @@ def autotune(
 
     work, first_batch, calib_data = _prepare_model(model, calib_data, recipe)
     scratch = structural_copy(work)  # what every trial converts in place and restores (no copy per trial)
+    selection, modules = select_layers(scratch, recipe.quantization), dict(scratch.named_modules())
+    computed: dict[str, ScaleSet] = {}
+
+    def scales_of(config: dict[str, Any]) -> ScaleSet:
+        """Whole-model scales of one setting; the layers are selected once per run."""
+        key = trial_key(config, [])
+        if key not in computed:
+            computed[key] = model_scales(measurements, _recipe_for(recipe, config), selection, modules)
+        return computed[key]
     baseline_event = log.first("baseline")
     if baseline_event is None:
         baseline = float(eval_fn(model))
@@ -128,7 +138,7 @@ def autotune(
         if key in done:
             record = done[key]
         else:
-            record = _run_trial(len(trials), scratch, eval_fn, recipe, measurements, config, fallback, sensitivity,
+            record = _run_trial(len(trials), scratch, eval_fn, recipe, scales_of, config, fallback, sensitivity,
                                        method, baseline, threshold, hib)
             log.append("trial", **record.__dict__)
         record.index = len(trials)
@@ -149,7 +159,7 @@ def autotune(
             break
     fallback_notes: list[str] = []
     if not any(t.within_tolerance for t in trials) and recipe.tuning.layer_fallback and budget_left():
-        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, measurements,
+        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scales_of,
                                          first_batch, eval_fn)
     if bar is not None:
         bar.close()
@@ -160,8 +170,9 @@ def autotune(
     event = dict(log.first("sensitivity") or {})
     sensitivity, method = event.get("sqnr", {}), event.get("method", "sqnr")
     tuned_recipe = _recipe_for(recipe, config)
-    scales = _without(compute_scales(measurements, tuned_recipe, model=work), fallback, sensitivity, method)
-    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, share_unconverted=True)
+    scales = _without(scales_of(config), fallback, sensitivity, method)
+    # the scratch copy is done with trials: it becomes the result (same as converting a copy of work)
+    qmodel = convert(scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True)
     final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
     report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
                      final_sqnr, fallback_notes)
@@ -297,14 +308,13 @@ def _without(scales: ScaleSet, fallback: list[str], sensitivity: dict[str, float
     return ScaleSet(layers=layers, skipped=skipped, format=scales.format, target=scales.target)
 
 
-def _run_trial(index, scratch, eval_fn, recipe, measurements, config, fallback, sensitivity, method, baseline,
+def _run_trial(index, scratch, eval_fn, recipe, scales_of, config, fallback, sensitivity, method, baseline,
                threshold, hib) -> TrialRecord:
     """Run one trial on ``scratch`` (converted for the evaluation, then restored); returns its record."""
     record = TrialRecord(index=index, config=config, fallback=list(fallback))
     t0 = time.monotonic()
     try:
-        scales = _without(compute_scales(measurements, _recipe_for(recipe, config), model=scratch), fallback,
-                          sensitivity, method)
+        scales = _without(scales_of(config), fallback, sensitivity, method)
         with swapped_in(scratch, scales, form=recipe.form, backend=recipe.backend) as qmodel:
             metric = float(eval_fn(qmodel))
         if math.isnan(metric):
@@ -318,7 +328,7 @@ def _run_trial(index, scratch, eval_fn, recipe, measurements, config, fallback, 
     return record
 
 
-def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, measurements, batch, eval_fn) -> list[str]:
+def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scales_of, batch, eval_fn) -> list[str]:
     """Keep the most sensitive layers in high precision: exponential search, then bisection."""
     hib = recipe.evaluation.higher_is_better
     best = _choose(trials, hib)
@@ -327,7 +337,7 @@ def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, meas
     config = best.config
     event = log.first("sensitivity")
     if event is None or event.get("config") != config:
-        scales = compute_scales(measurements, _recipe_for(recipe, config), model=work)
+        scales = scales_of(config)
         with swapped_in(scratch, scales, form=recipe.form, backend=recipe.backend) as qmodel:
             sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
         score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
