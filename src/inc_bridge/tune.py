@@ -120,6 +120,7 @@ def autotune(
         if key not in computed:
             computed[key] = model_scales(measurements, _recipe_for(recipe, config), selection, modules)
         return computed[key]
+
     baseline_event = log.first("baseline")
     if baseline_event is None:
         baseline = float(eval_fn(model))
@@ -139,7 +140,7 @@ def autotune(
             record = done[key]
         else:
             record = _run_trial(len(trials), scratch, eval_fn, recipe, scales_of, config, fallback, sensitivity,
-                                       method, baseline, threshold, hib)
+                                method, baseline, threshold, hib)
             log.append("trial", **record.__dict__)
         record.index = len(trials)
         trials.append(record)
