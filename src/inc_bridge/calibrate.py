@@ -28,6 +28,7 @@ from .inc_files import read_local_dump
 from .measurements import LayerStats, Measurements, Source
 from .observers import InputObserver, merge_histograms
 from .recipe import Recipe, resolve_recipe
+from .scales import weight_amax_per_channel
 from .select import select_layers
 
 CalibData = Union[Iterable[Any], Callable[[nn.Module], Any]]  # noqa: UP007 - runtime alias on 3.10
@@ -114,9 +115,7 @@ def calibrate(
         stats = LayerStats(name=name, kind=op.value, input_amax=amax, dtype=dtype, input_hist=hists,
                            source=Source.INC if op.has_weight else Source.BRIDGE)
         if op.has_weight:
-            # per-channel amax without an |W|-sized temporary: max(max(W), -min(W)) per output channel
-            weight = modules[name].weight.detach().flatten(1)
-            per_channel = torch.maximum(weight.amax(dim=1), weight.amin(dim=1).neg())
+            per_channel = weight_amax_per_channel(modules[name].weight)  # remembered for compute_scales
             stats = dataclasses.replace(stats, weight_amax=float(per_channel.max()),
                                         weight_amax_per_channel=tuple(per_channel.tolist()))
         stats.check_finite()

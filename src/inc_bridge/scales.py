@@ -104,17 +104,25 @@ def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.
     Computed as ``max(max(W), -min(W))``, which equals ``max(|W|)`` exactly without allocating an
     |W|-sized temporary (that matters for models near the memory limit).
     """
+    per_channel = weight_amax_per_channel(weight)
+    if granularity is Granularity.PER_TENSOR:
+        return per_channel.max().to(hp_dtype)
+    return per_channel.to(hp_dtype)
+
+
+def weight_amax_per_channel(weight: torch.Tensor) -> torch.Tensor:
+    """``max(|W|)`` per output channel (dim 0), in the weight's dtype; its max is the per-tensor amax.
+
+    Memoised per live, unmodified weight: calibration records it and every trial's scales need it.
+    """
     key = (id(weight), weight._version)
     hit = _WEIGHT_AMAX.get(key)
     if hit is None or hit[0]() is not weight:
         w = weight.detach().reshape(weight.shape[0], -1)
-        per_channel = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())  # per-tensor max of it is exact too
+        per_channel = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())
         hit = (weakref.ref(weight, lambda _, key=key: _WEIGHT_AMAX.pop(key, None)), per_channel)
         _WEIGHT_AMAX[key] = hit
-    per_channel = hit[1]
-    if granularity is Granularity.PER_TENSOR:
-        return per_channel.max().to(hp_dtype)
-    return per_channel.to(hp_dtype)
+    return hit[1]
 
 
 _QUANT_BLOCK = 1 << 18  # elements per block when quantizing a weight
