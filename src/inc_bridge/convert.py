@@ -59,9 +59,10 @@ def conversion_result(model: nn.Module) -> ConversionResult:
     return result
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def _set_submodule(root: nn.Module, name: str, module: nn.Module, modules: dict[str, nn.Module] | None = None) -> None:
+    """Put ``module`` at ``name``; ``modules`` (``dict(root.named_modules())``) saves the lookups."""
     parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
+    parent = modules[parent_name] if modules is not None else root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
 
 
@@ -97,21 +98,21 @@ def convert(
     Example:
         >>> qmodel = convert(model, scales, form="module")   # doctest: +SKIP
     """
-    form, backend_name, impls = _plan(model, scales, form, backend)
+    form, backend_name, impls, modules = _plan(model, scales, form, backend)
     if inplace:
         # Layer by layer: each float layer is released as soon as its FP8 replacement is in place,
         # so peak memory is the float model plus one layer.
+        del modules  # hold no references to the float layers
         target = model
         for name, ls in scales.layers.items():
             _set_submodule(target, name, impls[name](target.get_submodule(name), ls, backend_name))
     else:
-        modules = dict(model.named_modules())
         replacements = {name: impls[name](modules[name], ls, backend_name) for name, ls in scales.layers.items()}
         # Deep-copy everything except the replaced modules, which the memo maps to their FP8
         # replacements: the float weights being replaced are never copied.
         memo = {id(modules[name]): new for name, new in replacements.items()}
         if share_unconverted:
-            memo.update({id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+            memo.update(_shared_tensors(model))
         target = copy.deepcopy(model, memo)
 
     _attach_result(target, form, backend_name, scales)
@@ -127,24 +128,18 @@ def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SU
     block ``model`` is a converted model (``conversion_result`` works); afterwards it is exactly
     what it was, also when the block raises. Never give it a model someone else is using meanwhile.
     """
-    form, backend_name, impls = _plan(model, scales, form, backend)
-    modules = dict(model.named_modules())
+    form, backend_name, impls, modules = _plan(model, scales, form, backend)
     originals = {name: modules[name] for name in scales.layers}
     replacements = {name: impls[name](originals[name], ls, backend_name) for name, ls in scales.layers.items()}
     prior = model.__dict__.get(_RESULT_ATTR)
-
-    def install(name: str, module: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, module)  # modules[""] is the model itself
-
     try:
         for name, new in replacements.items():
-            install(name, new)
+            _set_submodule(model, name, new, modules)
         _attach_result(model, form, backend_name, scales)
         yield model
     finally:
         for name, old in originals.items():
-            install(name, old)
+            _set_submodule(model, name, old, modules)
         model.__dict__.pop(_RESULT_ATTR, None)
         if prior is not None:
             object.__setattr__(model, _RESULT_ATTR, prior)
@@ -152,13 +147,20 @@ def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SU
 
 def structural_copy(model: nn.Module) -> nn.Module:
     """New module objects (and attributes), the same parameter and buffer tensors."""
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
+    return copy.deepcopy(model, _shared_tensors(model))
+
+
+def _shared_tensors(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo that maps every parameter and buffer to itself (so the copy shares them)."""
+    return {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
 
 
 def _plan(model: nn.Module, scales: ScaleSet, form: Form | str,
-          backend: Backend | str) -> tuple[Form, str, dict[str, Callable[..., nn.Module]]]:
-    """Check everything before changing anything: the form, the backend and every scaled layer."""
+          backend: Backend | str) -> tuple[Form, str, dict[str, Callable[..., nn.Module]], dict[str, nn.Module]]:
+    """Check everything before changing anything: the form, the backend and every scaled layer.
+
+    Returns the form, the backend, each layer's converter and ``dict(model.named_modules())``.
+    """
     try:
         form = Form(form)
         backend_name = resolve_backend(Backend(backend).value, model_device(model))
@@ -178,7 +180,7 @@ def _plan(model: nn.Module, scales: ScaleSet, form: Form | str,
         if ls.kind.has_weight:
             ls.check_weight(module.weight)
         impls[name] = conv.impl.to_subclass if form is Form.SUBCLASS else conv.impl.to_module
-    return form, backend_name, impls
+    return form, backend_name, impls, modules
 
 
 def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: ScaleSet) -> None:
