@@ -52,9 +52,7 @@ def histogram_clip(hist: dict, method: ScaleMethod, percentile: float, amax: flo
     if hit is not None and hit[0] is counts:
         return hit[1]
     clip = _histogram_clip(_counts_tensor(counts), float(hist["range"]), method, percentile, amax, fp8_dtype, fp8_max)
-    if len(_CLIPS) >= _CACHE_SIZE * 8:
-        _CLIPS.pop(next(iter(_CLIPS)))
-    _CLIPS[key] = (counts, clip)
+    _remember(_CLIPS, key, (counts, clip), _CACHE_SIZE * 8)
     return clip
 
 
@@ -65,9 +63,7 @@ def _counts_tensor(counts: list) -> torch.Tensor:
         return hit[1]
     # through array.array: 2.5x faster than torch.tensor(list) for 2048 floats
     tensor = torch.frombuffer(array.array("d", counts), dtype=torch.float64) if counts else torch.zeros(0, dtype=torch.float64)
-    if len(_COUNTS) >= _CACHE_SIZE * 4:
-        _COUNTS.pop(next(iter(_COUNTS)))
-    _COUNTS[id(counts)] = (counts, tensor)
+    _remember(_COUNTS, id(counts), (counts, tensor), _CACHE_SIZE * 4)
     return tensor
 
 
@@ -134,6 +130,13 @@ _CACHE_SIZE = 512
 _WEIGHT_AMAX: dict[tuple, tuple] = {}  # (id, version) -> (weakref to the weight, per-channel amax)
 _CLIPS: dict[tuple, tuple] = {}  # (id of the counts, settings) -> (the counts list, clip)
 _COUNTS: dict[int, tuple] = {}  # id of the counts -> (the counts list, as a tensor)
+
+
+def _remember(cache: dict, key: object, value: object, limit: int) -> None:
+    """Store in a first-in-first-out cache of at most ``limit`` entries."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 def clear_caches() -> None:
@@ -214,10 +217,9 @@ class LayerScales:
         if hit is not None and hit[0]() is weight:
             return hit[1], hit[2]
         qdata, scale = self._quantize_weight(weight)
-        if len(_QUANTIZED_WEIGHTS) >= _CACHE_SIZE:
-            _QUANTIZED_WEIGHTS.pop(next(iter(_QUANTIZED_WEIGHTS)))
         # the entry goes when the float weight goes, so the cache never keeps FP8 copies alive
-        _QUANTIZED_WEIGHTS[key] = (weakref.ref(weight, lambda _, key=key: _QUANTIZED_WEIGHTS.pop(key, None)), qdata, scale)
+        _remember(_QUANTIZED_WEIGHTS, key,
+                  (weakref.ref(weight, lambda _, key=key: _QUANTIZED_WEIGHTS.pop(key, None)), qdata, scale), _CACHE_SIZE)
         return qdata, scale
 
     def _quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
