@@ -34,6 +34,14 @@ class Fp8Module(nn.Module):
             self.dtype = probe.dtype
         return result
 
+    def _register_fp8_weight(self, shape: tuple[int, ...], fp8_dtype: torch.dtype, per_channel: bool,
+                             device: torch.device | str | None) -> None:
+        """Zero FP8 ``weight`` and a unit fp32 ``weight_scale``: 0-d, or one per output row shaped
+        to broadcast over the weight ([rows, 1, ...])."""
+        self.register_buffer("weight", torch.zeros(shape, dtype=fp8_dtype, device=device))
+        scale_shape = (shape[0],) + (1,) * (len(shape) - 1) if per_channel else ()
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None):
         """An empty module (zero FP8 data, unit scales) shaped by the class's ``quant_config()``.

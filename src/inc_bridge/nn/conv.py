@@ -56,10 +56,7 @@ class QConv2d(Fp8Module):
         self.backend = backend
         # nn.Conv2d pads explicitly for non-"zeros" modes; keep its precomputed amounts.
         self._reversed_padding_repeated_twice: list[int] = []
-        shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self.register_buffer("weight", torch.zeros(shape, dtype=fp8_dtype, device=device))
-        scale_shape = (out_channels, 1, 1, 1) if per_channel else ()
-        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self._register_fp8_weight((out_channels, in_channels // groups, *self.kernel_size), fp8_dtype, per_channel, device)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device), requires_grad=False)

@@ -41,9 +41,7 @@ class QEmbedding(Fp8Module):
         self.fp8_max = float(fp8_max)
         self.dtype = dtype
         self.backend = backend
-        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=fp8_dtype, device=device))
-        scale_shape = (num_embeddings, 1) if per_channel else ()
-        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self._register_fp8_weight((num_embeddings, embedding_dim), fp8_dtype, per_channel, device)
 
     @classmethod
     def from_float(cls, module: nn.Embedding, scales: LayerScales, backend: str = "emulated") -> QEmbedding:

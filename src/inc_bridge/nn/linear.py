@@ -42,9 +42,7 @@ class QuantizedLinear(Fp8Module):
         self.fp8_max = float(fp8_max)
         self.dtype = dtype
         self.backend = backend
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=fp8_dtype, device=device))
-        scale_shape = (out_features, 1) if per_channel else ()
-        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self._register_fp8_weight((out_features, in_features), fp8_dtype, per_channel, device)
         self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
