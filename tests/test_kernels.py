@@ -169,6 +169,35 @@ def test_native_quantize_and_qdq_are_torch_bit_for_bit(fmt, fp8_max, scale):
 
 
 @needs_native
+@pytest.mark.parametrize(("fmt", "fp8_max"), FORMATS)
+@pytest.mark.parametrize("hp", [torch.float32, torch.bfloat16])
+def test_native_weight_quantization_per_tensor_and_per_row_is_torch_bit_for_bit(fmt, fp8_max, hp):
+    """What weights go through (``quant.quantize_fp8_rows``): native for both granularities, same bytes."""
+    from inc_bridge.quant import quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(67, 3, 5, generator=g) * torch.logspace(-6, 3, 67).reshape(-1, 1, 1)).to(hp)
+    w[3, 0, 0], w[5, 1, 2] = 1e6, -1e6  # saturates
+    for scale in (torch.tensor(0.0173), torch.rand(67, 1, 1, generator=g) * 0.05 + 1e-4):
+        expected = quantize_fp8(w, scale, fmt, fp8_max)
+        native = cpu.native_quantize(w, scale, fmt, fp8_max)
+        assert native is not None and torch.equal(native.view(torch.uint8), expected.view(torch.uint8))
+        assert torch.equal(quantize_fp8_rows(w, scale, fmt, fp8_max).view(torch.uint8), expected.view(torch.uint8))
+    assert cpu.native_quantize(w.transpose(0, 1), torch.tensor(0.1), fmt, fp8_max) is None  # not contiguous: torch
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_native_fp8_values_equal_torch_cast(fmt):
+    """The MSE clip search rounds its candidates through this."""
+    from inc_bridge.quant import fp8_values
+
+    top = torch.finfo(fmt).max
+    t = _wide_f32().clamp(-top, top)
+    assert torch.equal(fp8_values(t, fmt), t.to(fmt).float())
+
+
+@needs_native
 def test_native_qdq_keeps_the_layout_of_a_dense_non_contiguous_input():
     x = torch.randn(2, 5, 3, 8, dtype=torch.bfloat16).transpose(1, 2)  # as attention's q/k/v arrive
     s = torch.tensor(0.02)

@@ -105,8 +105,8 @@ def test_histogram_grows_by_exact_merging():
     assert torch.equal(h.counts, direct)
 
 
-def test_percentile_and_mse_scales():
-    from inc_bridge.scales import histogram_clip
+def test_percentile_and_mse_scales(monkeypatch):
+    from inc_bridge.scales import clear_caches, histogram_clip
 
     x = torch.cat([torch.randn(100_000), torch.tensor([60.0])])  # one outlier
     from inc_bridge.observers import Histogram
@@ -120,6 +120,15 @@ def test_percentile_and_mse_scales():
     assert histogram_clip(hist, ScaleMethod.PERCENTILE, 100.0, amax, torch.float8_e4m3fn, 448.0) == pytest.approx(amax, rel=0.01)
     m = histogram_clip(hist, ScaleMethod.MSE, 0, amax, torch.float8_e4m3fn, 448.0)
     assert 0 < m <= amax
+    for fmt, top in ((torch.float8_e4m3fn, 448.0), (torch.float8_e4m3fn, 240.0), (torch.float8_e5m2, 57344.0)):
+        # the search rounds through native code where it runs: the same clip as torch's FP8 cast
+        with_native = histogram_clip(hist, ScaleMethod.MSE, 0, amax, fmt, top)
+        from inc_bridge.kernels import cpu
+
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu, "native", lambda: None)
+            clear_caches()
+            assert histogram_clip(hist, ScaleMethod.MSE, 0, amax, fmt, top) == with_native
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     data = [torch.cat([torch.randn(64, 8), torch.full((1, 8), 50.0)])]
     meas = ib.calibrate(model, data)

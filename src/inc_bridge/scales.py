@@ -23,7 +23,7 @@ import torch
 from .errors import CalibrationError, ConversionError
 from .formats import ACTIVATION_BACKOFF, MIN_SCALE, WEIGHT_BACKOFF, FP8Format, Target, dtype_name, fullscale
 from .measurements import LayerStats
-from .quant import inc_activation_scale, inc_weight_quant_scale, quantize_fp8
+from .quant import fp8_values, inc_activation_scale, inc_weight_quant_scale, quantize_fp8_rows
 from .recipe import ActivationQuant, Granularity, Op, Recipe, ScaleMethod
 
 
@@ -51,13 +51,13 @@ def histogram_clip(hist: dict, method: ScaleMethod, percentile: float, amax: flo
     hit = _CLIPS.get(key)
     if hit is not None and hit[0] is counts:
         return hit[1]
-    clip = _histogram_clip(_counts_tensor(counts), float(hist["range"]), method, percentile, amax, fp8_dtype, fp8_max)
+    clip = _histogram_clip(counts_tensor(counts), float(hist["range"]), method, percentile, amax, fp8_dtype, fp8_max)
     _remember(_CLIPS, key, (counts, clip), _CACHE_SIZE * 8)
     return clip
 
 
-def _counts_tensor(counts: list) -> torch.Tensor:
-    """The counts as float64, converted once per list (percentile and MSE clips share it)."""
+def counts_tensor(counts: list) -> torch.Tensor:
+    """A histogram's counts as float64, converted once per list (clips and the report share it)."""
     hit = _COUNTS.get(id(counts))
     if hit is not None and hit[0] is counts:
         return hit[1]
@@ -89,7 +89,7 @@ def _histogram_clip(counts: torch.Tensor, hist_range: float, method: ScaleMethod
     scales = (clips / fp8_max).unsqueeze(1)
     # ((fp8(clamp(c / s)) · s - c)² · count) summed per candidate; in place where it saves a
     # temporary (the centres are positive, so only the upper clamp can apply)
-    q = (centres / scales).clamp_(max=fp8_max).float().to(fp8_dtype).double()
+    q = fp8_values((centres / scales).clamp_(max=fp8_max).float(), fp8_dtype).double()
     error = q.mul_(scales).sub_(centres).square_().mul_(counts).sum(dim=1)
     return float(clips[int(torch.argmin(error))])
 
@@ -121,7 +121,6 @@ def weight_amax_per_channel(weight: torch.Tensor) -> torch.Tensor:
     return hit[1]
 
 
-_QUANT_BLOCK = 1 << 18  # elements per block when quantizing a weight
 # (id, version, format, range, scales) -> (weakref to the weight, FP8 data, dequant scale). The weak
 # reference makes a hit certain to be the same live tensor, not a reused id, and drops the entry
 # when the weight is freed. Converted models built from one weight share its FP8 data.
@@ -225,14 +224,7 @@ class LayerScales:
     def _quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (-1,) + (1,) * (weight.dim() - 1) if self.weight_scale.dim() else ()
         q_scale = inc_weight_quant_scale(self.weight_scale).reshape(shape)
-        w = weight.detach()
-        qdata = torch.empty(w.shape, dtype=self.format.dtype, device=w.device)
-        # In blocks of rows: the fp32 temporaries stay small (elementwise, so the result is the same).
-        step = max(1, _QUANT_BLOCK // max(1, w[0].numel())) if w.dim() else 1
-        for i in range(0, max(1, w.shape[0] if w.dim() else 1), step):
-            rows = slice(i, i + step)
-            block_scale = q_scale[rows] if q_scale.dim() else q_scale
-            qdata[rows] = quantize_fp8(w[rows], block_scale, self.format.dtype, self.fp8_max)
+        qdata = quantize_fp8_rows(weight.detach(), q_scale, self.format.dtype, self.fp8_max)
         return qdata, self.weight_scale.to(torch.float32).reshape(shape)
 
 

@@ -68,6 +68,7 @@ class _Native:
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         lib.ib_quantize.argtypes = [p, i32, i64, f32, f32, i32, p, i32]
+        lib.ib_quantize_rows.argtypes = [p, i32, i64, i64, p, f32, i32, p, i32]
         lib.ib_qdq.argtypes = [p, i32, i64, f32, f32, i32, p, i32, i32]
         lib.ib_dequant.argtypes = [p, i64, i64, p, i32, i32, p, i32, i32, i32]
         lib.ib_fp8_gemv.argtypes = [p, i64, i64, p, i64, i32, p, p, i32]
@@ -81,6 +82,15 @@ class _Native:
         q = torch.empty_like(x, dtype=fp8_dtype)
         self.lib.ib_quantize(x.data_ptr(), _DTYPE[x.dtype], x.numel(), float(scale), fp8_max, _FORMAT[fp8_dtype],
                              q.data_ptr(), torch.get_num_threads())
+        return q
+
+    def quantize_rows(self, x: torch.Tensor, scales: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
+        """``quant.quantize_fp8`` of a contiguous float32/bfloat16 ``x`` with one scale per row (dim 0)."""
+        q = torch.empty_like(x, dtype=fp8_dtype)
+        rows = x.shape[0]
+        scales = scales.to(torch.float32).contiguous()
+        self.lib.ib_quantize_rows(x.data_ptr(), _DTYPE[x.dtype], rows, x.numel() // rows if rows else 0,
+                                  scales.data_ptr(), fp8_max, _FORMAT[fp8_dtype], q.data_ptr(), torch.get_num_threads())
         return q
 
     def qdq(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float,
@@ -179,6 +189,30 @@ def _dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor | None:
+    """``quant.quantize_fp8`` by native code, one fp32 scale or one per row (dim 0); None where it cannot run."""
+    lib = native()
+    if (lib is None or fp8_dtype not in _FORMAT or x.device.type != "cpu" or x.dtype not in _DTYPE
+            or scale.dtype != torch.float32 or x.dim() == 0 or not x.is_contiguous()):
+        return None
+    if scale.numel() == 1:
+        return lib.quantize(x, scale, fp8_dtype, fp8_max)
+    if scale.numel() == x.shape[0]:
+        return lib.quantize_rows(x, scale.reshape(-1), fp8_dtype, fp8_max)
+    return None
+
+
+def native_fp8_values(t: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(fp8_dtype).float()`` for float32 ``t`` within the format's range; None where native code cannot run.
+
+    A quantize-dequantize with scale 1 (x / 1 and q * 1 are exact), so the same bits as torch's cast.
+    """
+    lib = native()
+    if lib is None or fp8_dtype not in _FORMAT or t.device.type != "cpu" or t.dtype != torch.float32 or not _dense(t):
+        return None
+    return lib.qdq(t, 1.0, fp8_dtype, torch.finfo(fp8_dtype).max, torch.float32)  # type: ignore[arg-type]
 
 
 def _native_for(p: Fp8Params, *tensors: torch.Tensor) -> _Native | None:

@@ -7,7 +7,7 @@
  * pthreads only.
  *
  * Two kinds of kernel:
- *   - ib_quantize / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's CPU results bit
+ *   - ib_quantize (/_rows) / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's CPU results bit
  *     for bit (the rounding code is c10's fp8e4m3fn/fp8e5m2_from_fp32_value and BFloat16's
  *     round-to-nearest-even, written without branches so the compiler vectorises it; qdq also has
  *     an AVX512 version, and dequantizing with one scale is a table lookup). torch's eager FP8
@@ -298,6 +298,36 @@ void ib_quantize(const void* x, int in_dt, int64_t n, float scale, float fp8_max
                  int nthreads) {
   elem_ctx c = {x, in_dt, scale, fp8_max, fmt, q, NULL, 0};
   parallel_for(quantize_range, &c, n, 1 << 14, threads_for(n, nthreads, ELEMWISE_MIN_PER_THREAD));
+}
+
+/* The same, one scale per row of a [rows, cols] x (per-channel weights): row r is quantized
+ * exactly as ib_quantize would quantize it alone with scales[r]. */
+typedef struct {
+  const void* x;
+  int in_dt;
+  int64_t cols;
+  const float* scales;
+  float fp8_max;
+  int fmt;
+  uint8_t* q;
+} rows_ctx;
+
+static void quantize_rows_range(void* p, int64_t b, int64_t e) {
+  const rows_ctx* r = (const rows_ctx*)p;
+  const int64_t cols = r->cols;
+  const size_t width = r->in_dt == IB_BF16 ? 2 : 4;
+  for (int64_t row = b; row < e; row++) {
+    elem_ctx c = {(const char*)r->x + (size_t)(row * cols) * width, r->in_dt, r->scales[row], r->fp8_max, r->fmt,
+                  r->q + row * cols, NULL, 0};
+    quantize_range(&c, 0, cols);
+  }
+}
+
+void ib_quantize_rows(const void* x, int in_dt, int64_t rows, int64_t cols, const float* scales, float fp8_max,
+                      int fmt, uint8_t* q, int nthreads) {
+  rows_ctx c = {x, in_dt, cols, scales, fp8_max, fmt, q};
+  int64_t grain = cols > 0 ? ((INT64_C(1) << 14) + cols - 1) / cols : rows;
+  parallel_for(quantize_rows_range, &c, rows, grain, threads_for(rows * cols, nthreads, ELEMWISE_MIN_PER_THREAD));
 }
 
 /* dequantize(quantize(x)) in one pass: torch's quant_dequant, bit for bit. */
