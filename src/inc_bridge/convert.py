@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .converters import converter_for
+from .converters import converter_for, sharing_tensors
 from .errors import ConversionError
 from .kernels import model_device, resolve_backend
 from .recipe import Backend, Form, Recipe
@@ -125,12 +125,14 @@ def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SU
     """``model`` itself, converted for the duration of the block, then restored to the same modules.
 
     For short-lived models such as autotune's trials: no copy of the model per trial. Inside the
-    block ``model`` is a converted model (``conversion_result`` works); afterwards it is exactly
-    what it was, also when the block raises. Never give it a model someone else is using meanwhile.
+    block ``model`` is a converted model (``conversion_result`` works) whose converted layers share
+    their biases with the float ones; afterwards it is exactly what it was, also when the block
+    raises. Never give it a model someone else is using meanwhile.
     """
     form, backend_name, impls, modules = _plan(model, scales, form, backend)
     originals = {name: modules[name] for name in scales.layers}
-    replacements = {name: impls[name](originals[name], ls, backend_name) for name, ls in scales.layers.items()}
+    with sharing_tensors():  # the replacements live as long as the block: no copies of biases
+        replacements = {name: impls[name](originals[name], ls, backend_name) for name, ls in scales.layers.items()}
     prior = model.__dict__.get(_RESULT_ATTR)
     try:
         for name, new in replacements.items():

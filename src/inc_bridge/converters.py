@@ -8,7 +8,11 @@ Lookups are by exact type: a subclass of ``nn.Linear`` may use its weight in way
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,21 +83,40 @@ def _new_parameter(weight: Float8StaticTensor) -> nn.Parameter:
     return weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)  # type: ignore[return-value]
 
 
+_SHARING = contextvars.ContextVar("inc_bridge_sharing_tensors", default=False)
+
+
+@contextlib.contextmanager
+def sharing_tensors() -> Iterator[None]:
+    """Within the block, converted layers share their float parameters and buffers (the bias) with
+    the float layer instead of copying them: for short-lived models such as autotune's trials."""
+    token = _SHARING.set(True)
+    try:
+        yield
+    finally:
+        _SHARING.reset(token)
+
+
 def _leaf_copy(module: nn.Module, **params: nn.Parameter) -> nn.Module:
     """A copy of ``module`` sharing nothing mutable with it; ``params`` replace parameters by name.
 
     What ``copy.deepcopy`` gives for a leaf module (its own attribute, hook, parameter and buffer
     containers, copies of its tensors), at a fraction of the cost: autotune converts every layer
-    once per trial. Modules with children take the deep copy.
+    once per trial. Modules with children take the deep copy. Under ``sharing_tensors()`` the
+    tensors themselves are shared, not copied.
     """
+    share = _SHARING.get()
     if module._modules:
-        return copy.deepcopy(module, {id(module._parameters[k]): v for k, v in params.items()})
+        memo = {id(module._parameters[k]): v for k, v in params.items()}
+        if share:
+            memo.update({id(t): t for t in itertools.chain(module.parameters(), module.buffers())})
+        return copy.deepcopy(module, memo)
     new = object.__new__(type(module))
     new.__dict__.update({k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in vars(module).items()})
     for key, p in module._parameters.items():
-        new._parameters[key] = params[key] if key in params else copy.deepcopy(p)
+        new._parameters[key] = params[key] if key in params else p if share else copy.deepcopy(p)
     for key, b in module._buffers.items():
-        new._buffers[key] = copy.deepcopy(b)
+        new._buffers[key] = b if share else copy.deepcopy(b)
     return new
 
 
