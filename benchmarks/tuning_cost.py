@@ -7,14 +7,17 @@ Run from the repository root:
 
 Both runs try the same 6 whole-model settings (weight granularity × 3 activation scale methods);
 the tolerance is set out of reach so all 6 run. Printed, measured in this run: the wall time of
-``ib.autotune``; the time of one calibration and of the baseline and trial evaluations (measured
-inside the same run); the same 6 trials done INC's way, each calibrating from scratch; the ratio;
-and the check against the target: autotune <= (1 calibration + the evaluations) × 1.10.
+``ib.autotune``; the time of its one calibration and of its baseline and trial evaluations; the
+same 6 trials done INC's way, each calibrating from scratch; the ratio; and the check against the
+target: autotune <= (1 calibration + the evaluations) × 1.10.
 
-Autotune and the calibration are timed ``--repeats`` times (default 5), each on a fresh copy of
-the model with the library's caches cleared, so every run pays what a first run pays. Every run is
-printed; the fastest autotune is judged against the fastest calibration plus the fastest
-evaluations (each minimum taken on its own, which can only favour the budget side).
+Autotune is timed ``--repeats`` times (default 5), each on a fresh copy of the model with the
+library's caches cleared, so every run pays what a first run pays. The target is checked within
+each run: the run's wall time against the calibration and the evaluations *of that run* (the
+calibration as the report's ``timings`` record it, the evaluations timed around ``eval_fn``), so
+the machine's run-to-run noise (here evaluations varied by up to 40 % between runs) falls on both
+sides alike. Every run is printed; the verdict is on the median run. A calibration timed on its
+own after each run is printed for comparison.
 """
 
 from __future__ import annotations
@@ -83,11 +86,11 @@ def main() -> None:
         result = ib.autotune(fresh, timed_eval, calib_data=calib, recipe=recipe, progress=False)
         ours = time.perf_counter() - t0
         assert len(result.report.trials) == 6, f"expected 6 trials, ran {len(result.report.trials)}"
-        evals = sum(eval_times)
+        evals, inner_calibration = sum(eval_times), result.report.timings["calibration"]
         del result
         t0 = time.perf_counter()
         ib.calibrate(fresh, calib, recipe)
-        runs.append((ours, time.perf_counter() - t0, evals))
+        runs.append((ours, inner_calibration, evals, time.perf_counter() - t0))
 
     t0 = time.perf_counter()
     # INC's way: every trial calibrates the model again
@@ -101,23 +104,25 @@ def main() -> None:
         evaluate(qmodel)
     per_trial_calibration = time.perf_counter() - t0
 
-    # The fastest of the runs: interference from the rest of the machine only adds time (here one
-    # calibration varied from 0.16 to 0.38 s between back-to-back runs), and taking each term's
-    # minimum separately leaves the comparison biased against autotune, not for it.
-    ours, one_calibration, evals = (min(r[i] for r in runs) for i in range(3))
-    budget = (one_calibration + evals) * 1.10
     print(f"{name}: 6 trials ({', '.join(sorted(SPACE))}), form {recipe.form.value}, backend {recipe.backend.value}")
-    for k, (t, c, e) in enumerate(runs, 1):
-        print(f"  run {k}: autotune {t:.2f} s, one calibration {c:.2f} s, baseline + 6 trial evaluations {e:.2f} s, "
-              f"overhead {t - c - e:+.3f} s")
-    print(f"  fastest of {len(runs)} runs, each term on its own:")
+    ratios = []
+    for k, (t, c, e, alone) in enumerate(runs, 1):
+        ratios.append(t / (c + e))
+        print(f"  run {k}: autotune {t:.2f} s = calibration {c:.2f} s + baseline and 6 trial evaluations {e:.2f} s "
+              f"+ {t - c - e:.3f} s; x{ratios[-1]:.3f} of calibration + evaluations (a calibration alone: {alone:.2f} s)")
+    median = sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]
+    ours, one_calibration, evals, _ = runs[median]
+    budget = (one_calibration + evals) * 1.10
+    print(f"  median run (run {median + 1}):")
     print(f"  autotune (calibrate once)              {ours:8.2f} s")
     print(f"    one calibration                      {one_calibration:8.2f} s")
     print(f"    baseline + 6 trial evaluations       {evals:8.2f} s")
     print(f"  6 trials each calibrating from scratch {per_trial_calibration:8.2f} s")
     print(f"  ratio autotune / per-trial calibration {ours / per_trial_calibration:8.2f}x")
+    passed = sum(r <= 1.10 for r in ratios)
     verdict = "PASS" if ours <= budget else "FAIL"
-    print(f"  {verdict}: autotune {ours:.2f} s vs target <= (1 calibration + evaluations) x 1.10 = {budget:.2f} s")
+    print(f"  {verdict}: autotune {ours:.2f} s vs target <= (1 calibration + evaluations) x 1.10 = {budget:.2f} s "
+          f"(x{ratios[median]:.3f}; {passed} of {len(runs)} runs within x1.10)")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ def test_tight_tolerance_falls_back_layer_by_layer(digits, tmp_path):
     assert any(t.fallback for t in r.trials) and not r.trials[0].fallback
     md = (tmp_path / "report" / "report.md").read_text()
     assert all(row.name in md for row in fallen)
+    # where the time went, by phase: each part measured, none beyond the whole
+    t = r.timings
+    assert set(t) == {"total", "baseline", "calibration", "trials", "sensitivity", "finish"}
+    assert all(t[k] > 0 for k in t) and sum(v for k, v in t.items() if k != "total") <= t["total"]
+    assert t["trials"] == pytest.approx(sum(trial.duration_s for trial in r.trials))
+    assert f"{t['total']:.2f} s (baseline" in md
     assert set(result.recipe.locked.fallback) == {row.name for row in fallen}
     conv = ib.conversion_result(result.model)
     assert set(conv.skipped) >= {row.name for row in fallen}

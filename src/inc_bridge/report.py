@@ -66,6 +66,10 @@ class Report:
     environment: dict[str, Any]
     final_metric: float | None = None
     notes: list[str] = field(default_factory=list)
+    # wall seconds of this run by phase: total, baseline (float evaluation), calibration, trials
+    # (conversions + evaluations), sensitivity (layer fallback's ranking), finish (final model,
+    # per-layer SQNR, report); a resumed run counts only what it did itself
+    timings: dict[str, float] = field(default_factory=dict)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

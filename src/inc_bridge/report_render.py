@@ -114,7 +114,13 @@ def _summary(report: Report) -> list[tuple[str, str]]:
         ("Goal met", _yes_no(report.goal_met)),
         ("Chosen trial", "none" if report.chosen_trial is None else str(report.chosen_trial)),
         ("Layers", f"{fp8} in FP8, {len(report.layers) - fp8} kept in high precision"),
+        *([("Time", _timings(report.timings))] if report.timings else []),
     ]
+
+
+def _timings(timings: dict[str, float]) -> str:
+    parts = [f"{key} {value:.2f} s" for key, value in timings.items() if key != "total" and value > 0]
+    return f"{timings.get('total', 0.0):.2f} s" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _config(config: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ from .recipe import (
     resolve_recipe,
 )
 from .report import LayerRow, Report, TrialRecord
-from .scales import ScaleSet
+from .scales import ScaleSet, counts_tensor
 from .select import select_layers
 from .sensitivity import layer_sqnr
 from .trial_log import TrialLog, trial_key
@@ -96,6 +96,8 @@ def autotune(
     Example:
         >>> result = autotune(model, eval_fn, calib_data=batches, tolerable_loss={"absolute": 0.5})  # doctest: +SKIP
     """
+    started = time.monotonic()
+    timings = {"total": 0.0, "baseline": 0.0, "calibration": 0.0, "trials": 0.0, "sensitivity": 0.0, "finish": 0.0}
     recipe = resolve_recipe(recipe)
     recipe = _with_overrides(recipe, tolerable_loss, max_trials)
     eval_fn = eval_fn or _from_recipe(recipe.evaluation.fn, "evaluation.fn")
@@ -106,7 +108,6 @@ def autotune(
         calib_data = itertools.islice(calib_data, recipe.calibration.num_batches)
     out = Path(output_dir) if output_dir is not None else None
     log = TrialLog(out / "trials.jsonl" if out else None, resume)
-    started = time.monotonic()
     tol, hib = recipe.tuning.tolerable_loss, recipe.evaluation.higher_is_better
 
     work, first_batch, calib_data = _prepare_model(model, calib_data, recipe)
@@ -123,13 +124,17 @@ def autotune(
 
     baseline_event = log.first("baseline")
     if baseline_event is None:
+        t0 = time.monotonic()
         baseline = float(eval_fn(model))
+        timings["baseline"] = time.monotonic() - t0
         log.append("baseline", metric=baseline)
     else:
         baseline = float(baseline_event["metric"])
     threshold = _threshold(baseline, tol, hib)
 
+    t0 = time.monotonic()
     measurements = _measurements(work, calib_data, recipe, out, resume, progress)
+    timings["calibration"] = time.monotonic() - t0
     done = log.finished_trials()
     trials: list[TrialRecord] = []
     bar = _progress(progress, recipe.tuning.max_trials)
@@ -141,6 +146,7 @@ def autotune(
         else:
             record = _run_trial(len(trials), scratch, eval_fn, recipe, scales_of, config, fallback, sensitivity,
                                 method, baseline, threshold, hib)
+            timings["trials"] += record.duration_s
             log.append("trial", **record.__dict__)
         record.index = len(trials)
         trials.append(record)
@@ -161,9 +167,10 @@ def autotune(
     fallback_notes: list[str] = []
     if not any(t.within_tolerance for t in trials) and recipe.tuning.layer_fallback and budget_left():
         fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scales_of,
-                                         first_batch, eval_fn)
+                                         first_batch, eval_fn, timings)
     if bar is not None:
         bar.close()
+    finishing = time.monotonic()
 
     chosen = _choose(trials, hib)
     config = chosen.config if chosen else _search_space(recipe)[0]
@@ -177,6 +184,9 @@ def autotune(
     final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
     report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
                      final_sqnr, fallback_notes)
+    timings["finish"] = time.monotonic() - finishing
+    timings["total"] = time.monotonic() - started
+    report.timings = timings
     locked = _locked(tuned_recipe, scales, work is not model, chosen, baseline)
     conversion_result(qmodel).recipe = locked  # ib.save records it
     if out is not None:
@@ -329,7 +339,8 @@ def _run_trial(index, scratch, eval_fn, recipe, scales_of, config, fallback, sen
     return record
 
 
-def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scales_of, batch, eval_fn) -> list[str]:
+def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scales_of, batch, eval_fn,
+                    timings: dict[str, float]) -> list[str]:
     """Keep the most sensitive layers in high precision: exponential search, then bisection."""
     hib = recipe.evaluation.higher_is_better
     best = _choose(trials, hib)
@@ -338,6 +349,7 @@ def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scal
     config = best.config
     event = log.first("sensitivity")
     if event is None or event.get("config") != config:
+        t0 = time.monotonic()
         scales = scales_of(config)
         with swapped_in(scratch, scales, form=recipe.form, backend=recipe.backend) as qmodel:
             sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
@@ -351,6 +363,7 @@ def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scal
                     gain = float(eval_fn(one)) - best.metric
                 score[name] = -(gain if hib else -gain)
         log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
+        timings["sensitivity"] = time.monotonic() - t0
         event = log.first("sensitivity")
     sensitivity: dict[str, float] = event["sqnr"]
     method = event.get("method", "sqnr")
@@ -404,7 +417,7 @@ def _locked(recipe: Recipe, scales: ScaleSet, captured: bool, chosen: TrialRecor
 def _saturation(stats, scales) -> float | None:
     fractions = []
     for i, hist in enumerate(stats.input_hist):
-        counts = torch.tensor(hist["counts"], dtype=torch.float64)
+        counts = counts_tensor(hist["counts"])
         if i >= len(scales.input_scales) or counts.sum() == 0:
             continue
         clip = float(scales.input_scales[i]) * scales.fp8_max
