@@ -187,14 +187,20 @@ def test_native_weight_quantization_per_tensor_and_per_row_is_torch_bit_for_bit(
 
 
 @needs_native
-@pytest.mark.parametrize("fmt", [E4M3, E5M2])
-def test_native_fp8_values_equal_torch_cast(fmt):
-    """The MSE clip search rounds its candidates through this."""
-    from inc_bridge.quant import fp8_values
+@pytest.mark.parametrize(("fmt", "fp8_max"), FORMATS)
+def test_native_clip_errors_are_torch_bit_for_bit(monkeypatch, fmt, fp8_max):
+    """The MSE clip search's errors: the same bits with and without the native library."""
+    from inc_bridge.scales import clip_errors
 
-    top = torch.finfo(fmt).max
-    t = _wide_f32().clamp(-top, top)
-    assert torch.equal(fp8_values(t, fmt), t.to(fmt).float())
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 7, 777, 2048):
+        counts = torch.randint(0, 10_000, (n,), generator=g).double() * (torch.rand(n, generator=g) < 0.6)
+        width = fp8_max / 300
+        scales = torch.linspace(1 / 128, 1, 128, dtype=torch.float64) * (n * width / fp8_max)
+        native = clip_errors(counts, width, scales, fmt, fp8_max)
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu, "native", lambda: None)
+            assert torch.equal(native, clip_errors(counts, width, scales, fmt, fp8_max))
 
 
 @needs_native
@@ -388,7 +394,7 @@ def test_portable_build_of_the_native_library(tmp_path):
     """The library built without -march=native (the path non-AVX512-BF16 CPUs take) is exact too."""
     src = Path(cpu.__file__).with_name("csrc") / "fp8_cpu.c"
     so = tmp_path / "libportable.so"
-    subprocess.run(["cc", "-O2", "-fno-trapping-math", "-fPIC", "-shared", "-o", str(so), str(src), "-lpthread"], check=True)
+    subprocess.run(["cc", "-O2", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-shared", "-o", str(so), str(src), "-lpthread"], check=True)
     lib = cpu._Native(ctypes.CDLL(str(so)))
     assert not lib.simd
     s = torch.tensor(0.013671875)
@@ -396,6 +402,13 @@ def test_portable_build_of_the_native_library(tmp_path):
     assert _equal_or_both_nan(lib.qdq(x, s, E4M3, 448.0, torch.bfloat16), quant_dequant(x, s, E4M3, 448.0))
     qw, ws = _weight(70, 130, per_row=True)
     assert torch.equal(lib.dequant(qw, ws, torch.bfloat16, transpose=True), dequantize_fp8(qw.t().contiguous(), ws.t(), torch.bfloat16))
+    counts = torch.rand(500, dtype=torch.float64).mul(50).floor()  # some empty bins
+    scales = torch.linspace(1 / 128, 1, 128, dtype=torch.float64) * (9.0 / 448.0)
+    from inc_bridge.scales import clip_errors
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "native", lambda: None)
+        assert torch.equal(lib.clip_errors(counts, 0.018, scales, 448.0, E4M3), clip_errors(counts, 0.018, scales, E4M3, 448.0))
     xq = quantize_fp8(torch.randn(3, 130) * 40, torch.tensor(1.0), E4M3, 448.0)
     ref = xq.double() @ qw.double().t()
     assert ((lib.gemv(xq, qw).double() - ref).abs() <= 1e-6 * (xq.double().abs() @ qw.double().abs().t())).all()

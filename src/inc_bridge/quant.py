@@ -48,14 +48,6 @@ def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     return q
 
 
-def fp8_values(t: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """The FP8 values float32 ``t`` (already within the format's range) rounds to, as float32."""
-    from .kernels.cpu import native_fp8_values
-
-    values = native_fp8_values(t, fp8_dtype)
-    return values if values is not None else t.to(fp8_dtype).float()
-
-
 _QUANT_BLOCK = 1 << 18  # elements per block when quantizing with torch
 
 

@@ -71,6 +71,7 @@ class _Native:
         lib.ib_quantize_rows.argtypes = [p, i32, i64, i64, p, f32, i32, p, i32]
         lib.ib_qdq.argtypes = [p, i32, i64, f32, f32, i32, p, i32, i32]
         lib.ib_dequant.argtypes = [p, i64, i64, p, i32, i32, p, i32, i32, i32]
+        lib.ib_clip_errors.argtypes = [p, i64, ctypes.c_double, p, i64, ctypes.c_double, i32, p]
         lib.ib_fp8_gemv.argtypes = [p, i64, i64, p, i64, i32, p, p, i32]
         lib.ib_fp8_gemv_scratch.argtypes = [i64, i64]
         lib.ib_fp8_gemv_scratch.restype = i64
@@ -116,6 +117,14 @@ class _Native:
         self.lib.ib_dequant(q.data_ptr(), n, k, scale.data_ptr(), int(per_row), _FORMAT[q.dtype], out.data_ptr(),
                             _DTYPE[out_dtype], int(transpose), torch.get_num_threads())
         return out
+
+    def clip_errors(self, counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_max: float,
+                    fp8_dtype: torch.dtype) -> torch.Tensor:
+        """Squared error of each candidate scale over a histogram of bins of ``width`` (float64)."""
+        errors = torch.empty(scales.numel(), dtype=torch.float64)
+        self.lib.ib_clip_errors(counts.data_ptr(), counts.numel(), width, scales.data_ptr(), scales.numel(), fp8_max,
+                                _FORMAT[fp8_dtype], errors.data_ptr())
+        return errors
 
     def gemv(self, xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """fp32 [M, N] = Σ_k xq[m, k] · w[n, k] for FP8 ``xq`` [M, K] and ``w`` [N, K] of one format."""
@@ -204,15 +213,15 @@ def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
     return None
 
 
-def native_fp8_values(t: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor | None:
-    """``t.to(fp8_dtype).float()`` for float32 ``t`` within the format's range; None where native code cannot run.
-
-    A quantize-dequantize with scale 1 (x / 1 and q * 1 are exact), so the same bits as torch's cast.
-    """
+def native_clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_max: float,
+                       fp8_dtype: torch.dtype) -> torch.Tensor | None:
+    """``scales.clip_errors`` by native code (same bits); None where it cannot run."""
     lib = native()
-    if lib is None or fp8_dtype not in _FORMAT or t.device.type != "cpu" or t.dtype != torch.float32 or not _dense(t):
+    tensors = (counts, scales)
+    if lib is None or fp8_dtype not in _FORMAT or any(
+            t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
-    return lib.qdq(t, 1.0, fp8_dtype, torch.finfo(fp8_dtype).max, torch.float32)  # type: ignore[arg-type]
+    return lib.clip_errors(counts, width, scales, fp8_max, fp8_dtype)
 
 
 def _native_for(p: Fp8Params, *tensors: torch.Tensor) -> _Native | None:
