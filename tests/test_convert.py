@@ -153,11 +153,15 @@ def test_inplace_conversion():
     assert torch.equal(model(x), expected)
 
 
-def test_convert_copy_shares_nothing_with_the_float_model():
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_convert_copy_shares_nothing_with_the_float_model(form):
     model = ToyNet()
-    qmodel = ib.convert(model, _scales(model))
+    qmodel = ib.convert(model, _scales(model), form=form)
     assert qmodel.proj is not model.proj and qmodel.conv1.bias is not model.conv1.bias
-    assert qmodel.conv1.bias.data_ptr() != model.conv1.bias.data_ptr()
+    for name in ("conv1", "proj"):
+        assert getattr(qmodel, name).bias.data_ptr() != getattr(model, name).bias.data_ptr()
+    if form == "module":
+        return
     qmodel.conv1.register_forward_hook(lambda *a: None)
     qmodel.proj.register_buffer("extra", torch.zeros(1))
     assert not model.conv1._forward_hooks and "extra" not in model.proj._buffers

@@ -16,11 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from .converters import converter_for, sharing_tensors
+from .converters import converter_for
 from .errors import ConversionError
 from .kernels import model_device, resolve_backend
 from .recipe import Backend, Form, Recipe
 from .scales import ScaleSet
+from .sharing import sharing_tensors
 
 _RESULT_ATTR = "_inc_bridge_conversion"
 

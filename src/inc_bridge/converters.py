@@ -8,11 +8,8 @@ Lookups are by exact type: a subclass of ``nn.Linear`` may use its weight in way
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +20,7 @@ from .nn import QConv2d, QEmbedding, QuantizedLinear
 from .nn.attention import QSDPA, SDPA, Matmul, QMatmul
 from .recipe import Op
 from .scales import LayerScales
+from .sharing import sharing
 from .tensor import Float8StaticTensor
 
 
@@ -83,20 +81,6 @@ def _new_parameter(weight: Float8StaticTensor) -> nn.Parameter:
     return weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)  # type: ignore[return-value]
 
 
-_SHARING = contextvars.ContextVar("inc_bridge_sharing_tensors", default=False)
-
-
-@contextlib.contextmanager
-def sharing_tensors() -> Iterator[None]:
-    """Within the block, converted layers share their float parameters and buffers (the bias) with
-    the float layer instead of copying them: for short-lived models such as autotune's trials."""
-    token = _SHARING.set(True)
-    try:
-        yield
-    finally:
-        _SHARING.reset(token)
-
-
 def _leaf_copy(module: nn.Module, **params: nn.Parameter) -> nn.Module:
     """A copy of ``module`` sharing nothing mutable with it; ``params`` replace parameters by name.
 
@@ -105,7 +89,7 @@ def _leaf_copy(module: nn.Module, **params: nn.Parameter) -> nn.Module:
     once per trial. Modules with children take the deep copy. Under ``sharing_tensors()`` the
     tensors themselves are shared, not copied.
     """
-    share = _SHARING.get()
+    share = sharing()
     if module._modules:
         memo = {id(module._parameters[k]): v for k, v in params.items()}
         if share:

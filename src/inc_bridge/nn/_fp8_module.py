@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..formats import dtype_from_name
+from ..sharing import sharing
 
 
 class Fp8Module(nn.Module):
@@ -41,6 +42,11 @@ class Fp8Module(nn.Module):
         self.register_buffer("weight", torch.zeros(shape, dtype=fp8_dtype, device=device))
         scale_shape = (shape[0],) + (1,) * (len(shape) - 1) if per_channel else ()
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+
+    def _take_bias(self, bias: torch.Tensor) -> None:
+        """The float layer's bias: a copy, or the same storage under ``sharing_tensors()``."""
+        bias = bias.detach()
+        self.bias = nn.Parameter(bias if sharing() else bias.clone(), requires_grad=False)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None):

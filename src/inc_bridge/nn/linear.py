@@ -67,7 +67,7 @@ class QuantizedLinear(Fp8Module):
         q.weight_scale = weight_scale
         q.input_scale = scales.activation_scale().to(qweight.device)
         if module.bias is not None:
-            q.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+            q._take_bias(module.bias)
         return q
 
     def quant_config(self) -> dict[str, Any]:
