@@ -304,10 +304,34 @@ def test_unknown_class_and_unavailable_backend(saved):
     _assert_load_fails(ToyNet(), saved, "layer 'proj'", "unknown quantized module class 'QFancyLinear'")
     data = json.loads(original)
     data["layers"]["proj"]["config"]["backend"] = "hpu"
+    data["backend_requested"] = "hpu"  # converted for hpu by name ("auto" would pick again here)
     manifest.write_text(json.dumps(data))
     _assert_load_fails(ToyNet(), saved, "'proj'", "backend 'hpu'", "backend='emulated'")
     loaded = ib.load(ToyNet(), saved, backend="emulated")
     assert loaded.proj.backend == "emulated"
+
+
+@pytest.mark.parametrize("requested", ["auto", "cpu"])
+def test_auto_backend_picks_again_on_load(tmp_path, toy, monkeypatch, requested):
+    """Converted with "auto" (the cpu backend here): loads where the native library is missing, on
+    emulated, with the same outputs; a model converted for "cpu" by name still says what to do."""
+    from inc_bridge.kernels import cpu
+
+    if cpu.native() is None:
+        pytest.skip(f"the cpu backend is not available here: {cpu.availability().reason}")
+    model, _, scales, x = toy["fp32"]
+    qmodel = ib.convert(model, scales, form="module", backend=requested)
+    assert ib.conversion_result(qmodel).backend == "cpu"
+    ib.save(qmodel, tmp_path / "m")
+    monkeypatch.setattr(cpu, "_load", lambda: (None, "native library not built (test)"))
+    if requested == "cpu":
+        _assert_load_fails(ToyNet(), tmp_path / "m", "backend 'cpu'", "native library not built", "backend='emulated'")
+        return
+    loaded = ib.load(ToyNet(), tmp_path / "m")
+    result = ib.conversion_result(loaded)
+    assert (result.backend, result.backend_requested, loaded.proj.backend) == ("emulated", "auto", "emulated")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))  # conv and small linears: cpu equals emulated bit for bit
 
 
 def test_interrupted_save_leaves_nothing_loadable(tmp_path, toy, monkeypatch):

@@ -32,6 +32,8 @@ class ConversionResult:
 
     ``scales`` are the scales ``convert`` used and ``recipe`` the recipe behind them, when known;
     ``inc_bridge.save`` records both (a model loaded from disk has the recipe but no ScaleSet).
+    ``backend`` is the backend the layers run with; ``backend_requested`` what was asked for
+    (``"auto"`` means: the best available where the model runs, so ``inc_bridge.load`` picks again).
     """
 
     form: Form
@@ -40,6 +42,7 @@ class ConversionResult:
     skipped: dict[str, str] = field(default_factory=dict)
     scales: ScaleSet | None = None
     recipe: Recipe | None = None
+    backend_requested: str | None = None
 
     def summary(self) -> str:
         lines = [f"{len(self.converted)} layers converted (form={self.form.value}, backend={self.backend}), "
@@ -116,7 +119,7 @@ def convert(
             memo.update(_shared_tensors(model))
         target = copy.deepcopy(model, memo)
 
-    _attach_result(target, form, backend_name, scales)
+    _attach_result(target, form, backend_name, scales, Backend(backend).value)
     return target
 
 
@@ -138,7 +141,7 @@ def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SU
     try:
         for name, new in replacements.items():
             _set_submodule(model, name, new, modules)
-        _attach_result(model, form, backend_name, scales)
+        _attach_result(model, form, backend_name, scales, Backend(backend).value)
         yield model
     finally:
         for name, old in originals.items():
@@ -186,8 +189,9 @@ def _plan(model: nn.Module, scales: ScaleSet, form: Form | str,
     return form, backend_name, impls, modules
 
 
-def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: ScaleSet) -> None:
-    result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales)
+def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: ScaleSet, requested: str) -> None:
+    result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales,
+                              backend_requested=requested)
     result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
     for name, module in target.named_modules():
         if name and name not in result.converted and name not in result.skipped and converter_for(module):

@@ -43,7 +43,9 @@ def load(
         model_skeleton: a freshly constructed float model of the saved architecture.
         path: the directory ``save`` wrote.
         device: where the loaded tensors go.
-        backend: run the quantized layers with this kernel backend instead of the saved one.
+        backend: run the quantized layers with this kernel backend instead of the saved one. A
+            model converted with backend "auto" picks again here, for ``device`` (e.g. "emulated"
+            where the cpu backend's native library is not built).
     Returns:
         ``model_skeleton``, now the quantized model; ``conversion_result`` works on it.
     Raises:
@@ -60,6 +62,8 @@ def load(
     directory = Path(path)
     manifest = read_manifest(directory)
     tensors = read_tensors(directory, manifest, device)
+    if backend is None and manifest.get("backend_requested") == "auto":
+        backend = resolve_backend("auto", torch.device(device).type)
     plan = _Plan(model_skeleton, manifest, tensors, directory, backend)
     plan.apply()
     return model_skeleton
@@ -344,6 +348,7 @@ class _Plan:
         return ConversionResult(
             form=form,
             backend=self.backend or manifest.get("backend") or "unknown",
+            backend_requested=manifest.get("backend_requested"),
             converted={name: rec.get("kind") or "unknown" for name, rec in layers.items()},
             skipped=dict(manifest.get("skipped") or {}),
             recipe=recipe,

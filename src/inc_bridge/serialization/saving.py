@@ -100,6 +100,7 @@ def describe(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         "versions": _versions(),
         "form": result.form.value if result is not None else _form_of(layers),
         "backend": result.backend if result is not None else None,
+        "backend_requested": result.backend_requested if result is not None else None,
         "layers": layers,
         "skipped": dict(result.skipped) if result is not None else {},
         "recipe": result.recipe.model_dump(mode="json") if result is not None and result.recipe is not None else None,
