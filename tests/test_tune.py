@@ -71,6 +71,29 @@ def test_tight_tolerance_falls_back_layer_by_layer(digits, tmp_path):
         assert torch.equal(replay(x), result.model(x))
 
 
+def test_tuning_holds_one_fp8_copy_of_the_weights(digits):
+    """Trials of one weight setting run together; the memoised FP8 weights of the previous setting
+    are dropped when the next begins, and none are left behind (the result holds its own)."""
+    from inc_bridge import scales as scales_module
+
+    model, calib, evaluate, x = digits
+    weighted = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
+    memoised = []
+
+    def counting(m):
+        memoised.append(len(scales_module._QUANTIZED_WEIGHTS))
+        return evaluate(m) + (1.0 if len(memoised) == 1 else 0.0)  # a baseline no trial reaches: all 4 run
+
+    space = {"weight_granularity": ["per_tensor", "per_channel"], "activation_scale_method": ["maxabs_arbitrary", "mse"]}
+    recipe = ib.Recipe.model_validate({"tuning": {"search_space": space, "layer_fallback": False}})
+    result = ib.autotune(model, counting, calib_data=calib, recipe=recipe, tolerable_loss={"absolute": 0.0},
+                         progress=False)
+    assert len(result.report.trials) == 4 and memoised[1:] == [weighted] * 4  # not 2 x weighted after the switch
+    assert not scales_module._QUANTIZED_WEIGHTS
+    with torch.no_grad():
+        assert torch.equal(ib.apply_recipe(model, result.recipe)(x), result.model(x))
+
+
 def test_resume_after_interruption(digits, tmp_path):
     model, calib, evaluate, x = digits
     recipe = ib.Recipe.model_validate({"tuning": {"search_space": {"activation_scale_method": ["maxabs_arbitrary", "percentile", "mse"]}}})

@@ -153,6 +153,16 @@ def _remember(cache: dict, key: object, value: object, limit: int) -> None:
     cache[key] = value
 
 
+def drop_quantized_weights() -> None:
+    """Forget the memoised FP8 weights (each model converted from them keeps its own reference).
+
+    autotune calls it whenever the weight setting changes, so at most one FP8 copy of the model's
+    weights is kept besides the one in use: on a large model each setting's copy is half the
+    bf16 model.
+    """
+    _QUANTIZED_WEIGHTS.clear()
+
+
 def clear_caches() -> None:
     """Forget memoised FP8 weights, weight amax values and histogram clips.
 

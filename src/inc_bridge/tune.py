@@ -44,7 +44,7 @@ from .recipe import (
     resolve_recipe,
 )
 from .report import LayerRow, Report, TrialRecord
-from .scales import ScaleSet, counts_tensor
+from .scales import ScaleSet, counts_tensor, drop_quantized_weights
 from .select import select_layers
 from .sensitivity import layer_sqnr
 from .trial_log import TrialLog, trial_key
@@ -114,9 +114,12 @@ def autotune(
     scratch = structural_copy(work)  # what every trial converts in place and restores (no copy per trial)
     selection, modules = select_layers(scratch, recipe.quantization), dict(scratch.named_modules())
     computed: dict[str, ScaleSet] = {}
+    weights_for: list[tuple] = []  # the weight setting whose FP8 weights are memoised
 
     def scales_of(config: dict[str, Any]) -> ScaleSet:
-        """Whole-model scales of one setting; the layers are selected once per run."""
+        """Whole-model scales of one setting (the layers are selected once per run), asked for
+        right before converting with them."""
+        _one_weight_setting(weights_for, config)
         key = trial_key(config, [])
         if key not in computed:
             computed[key] = model_scales(measurements, _recipe_for(recipe, config), selection, modules)
@@ -181,6 +184,7 @@ def autotune(
     scales = _without(scales_of(config), fallback, sensitivity, method)
     # the scratch copy is done with trials: it becomes the result (same as converting a copy of work)
     qmodel = convert(scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True)
+    drop_quantized_weights()  # the result holds its own; the memo would keep them alive with the float weights
     final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
     report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
                      final_sqnr, fallback_notes)
@@ -317,6 +321,15 @@ def _without(scales: ScaleSet, fallback: list[str], sensitivity: dict[str, float
         skipped[name] = f"fallback: sensitivity rank {rank} of {len(ranked)} ({why})"
     layers = {n: ls for n, ls in scales.layers.items() if n not in fallback}
     return ScaleSet(layers=layers, skipped=skipped, format=scales.format, target=scales.target)
+
+
+def _one_weight_setting(current: list[tuple], config: dict[str, Any]) -> None:
+    """Drop the memoised FP8 weights when ``config`` needs other ones (trials of one weight setting
+    run one after the other), so tuning holds at most one FP8 copy of the weights besides the float model."""
+    setting = (config["format"], config["weight_granularity"], config["weight_scale_method"])
+    if current and current[0] != setting:
+        drop_quantized_weights()
+    current[:] = [setting]
 
 
 def _run_trial(index, scratch, eval_fn, recipe, scales_of, config, fallback, sensitivity, method, baseline,
