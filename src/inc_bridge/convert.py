@@ -125,15 +125,17 @@ def convert(
 
 @contextlib.contextmanager
 def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SUBCLASS,
-               backend: Backend | str = Backend.AUTO) -> Iterator[nn.Module]:
+               backend: Backend | str = Backend.AUTO, modules: dict[str, nn.Module] | None = None) -> Iterator[nn.Module]:
     """``model`` itself, converted for the duration of the block, then restored to the same modules.
 
     For short-lived models such as autotune's trials: no copy of the model per trial. Inside the
     block ``model`` is a converted model (``conversion_result`` works) whose converted layers share
     their biases with the float ones; afterwards it is exactly what it was, also when the block
-    raises. Never give it a model someone else is using meanwhile.
+    raises. Never give it a model someone else is using meanwhile. ``modules``, if given, is
+    ``dict(model.named_modules())`` (a caller swapping many times saves walking the model; the block
+    leaves the map valid, as it restores the same modules).
     """
-    form, backend_name, impls, modules = _plan(model, scales, form, backend)
+    form, backend_name, impls, modules = _plan(model, scales, form, backend, modules)
     originals = {name: modules[name] for name in scales.layers}
     with sharing_tensors():  # the replacements live as long as the block: no copies of biases
         replacements = {name: impls[name](originals[name], ls, backend_name) for name, ls in scales.layers.items()}
@@ -141,7 +143,7 @@ def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SU
     try:
         for name, new in replacements.items():
             _set_submodule(model, name, new, modules)
-        _attach_result(model, form, backend_name, scales, Backend(backend).value)
+        _attach_result(model, form, backend_name, scales, Backend(backend).value, modules)
         yield model
     finally:
         for name, old in originals.items():
@@ -161,18 +163,19 @@ def _shared_tensors(model: nn.Module) -> dict[int, Any]:
     return {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
 
 
-def _plan(model: nn.Module, scales: ScaleSet, form: Form | str,
-          backend: Backend | str) -> tuple[Form, str, dict[str, Callable[..., nn.Module]], dict[str, nn.Module]]:
+def _plan(model: nn.Module, scales: ScaleSet, form: Form | str, backend: Backend | str,
+          modules: dict[str, nn.Module] | None = None) -> tuple[Form, str, dict[str, Callable[..., nn.Module]], dict[str, nn.Module]]:
     """Check everything before changing anything: the form, the backend and every scaled layer.
 
-    Returns the form, the backend, each layer's converter and ``dict(model.named_modules())``.
+    Returns the form, the backend, each layer's converter and ``dict(model.named_modules())``
+    (``modules`` when given).
     """
     try:
         form = Form(form)
         backend_name = resolve_backend(Backend(backend).value, model_device(model))
     except ValueError as exc:
         raise ConversionError(f"{exc}; valid forms: {[f.value for f in Form]}, backends: {[b.value for b in Backend]}") from None
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if modules is None else modules
     impls = {}
     for name, ls in scales.layers.items():
         module = modules.get(name)
@@ -189,11 +192,14 @@ def _plan(model: nn.Module, scales: ScaleSet, form: Form | str,
     return form, backend_name, impls, modules
 
 
-def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: ScaleSet, requested: str) -> None:
+def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: ScaleSet, requested: str,
+                   modules: dict[str, nn.Module] | None = None) -> None:
+    """``modules``: the model's modules by name, before or after the swap (only the names of
+    converted layers differ in their module, and those are not looked at)."""
     result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales,
                               backend_requested=requested)
     result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
-    for name, module in target.named_modules():
+    for name, module in (modules.items() if modules is not None else target.named_modules()):
         if name and name not in result.converted and name not in result.skipped and converter_for(module):
             result.skipped[name] = "no scales for this layer"
     object.__setattr__(target, _RESULT_ATTR, result)

@@ -11,6 +11,7 @@ finishes, so ``resume=True`` continues an interrupted run without redoing finish
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import platform
@@ -113,6 +114,7 @@ def autotune(
     work, first_batch, calib_data = _prepare_model(model, calib_data, recipe)
     scratch = structural_copy(work)  # what every trial converts in place and restores (no copy per trial)
     selection, modules = select_layers(scratch, recipe.quantization), dict(scratch.named_modules())
+    swap = functools.partial(swapped_in, scratch, form=recipe.form, backend=recipe.backend, modules=modules)
     computed: dict[str, ScaleSet] = {}
     weights_for: list[tuple] = []  # the weight setting whose FP8 weights are memoised
 
@@ -147,8 +149,8 @@ def autotune(
         if key in done:
             record = done[key]
         else:
-            record = _run_trial(len(trials), scratch, eval_fn, recipe, scales_of, config, fallback, sensitivity,
-                                method, baseline, threshold, hib)
+            record = _run_trial(len(trials), swap, eval_fn, scales_of, config, fallback, sensitivity, method,
+                                baseline, threshold, hib)
             timings["trials"] += record.duration_s
             log.append("trial", **record.__dict__)
         record.index = len(trials)
@@ -169,7 +171,7 @@ def autotune(
             break
     fallback_notes: list[str] = []
     if not any(t.within_tolerance for t in trials) and recipe.tuning.layer_fallback and budget_left():
-        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scales_of,
+        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, swap, recipe, scales_of,
                                          first_batch, eval_fn, timings)
     if bar is not None:
         bar.close()
@@ -332,14 +334,15 @@ def _one_weight_setting(current: list[tuple], config: dict[str, Any]) -> None:
     current[:] = [setting]
 
 
-def _run_trial(index, scratch, eval_fn, recipe, scales_of, config, fallback, sensitivity, method, baseline,
-               threshold, hib) -> TrialRecord:
-    """Run one trial on ``scratch`` (converted for the evaluation, then restored); returns its record."""
+def _run_trial(index, swap, eval_fn, scales_of, config, fallback, sensitivity, method, baseline, threshold,
+               hib) -> TrialRecord:
+    """Run one trial on the scratch copy (``swap(scales)`` converts it for the evaluation, then
+    restores it); returns its record."""
     record = TrialRecord(index=index, config=config, fallback=list(fallback))
     t0 = time.monotonic()
     try:
         scales = _without(scales_of(config), fallback, sensitivity, method)
-        with swapped_in(scratch, scales, form=recipe.form, backend=recipe.backend) as qmodel:
+        with swap(scales) as qmodel:
             metric = float(eval_fn(qmodel))
         if math.isnan(metric):
             raise ValueError("eval_fn returned NaN")
@@ -352,7 +355,7 @@ def _run_trial(index, scratch, eval_fn, recipe, scales_of, config, fallback, sen
     return record
 
 
-def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scales_of, batch, eval_fn,
+def _layer_fallback(trial, budget_left, trials, log, work, swap, recipe, scales_of, batch, eval_fn,
                     timings: dict[str, float]) -> list[str]:
     """Keep the most sensitive layers in high precision: exponential search, then bisection."""
     hib = recipe.evaluation.higher_is_better
@@ -364,15 +367,14 @@ def _layer_fallback(trial, budget_left, trials, log, work, scratch, recipe, scal
     if event is None or event.get("config") != config:
         t0 = time.monotonic()
         scales = scales_of(config)
-        with swapped_in(scratch, scales, form=recipe.form, backend=recipe.backend) as qmodel:
+        with swap(scales) as qmodel:
             sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
         score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
         if recipe.tuning.sensitivity is Sensitivity.METRIC:
             # leave one out: the metric with only this layer in high precision; a bigger gain = more
             # sensitive, so the score (lower = more sensitive) is the negated gain
             for name in scales.layers:
-                with swapped_in(scratch, _without(scales, [name], {}), form=recipe.form,
-                                backend=recipe.backend) as one:
+                with swap(_without(scales, [name], {})) as one:
                     gain = float(eval_fn(one)) - best.metric
                 score[name] = -(gain if hib else -gain)
         log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
