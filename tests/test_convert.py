@@ -9,7 +9,7 @@ from torch import nn
 import inc_bridge as ib
 from inc_bridge.nn import QConv2d, QuantizedLinear
 
-from .models import LinearNet, ToyNet, toy_batches
+from .models import LinearNet, ToyNet, linear_batches, toy_batches
 
 
 def _scales(model, recipe=None, batches=None):
@@ -189,6 +189,34 @@ def test_swapped_in_converts_for_the_block_and_restores_the_same_modules(form):
         raise RuntimeError("inside")
     assert dict(scratch.named_modules()) == before and torch.equal(scratch(x), float_out)
     assert torch.equal(model(x), float_out)  # the model the scratch copy shares weights with: untouched
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_swapped_in_shares_biases_only_inside_the_block(form):
+    from inc_bridge.convert import structural_copy, swapped_in
+    from inc_bridge.sharing import tensors_shared
+
+    model = ToyNet()
+    scratch = structural_copy(model)
+    with swapped_in(scratch, _scales(model), form=form) as qmodel:
+        assert qmodel.proj.bias.data_ptr() == model.proj.bias.data_ptr()
+        assert not tensors_shared()  # only while the layers are built
+    copied = ib.convert(model, _scales(model), form=form)
+    assert copied.proj.bias.data_ptr() != model.proj.bias.data_ptr()
+
+
+def test_shared_conversion_of_a_layer_with_children_still_gets_the_fp8_weight():
+    """A Linear with a child module is deep-copied; sharing its tensors must not undo the FP8 weight."""
+    from inc_bridge.convert import structural_copy, swapped_in
+
+    model = LinearNet()
+    model.fc1.extra = nn.Identity()
+    scales = ib.compute_scales(ib.calibrate(model, linear_batches()), model=model)
+    scratch = structural_copy(model)
+    with swapped_in(scratch, scales) as qmodel:
+        assert isinstance(qmodel.fc1.weight, ib.Float8StaticTensor)
+        assert qmodel.fc1.bias is model.fc1.bias
+    assert isinstance(ib.convert(model, scales).fc1.weight, ib.Float8StaticTensor)
 
 
 def test_backend_choice():

@@ -20,7 +20,7 @@ from .nn import QConv2d, QEmbedding, QuantizedLinear
 from .nn.attention import QSDPA, SDPA, Matmul, QMatmul
 from .recipe import Op
 from .scales import LayerScales
-from .sharing import sharing
+from .sharing import tensors_shared
 from .tensor import Float8StaticTensor
 
 
@@ -89,11 +89,10 @@ def _leaf_copy(module: nn.Module, **params: nn.Parameter) -> nn.Module:
     once per trial. Modules with children take the deep copy. Under ``sharing_tensors()`` the
     tensors themselves are shared, not copied.
     """
-    share = sharing()
+    share = tensors_shared()
     if module._modules:
-        memo = {id(module._parameters[k]): v for k, v in params.items()}
-        if share:
-            memo.update({id(t): t for t in itertools.chain(module.parameters(), module.buffers())})
+        memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())} if share else {}
+        memo.update({id(module._parameters[k]): v for k, v in params.items()})  # the replacements win
         return copy.deepcopy(module, memo)
     new = object.__new__(type(module))
     new.__dict__.update({k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in vars(module).items()})

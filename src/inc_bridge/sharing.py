@@ -24,5 +24,6 @@ def sharing_tensors() -> Iterator[None]:
         _SHARING.reset(token)
 
 
-def sharing() -> bool:
+def tensors_shared() -> bool:
+    """True inside ``sharing_tensors()``: converters may reuse the float layer's tensors."""
     return _SHARING.get()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..formats import dtype_from_name
-from ..sharing import sharing
+from ..sharing import tensors_shared
 
 
 class Fp8Module(nn.Module):
@@ -46,7 +46,7 @@ class Fp8Module(nn.Module):
     def _take_bias(self, bias: torch.Tensor) -> None:
         """The float layer's bias: a copy, or the same storage under ``sharing_tensors()``."""
         bias = bias.detach()
-        self.bias = nn.Parameter(bias if sharing() else bias.clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias if tensors_shared() else bias.clone(), requires_grad=False)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None):
