@@ -184,6 +184,10 @@ def test_native_weight_quantization_per_tensor_and_per_row_is_torch_bit_for_bit(
         assert native is not None and torch.equal(native.view(torch.uint8), expected.view(torch.uint8))
         assert torch.equal(quantize_fp8_rows(w, scale, fmt, fp8_max).view(torch.uint8), expected.view(torch.uint8))
     assert cpu.native_quantize(w.transpose(0, 1), torch.tensor(0.1), fmt, fp8_max) is None  # not contiguous: torch
+    square, per_column = w[:5, 0, :5].contiguous(), torch.rand(5, generator=g) * 0.05 + 1e-4
+    assert cpu.native_quantize(square, per_column, fmt, fp8_max) is None  # [N] on [N, N] broadcasts per column
+    with pytest.raises(ValueError, match="one per row"):
+        quantize_fp8_rows(square, per_column, fmt, fp8_max)
 
 
 @needs_native
@@ -408,7 +412,7 @@ def test_portable_build_of_the_native_library(tmp_path):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu, "native", lambda: None)
-        assert torch.equal(lib.clip_errors(counts, 0.018, scales, 448.0, E4M3), clip_errors(counts, 0.018, scales, E4M3, 448.0))
+        assert torch.equal(lib.clip_errors(counts, 0.018, scales, E4M3, 448.0), clip_errors(counts, 0.018, scales, E4M3, 448.0))
     xq = quantize_fp8(torch.randn(3, 130) * 40, torch.tensor(1.0), E4M3, 448.0)
     ref = xq.double() @ qw.double().t()
     assert ((lib.gemv(xq, qw).double() - ref).abs() <= 1e-6 * (xq.double().abs() @ qw.double().abs().t())).all()

@@ -9,6 +9,7 @@ import torch
 
 import inc_bridge as ib
 from inc_bridge.formats import FP8Format, Target, fullscale
+from inc_bridge.kernels import cpu
 from inc_bridge.measurements import LayerStats, Measurements
 from inc_bridge.recipe import Op, ScaleMethod
 from inc_bridge.scales import layer_scales, maxabs_scale
@@ -105,8 +106,28 @@ def test_histogram_grows_by_exact_merging():
     assert torch.equal(h.counts, direct)
 
 
-def test_percentile_and_mse_scales(monkeypatch):
+@pytest.mark.skipif(cpu.native() is None, reason=f"cpu backend unavailable: {cpu.availability().reason}")
+def test_mse_clip_is_the_same_with_and_without_native_code(monkeypatch):
+    """The search's errors come from native code where it runs: the same clips as the torch path."""
+    from inc_bridge.observers import Histogram
     from inc_bridge.scales import clear_caches, histogram_clip
+
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(50_000, generator=g), torch.rand(20_000, generator=g) ** 4 * 7, torch.randn(300, generator=g) * 1e-3):
+        h = Histogram(2048)
+        h.add(x)
+        hist, amax = h.to_dict(), float(x.abs().max())
+        for fmt, top in ((torch.float8_e4m3fn, 448.0), (torch.float8_e4m3fn, 240.0), (torch.float8_e5m2, 57344.0)):
+            clear_caches()
+            with_native = histogram_clip(hist, ScaleMethod.MSE, 0, amax, fmt, top)
+            with monkeypatch.context() as patch:
+                patch.setattr(cpu, "native", lambda: None)
+                clear_caches()
+                assert histogram_clip(hist, ScaleMethod.MSE, 0, amax, fmt, top) == with_native
+
+
+def test_percentile_and_mse_scales():
+    from inc_bridge.scales import histogram_clip
 
     x = torch.cat([torch.randn(100_000), torch.tensor([60.0])])  # one outlier
     from inc_bridge.observers import Histogram
@@ -120,15 +141,6 @@ def test_percentile_and_mse_scales(monkeypatch):
     assert histogram_clip(hist, ScaleMethod.PERCENTILE, 100.0, amax, torch.float8_e4m3fn, 448.0) == pytest.approx(amax, rel=0.01)
     m = histogram_clip(hist, ScaleMethod.MSE, 0, amax, torch.float8_e4m3fn, 448.0)
     assert 0 < m <= amax
-    for fmt, top in ((torch.float8_e4m3fn, 448.0), (torch.float8_e4m3fn, 240.0), (torch.float8_e5m2, 57344.0)):
-        # the search rounds through native code where it runs: the same clip as torch's FP8 cast
-        with_native = histogram_clip(hist, ScaleMethod.MSE, 0, amax, fmt, top)
-        from inc_bridge.kernels import cpu
-
-        with monkeypatch.context() as patch:
-            patch.setattr(cpu, "native", lambda: None)
-            clear_caches()
-            assert histogram_clip(hist, ScaleMethod.MSE, 0, amax, fmt, top) == with_native
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     data = [torch.cat([torch.randn(64, 8), torch.full((1, 8), 50.0)])]
     meas = ib.calibrate(model, data)

@@ -28,6 +28,9 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, f
     return scaled.clamp(min=-fp8_max, max=fp8_max).to(fp8_dtype)
 
 
+_QUANT_BLOCK = 1 << 18  # elements per block when quantizing with torch
+
+
 def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
     """``quantize_fp8`` with one fp32 scale or one per row of dim 0 (shaped to broadcast), same bits.
 
@@ -37,6 +40,8 @@ def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
     """
     from .kernels.cpu import native_quantize
 
+    if scale.dim() and tuple(scale.shape) != (x.shape[0],) + (1,) * (x.dim() - 1):
+        raise ValueError(f"scale of shape {tuple(scale.shape)}: expected one scale or one per row of {tuple(x.shape)}")
     q = native_quantize(x, scale, fp8_dtype, fp8_max)
     if q is not None:
         return q
@@ -46,9 +51,6 @@ def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dty
         rows = slice(i, i + step)
         q[rows] = quantize_fp8(x[rows], scale[rows] if scale.dim() else scale, fp8_dtype, fp8_max)
     return q
-
-
-_QUANT_BLOCK = 1 << 18  # elements per block when quantizing with torch
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -97,7 +97,7 @@ def clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dt
     """
     from .kernels.cpu import native_clip_errors
 
-    errors = native_clip_errors(counts, width, scales, fp8_max, fp8_dtype)
+    errors = native_clip_errors(counts, width, scales, fp8_dtype, fp8_max)
     if errors is not None:
         return errors
     nonzero = counts.nonzero().squeeze(1)  # empty bins add exact zeros to every candidate's sum
@@ -166,9 +166,9 @@ def drop_quantized_weights() -> None:
 def clear_caches() -> None:
     """Forget memoised FP8 weights, weight amax values and histogram clips.
 
-    Entries already go when their float weight is freed; this frees the FP8 copies of weights that
-    are still alive (one per weight and scale setting tried), e.g. after an autotune run, and lets
-    benchmarks time a run as a first one.
+    Entries already go when their float weight is freed (and autotune drops the FP8 weights it
+    made); this frees the rest, e.g. the FP8 copies left by ``convert`` calls on weights that are
+    still alive, and lets benchmarks time a run as a first one.
     """
     _QUANTIZED_WEIGHTS.clear()
     _WEIGHT_AMAX.clear()

@@ -118,8 +118,8 @@ class _Native:
                             _DTYPE[out_dtype], int(transpose), torch.get_num_threads())
         return out
 
-    def clip_errors(self, counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_max: float,
-                    fp8_dtype: torch.dtype) -> torch.Tensor:
+    def clip_errors(self, counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dtype: torch.dtype,
+                    fp8_max: float) -> torch.Tensor:
         """Squared error of each candidate scale over a histogram of bins of ``width`` (float64)."""
         errors = torch.empty(scales.numel(), dtype=torch.float64)
         self.lib.ib_clip_errors(counts.data_ptr(), counts.numel(), width, scales.data_ptr(), scales.numel(), fp8_max,
@@ -201,27 +201,28 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor | None:
-    """``quant.quantize_fp8`` by native code, one fp32 scale or one per row (dim 0); None where it cannot run."""
+    """``quant.quantize_fp8`` by native code for a 0-d fp32 scale or one per row shaped to broadcast
+    over ``x`` ([rows, 1, ...]); None where it cannot run (torch's broadcasting rules then apply)."""
     lib = native()
     if (lib is None or fp8_dtype not in _FORMAT or x.device.type != "cpu" or x.dtype not in _DTYPE
             or scale.dtype != torch.float32 or x.dim() == 0 or not x.is_contiguous()):
         return None
-    if scale.numel() == 1:
+    if scale.dim() == 0:
         return lib.quantize(x, scale, fp8_dtype, fp8_max)
-    if scale.numel() == x.shape[0]:
+    if tuple(scale.shape) == (x.shape[0],) + (1,) * (x.dim() - 1):
         return lib.quantize_rows(x, scale.reshape(-1), fp8_dtype, fp8_max)
     return None
 
 
-def native_clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_max: float,
-                       fp8_dtype: torch.dtype) -> torch.Tensor | None:
+def native_clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dtype: torch.dtype,
+                       fp8_max: float) -> torch.Tensor | None:
     """``scales.clip_errors`` by native code (same bits); None where it cannot run."""
     lib = native()
     tensors = (counts, scales)
     if lib is None or fp8_dtype not in _FORMAT or any(
             t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
-    return lib.clip_errors(counts, width, scales, fp8_max, fp8_dtype)
+    return lib.clip_errors(counts, width, scales, fp8_dtype, fp8_max)
 
 
 def _native_for(p: Fp8Params, *tensors: torch.Tensor) -> _Native | None:

@@ -2,13 +2,13 @@
  * Native CPU kernels for inc_bridge's "cpu" backend (see docs/kernels.md).
  *
  * Built by `make kernels` (part of `make venv`/`make test`) into
- * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native`, and loaded with ctypes by
- * kernels/cpu.py. No torch headers: it compiles in about a second and depends on libc and
- * pthreads only.
+ * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native -ffp-contract=off`, and
+ * loaded with ctypes by kernels/cpu.py. No torch headers: it compiles in about a second and depends
+ * on libc and pthreads only.
  *
- * Two kinds of kernel:
- *   - ib_quantize (/_rows) / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's CPU results bit
- *     for bit (the rounding code is c10's fp8e4m3fn/fp8e5m2_from_fp32_value and BFloat16's
+ * Three kinds of kernel:
+ *   - ib_quantize / ib_quantize_rows / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's
+ *     CPU results bit for bit (the rounding code is c10's fp8e4m3fn/fp8e5m2_from_fp32_value and BFloat16's
  *     round-to-nearest-even, written without branches so the compiler vectorises it; qdq also has
  *     an AVX512 version, and dequantizing with one scale is a table lookup). torch's eager FP8
  *     casts run about one element per 5 ns here; these take 0.06-0.5 ns.
@@ -26,6 +26,14 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+/* a * b + c stays two roundings, as torch computes it (ib_clip_errors matches torch bit for bit
+ * only so); here as well as in the Makefile's flags, which a CFLAGS override could drop. */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -349,6 +357,13 @@ void ib_qdq(const void* x, int in_dt, int64_t n, float scale, float fp8_max, int
  * takes it; empty bins add exact zeros there), so the errors are the same bits. That needs the
  * compiler to keep a * b + c as two roundings: the library is built with -ffp-contract=off. Bins
  * go in the outer loop so the candidates' sums are independent lanes the compiler vectorises. */
+#define CLIP_ERRORS_LOOP(ROUND)                                                  \
+  for (int64_t i = 0; i < k; i++) {                                              \
+    double t = c / scales[i];                                                    \
+    double d = (double)ROUND((float)(t > fp8_max ? fp8_max : t)) * scales[i] - c; \
+    errors[i] += d * d * w;                                                      \
+  }
+
 void ib_clip_errors(const double* counts, int64_t n, double width, const double* scales, int64_t k, double fp8_max,
                     int fmt, double* restrict errors) {
   for (int64_t i = 0; i < k; i++) errors[i] = 0.0;
@@ -357,17 +372,9 @@ void ib_clip_errors(const double* counts, int64_t n, double width, const double*
     if (w == 0.0) continue;
     const double c = ((double)j + 0.5) * width;
     if (fmt == IB_E4M3) {
-      for (int64_t i = 0; i < k; i++) {
-        double t = c / scales[i];
-        double d = (double)round_e4m3((float)(t > fp8_max ? fp8_max : t)) * scales[i] - c;
-        errors[i] += d * d * w;
-      }
+      CLIP_ERRORS_LOOP(round_e4m3)
     } else {
-      for (int64_t i = 0; i < k; i++) {
-        double t = c / scales[i];
-        double d = (double)round_e5m2((float)(t > fp8_max ? fp8_max : t)) * scales[i] - c;
-        errors[i] += d * d * w;
-      }
+      CLIP_ERRORS_LOOP(round_e5m2)
     }
   }
 }
