@@ -332,6 +332,10 @@ def test_auto_backend_picks_again_on_load(tmp_path, toy, monkeypatch, requested)
     assert (result.backend, result.backend_requested, loaded.proj.backend) == ("emulated", "auto", "emulated")
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))  # conv and small linears: cpu equals emulated bit for bit
+    # asked for by name at load: "auto" resolves too, and a model loaded for a named backend saves that name
+    assert ib.load(ToyNet(), tmp_path / "m", backend="auto").proj.backend == "emulated"
+    ib.save(ib.load(ToyNet(), tmp_path / "m", backend="emulated"), tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "inc_bridge.json").read_text())["backend_requested"] == "emulated"
 
 
 def test_interrupted_save_leaves_nothing_loadable(tmp_path, toy, monkeypatch):

@@ -62,9 +62,10 @@ def load(
     directory = Path(path)
     manifest = read_manifest(directory)
     tensors = read_tensors(directory, manifest, device)
-    if backend is None and manifest.get("backend_requested") == "auto":
+    requested = backend if backend is not None else manifest.get("backend_requested")
+    if requested == "auto":
         backend = resolve_backend("auto", torch.device(device).type)
-    plan = _Plan(model_skeleton, manifest, tensors, directory, backend)
+    plan = _Plan(model_skeleton, manifest, tensors, directory, backend, requested)
     plan.apply()
     return model_skeleton
 
@@ -77,12 +78,14 @@ class _Plan:
         tensors: dict[str, torch.Tensor],
         directory: Path,
         backend: str | None,
+        requested: str | None = None,
     ) -> None:
         self.skeleton = skeleton
         self.manifest_path = directory / MANIFEST_FILE
         self.tensors_path = directory / TENSORS_FILE
         self.tensors = dict(tensors)
         self.backend = backend
+        self.requested = requested
         self.modules = dict(skeleton.named_modules())
         self.consumed: set[str] = set()
         self.assignments: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, local name, value)
@@ -348,7 +351,7 @@ class _Plan:
         return ConversionResult(
             form=form,
             backend=self.backend or manifest.get("backend") or "unknown",
-            backend_requested=manifest.get("backend_requested"),
+            backend_requested=self.requested,
             converted={name: rec.get("kind") or "unknown" for name, rec in layers.items()},
             skipped=dict(manifest.get("skipped") or {}),
             recipe=recipe,
