@@ -79,16 +79,23 @@ def test_tuning_holds_one_fp8_copy_of_the_weights(digits):
     model, calib, evaluate, x = digits
     weighted = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules())
     memoised = []
+    ib.clear_caches()  # FP8 weights other tests' conversions of this model left memoised
 
     def counting(m):
         memoised.append(len(scales_module._QUANTIZED_WEIGHTS))
         return evaluate(m) + (1.0 if len(memoised) == 1 else 0.0)  # a baseline no trial reaches: all 4 run
 
     space = {"weight_granularity": ["per_tensor", "per_channel"], "activation_scale_method": ["maxabs_arbitrary", "mse"]}
-    recipe = ib.Recipe.model_validate({"tuning": {"search_space": space, "layer_fallback": False}})
+    # the recipe's own setting (tried first) is per-channel MSE: the other per-channel trial comes next
+    recipe = ib.Recipe.model_validate({"quantization": {"weight": {"granularity": "per_channel"},
+                                                        "activation": {"scale_method": "mse"}},
+                                       "tuning": {"search_space": space, "layer_fallback": False}})
     result = ib.autotune(model, counting, calib_data=calib, recipe=recipe, tolerable_loss={"absolute": 0.0},
                          progress=False)
-    assert len(result.report.trials) == 4 and memoised[1:] == [weighted] * 4  # not 2 x weighted after the switch
+    order = [(t.config["weight_granularity"], t.config["activation_scale_method"]) for t in result.report.trials]
+    assert order == [("per_channel", "mse"), ("per_channel", "maxabs_arbitrary"), ("per_tensor", "maxabs_arbitrary"),
+                     ("per_tensor", "mse")]
+    assert memoised[1:] == [weighted] * 4  # not 2 x weighted after the switch
     assert not scales_module._QUANTIZED_WEIGHTS
     with torch.no_grad():
         assert torch.equal(ib.apply_recipe(model, result.recipe)(x), result.model(x))

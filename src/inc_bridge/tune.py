@@ -287,7 +287,9 @@ def _threshold(baseline: float, tol: Tolerance, higher_is_better: bool) -> float
 
 
 def _search_space(recipe: Recipe) -> list[dict[str, Any]]:
-    """Whole-model settings in order: the recipe's own first, then the rest of the product."""
+    """Whole-model settings in order: the recipe's own first, then the others with its weight
+    setting, then the rest of the product (whose weight settings come in runs, activation innermost),
+    so the trials of one weight setting run one after the other."""
     q, s = recipe.quantization, recipe.tuning.search_space
     axes = {
         "format": [v.value for v in (s.format or (q.format,))],
@@ -298,7 +300,8 @@ def _search_space(recipe: Recipe) -> list[dict[str, Any]]:
     own = {"format": q.format.value, "weight_granularity": q.weight.granularity.value,
            "weight_scale_method": q.weight.scale_method.value, "activation_scale_method": q.activation.scale_method.value}
     configs = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
-    return [own] + [c for c in configs if c != own]
+    rest = [c for c in configs if c != own]
+    return [own] + sorted(rest, key=lambda c: _weight_setting(c) != _weight_setting(own))  # stable: runs stay
 
 
 def _recipe_for(recipe: Recipe, config: dict[str, Any]) -> Recipe:
@@ -325,10 +328,16 @@ def _without(scales: ScaleSet, fallback: list[str], sensitivity: dict[str, float
     return ScaleSet(layers=layers, skipped=skipped, format=scales.format, target=scales.target)
 
 
+def _weight_setting(config: dict[str, Any]) -> tuple[str, str, str]:
+    """What a setting's FP8 weights depend on."""
+    return config["format"], config["weight_granularity"], config["weight_scale_method"]
+
+
 def _one_weight_setting(current: list[tuple], config: dict[str, Any]) -> None:
     """Drop the memoised FP8 weights when ``config`` needs other ones (trials of one weight setting
-    run one after the other), so tuning holds at most one FP8 copy of the weights besides the float model."""
-    setting = (config["format"], config["weight_granularity"], config["weight_scale_method"])
+    run one after the other), so tuning holds at most one FP8 copy of the weights besides the float
+    model. Layer fallback and the final model may go back to an earlier setting: one more pass."""
+    setting = _weight_setting(config)
     if current and current[0] != setting:
         drop_quantized_weights()
     current[:] = [setting]
