@@ -68,7 +68,7 @@ def incs_way(model, calib, recipe, evaluate) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--digits", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5, help="autotune + calibration runs; the fastest are judged")
+    parser.add_argument("--repeats", type=int, default=5, help="runs (autotune, a calibration alone, INC's way); the median run is judged")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, calib, evaluate, ops, name = setup(args.digits)
@@ -120,7 +120,7 @@ def main() -> None:
               f"+ {t - c - e:.3f} s; x{ratios[-1]:.3f} of calibration + evaluations (a calibration alone: {alone:.2f} s; "
               f"INC's way {inc:.2f} s)")
     median = sorted(range(len(runs)), key=lambda i: ratios[i])[len(runs) // 2]
-    ours, one_calibration, evals, _, per_trial_calibration = runs[median]
+    ours, one_calibration, evals, alone, per_trial_calibration = runs[median]
     budget = (one_calibration + evals) * 1.10
     print(f"  median run (run {median + 1}):")
     print(f"  autotune (calibrate once)              {ours:8.2f} s")
@@ -131,7 +131,8 @@ def main() -> None:
     passed = sum(r <= 1.10 for r in ratios)
     verdict = "PASS" if ours <= budget else "FAIL"
     print(f"  {verdict}: autotune {ours:.2f} s vs target <= (1 calibration + evaluations) x 1.10 = {budget:.2f} s "
-          f"(x{ratios[median]:.3f}; {passed} of {len(runs)} runs within x1.10)")
+          f"(x{ratios[median]:.3f}; {passed} of {len(runs)} runs within x1.10; with the calibration timed alone "
+          f"instead: x{ours / (alone + evals):.3f})")
 
 
 if __name__ == "__main__":

@@ -203,12 +203,15 @@ def test_metrics_spanning_decades_use_a_log_axis():
     assert "(log scale)" in texts and "1000" in texts
 
 
-def test_newer_schema_version_is_rejected(tmp_path):
+def test_newer_schema_version_is_rejected_and_version_1_still_reads(tmp_path):
     data = make_report().to_dict()
-    data["schema_version"] = 2
+    data["schema_version"] = 3
     (tmp_path / "report.json").write_text(json.dumps(data))
-    with pytest.raises(ib.SerializationError, match="schema_version 2"):
+    with pytest.raises(ib.SerializationError, match="schema_version 3"):
         Report.load(tmp_path)
+    old = {k: v for k, v in make_report().to_dict().items() if k != "timings"}  # written before timings
+    (tmp_path / "report.json").write_text(json.dumps({**old, "schema_version": 1}))
+    assert Report.load(tmp_path).timings == {}
 
 
 @pytest.mark.parametrize(

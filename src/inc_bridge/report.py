@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import SerializationError
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2 added ``timings``; version 1 reports read with none
 
 
 @dataclass
@@ -79,12 +79,12 @@ class Report:
     def from_dict(cls, data: dict[str, Any], *, origin: str = "report") -> Report:
         try:
             version = data.get("schema_version")
-            if version != REPORT_SCHEMA_VERSION:
+            if version not in (1, REPORT_SCHEMA_VERSION):
                 raise SerializationError(
                     f"{origin}: report schema_version {version!r} is not supported (this inc_bridge reads "
                     f"{REPORT_SCHEMA_VERSION})"
                 )
-            fields = dict(data)
+            fields = {**data, "schema_version": REPORT_SCHEMA_VERSION}
             fields["trials"] = [TrialRecord(**t) for t in data["trials"]]
             fields["layers"] = [LayerRow(**row) for row in data["layers"]]
             return cls(**fields)
