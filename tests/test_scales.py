@@ -166,3 +166,21 @@ def test_per_layer_overrides():
     assert torch.equal(scales["2"].weight_scale, torch.exp2(torch.ceil(torch.log2(scales["2"].weight_scale))))
     qmodel = ib.convert(model, scales, form="module")
     assert qmodel[2].weight.dtype == torch.float8_e5m2 and qmodel[0].weight.dtype == torch.float8_e4m3fn
+
+
+def test_remembered_scales_follow_the_weights_and_settings():
+    """Scales are remembered per layer statistics and weight (autotune's settings share them); a
+    weight changed in place, another granularity or another method gets its own."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    meas = ib.calibrate(model, [torch.randn(16, 8)])
+    per_tensor = ib.Recipe.model_validate({})
+    per_channel = ib.Recipe.model_validate({"quantization": {"weight": {"granularity": "per_channel"}}})
+    pow2 = ib.Recipe.model_validate({"quantization": {"activation": {"scale_method": "maxabs_pow2"}}})
+    first = ib.compute_scales(meas, per_tensor, model=model)["0"]
+    assert ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale is first.weight_scale
+    assert ib.compute_scales(meas, per_channel, model=model)["0"].weight_scale.shape == (4,)
+    a = float(first.input_scale)
+    assert float(ib.compute_scales(meas, pow2, model=model)["0"].input_scale) == 2.0 ** math.ceil(math.log2(a))
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    assert torch.equal(ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale, first.weight_scale * 2)

@@ -8,6 +8,7 @@ measurement itself. INC is imported lazily: it is heavy and logs on import.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,7 +29,9 @@ _FORMAT = {FP8Format.E4M3: "E4M3", FP8Format.E5M2: "E5M2"}
 MEASURE_SCALE_METHOD = "maxabs_arbitrary"
 
 
+@functools.cache
 def inc_version() -> str:
+    """The installed INC distribution's version (read from its metadata once per process)."""
     for dist in ("neural-compressor-pt", "neural-compressor"):
         try:
             return metadata.version(dist)

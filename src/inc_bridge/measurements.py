@@ -48,15 +48,22 @@ class LayerStats:
     input_hist: tuple[dict[str, Any], ...] = ()  # per input: {"range": R, "counts": [...]} of |x| over [0, R)
 
     def check_finite(self, where: str = "") -> None:
-        """Raise CalibrationError naming this layer if a statistic is NaN or infinite."""
+        """Raise CalibrationError naming this layer if a statistic is NaN or infinite.
+
+        The statistics never change (frozen), so a passed check is remembered: autotune asks for
+        every layer on every trial.
+        """
+        if self.__dict__.get("_finite"):
+            return
         values = [*self.input_amax, *(() if self.weight_amax is None else (self.weight_amax,)),
                   *(self.weight_amax_per_channel or ())]
-        if not all(map(math.isfinite, values)):  # one fast pass: autotune checks every layer per trial
+        if not all(map(math.isfinite, values)):
             bad = [v for v in values if not math.isfinite(v)]
             raise CalibrationError(
                 f"layer {self.name!r}{where}: statistics are not finite ({bad[0]}); the calibration data "
                 "produced NaN or Inf values in this layer's inputs or weights"
             )
+        object.__setattr__(self, "_finite", True)
 
 
 @dataclass

@@ -144,6 +144,9 @@ _CACHE_SIZE = 512
 _WEIGHT_AMAX: dict[tuple, tuple] = {}  # (id, version) -> (weakref to the weight, per-channel amax)
 _CLIPS: dict[tuple, tuple] = {}  # (id of the counts, settings) -> (the counts list, clip)
 _COUNTS: dict[int, tuple] = {}  # id of the counts -> (the counts list, as a tensor)
+# (id of the LayerStats or weight, settings) -> (weakref to it, scale): autotune's settings share
+# activation scales across weight settings and weight scales across activation settings
+_SCALES: dict[tuple, tuple] = {}
 
 
 def _remember(cache: dict, key: object, value: object, limit: int) -> None:
@@ -163,6 +166,17 @@ def drop_quantized_weights() -> None:
     _QUANTIZED_WEIGHTS.clear()
 
 
+def _memo_scale(owner: object, settings: tuple, compute) -> torch.Tensor:
+    """``compute()`` remembered for ``owner`` (alive, and unmodified if a tensor) and ``settings``."""
+    key = (id(owner), getattr(owner, "_version", None), *settings)
+    hit = _SCALES.get(key)
+    if hit is not None and hit[0]() is owner:
+        return hit[1]
+    value = compute()
+    _remember(_SCALES, key, (weakref.ref(owner, lambda _, key=key: _SCALES.pop(key, None)), value), _CACHE_SIZE * 8)
+    return value
+
+
 def clear_caches() -> None:
     """Forget memoised FP8 weights, weight amax values and histogram clips.
 
@@ -174,6 +188,7 @@ def clear_caches() -> None:
     _WEIGHT_AMAX.clear()
     _CLIPS.clear()
     _COUNTS.clear()
+    _SCALES.clear()
 
 
 @dataclass(frozen=True)
@@ -307,13 +322,17 @@ def layer_scales(
     if not kind.weight_only:
         if not stats.input_amax:
             raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
-        input_scales = tuple(_activation_scale(stats, i, aq, fmt, full, hp_dtype) for i in range(len(stats.input_amax)))
+        settings = (aq.scale_method, aq.percentile, fmt, full, hp_dtype)
+        input_scales = tuple(_memo_scale(stats, (i, *settings), lambda i=i: _activation_scale(stats, i, aq, fmt, full, hp_dtype))
+                             for i in range(len(stats.input_amax)))
     if not kind.has_weight:
         return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, None)
     gran = wq.granularity
     if weight is not None:
-        w_amax = weight_amax(weight, gran, hp_dtype)
-    elif gran is Granularity.PER_TENSOR and stats.weight_amax is not None:
+        return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, _memo_scale(
+            weight, (gran, wq.scale_method, full, hp_dtype),
+            lambda: maxabs_scale(weight_amax(weight, gran, hp_dtype), full, WEIGHT_BACKOFF, wq.scale_method)))
+    if gran is Granularity.PER_TENSOR and stats.weight_amax is not None:
         w_amax = torch.tensor(stats.weight_amax, dtype=hp_dtype)
     elif gran is Granularity.PER_CHANNEL and stats.weight_amax_per_channel is not None:
         w_amax = torch.tensor(stats.weight_amax_per_channel, dtype=hp_dtype)
