@@ -64,8 +64,11 @@ def test_tune_and_apply_from_the_command_line(tmp_path, capsys, monkeypatch):
     base["tuning"].update(max_trials=2, search_space={})
     recipe.write_text(ib.Recipe.model_validate(base).to_yaml())
     assert main(["tune", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) in (0, 1)
-    assert "locked recipe:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "locked recipe:" in out and "time: total" in out and "calibration" in out
     assert main(["tune", str(recipe), "--out", str(tmp_path / "run"), "--quiet", "--resume"]) in (0, 1)
+    resumed = capsys.readouterr().out.split("time:")[1].split("\n")[0]
+    assert "baseline" not in resumed and "trials" not in resumed  # nothing evaluated again
     no_model = tmp_path / "no_model.yaml"
     no_model.write_text("quantization: {format: e4m3}\n")
     assert main(["tune", str(no_model)]) == 2

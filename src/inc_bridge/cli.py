@@ -113,6 +113,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"baseline {r.baseline_metric:.6g}, FP8 {r.final_metric if r.final_metric is not None else float('nan'):.6g}, "
           f"threshold {r.tolerance['threshold']:.6g}: goal {'met' if r.goal_met else 'NOT met'} after {len(r.trials)} trials")
     print(f"kept in high precision: {', '.join(kept) if kept else 'none'}")
+    print("time: " + ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in r.timings.items() if seconds > 0))
     print(f"report: {out / 'report' / 'report.html'}\nlocked recipe: {out / 'locked_recipe.yaml'}")
     return 0 if r.goal_met else 1
 
