@@ -90,8 +90,56 @@ def test_capture_leaves_a_model_without_attention_alone():
     modules = [type(m) for m in model.modules()]
     ib.capture_attention(model, x)
     assert ib.captured_sites(model) == {} and [type(m) for m in model.modules()] == modules
-    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks and "forward" not in vars(model)
     assert torch.equal(model(x), before)
+
+
+def _sdpa_calls(model: nn.Module) -> list[int]:
+    calls: list[int] = []
+    model.sdpa.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_captured_model_copies_and_pickles_with_its_routing():
+    """The routing travels with the model: a deep copy or an unpickled copy routes to its own
+    modules, and the forward signature is the original's."""
+    import copy
+    import inspect
+    import io
+
+    model = FunctionalAttention().eval()
+    x = torch.randn(2, 5, 32)
+    signature = inspect.signature(model.forward)
+    ib.capture_attention(model, x)
+    assert inspect.signature(model.forward) == signature
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    original_calls = _sdpa_calls(model)
+    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        calls = _sdpa_calls(clone)
+        with torch.no_grad():
+            assert torch.equal(clone(x), model(x))
+        assert calls == [1] and original_calls  # the clone called its own sdpa module
+        original_calls.clear()
+
+
+def test_failed_export_of_a_captured_model_leaves_no_function_mode():
+    """torch skips forward hooks when forward raises while exporting: the routing is a ``with``
+    block inside forward, so the function-mode stack is as it was (it kept torch.export's own mode)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    model = FunctionalAttention().eval()
+    x = torch.randn(2, 5, 32)
+    ib.capture_attention(model, x)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("inside forward")
+
+    model.o.forward = fails
+    with pytest.raises(RuntimeError, match="inside forward"):
+        torch.export.export(model, (x,), strict=False)
+    assert _get_current_function_mode_stack() == []
 
 
 def test_capture_needs_example_for_plain_models():

@@ -11,7 +11,7 @@ Two mechanisms, one result (an ``SDPA`` or ``Matmul`` submodule per attention ca
   that records each call site of ``F.scaled_dot_product_attention`` and of activation × activation
   ``torch.matmul`` / ``torch.bmm`` / ``torch.baddbmm`` (``@`` included). A call site is the innermost
   enclosing module plus the source position of the call (file, line, bytecode offset), so names are stable (``attn.sdpa``,
-  ``attn.bmm``, ``attn.bmm_1``). Afterwards a forward pre-hook on the root enters the same mode and
+  ``attn.bmm``, ``attn.bmm_1``). Afterwards the root's ``forward`` runs inside the same mode, which
   routes each known call site to its module. ``nn.MultiheadAttention`` is handled by running
   PyTorch's own ``multi_head_attention_forward`` code with its attention calls routed the same way.
 
@@ -41,7 +41,6 @@ from .nn.attention import SDPA, Matmul
 
 HF_IMPLEMENTATION = "inc_bridge"
 _SITES_ATTR = "_inc_bridge_sites"  # on the root: {(owner name, file, line, bytecode offset): module name}
-_ROUTERS_ATTR = "_inc_bridge_routers"  # on the root: active router modes (a stack)
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _FUNCTION_KIND: dict[Callable, str] = {
@@ -91,8 +90,7 @@ def capture_attention(model: nn.Module, example_inputs: Any = None) -> nn.Module
         table[(owner_name, file, line, offset)] = f"{owner_name}.{name}" if owner_name else name
     existing = getattr(model, _SITES_ATTR, None)
     if existing is None:
-        model.register_forward_pre_hook(_enter_router)
-        model.register_forward_hook(_exit_router, always_call=True)
+        _route(model)
         existing = {}
     setattr(model, _SITES_ATTR, {**existing, **table})
     return model
@@ -283,13 +281,22 @@ def _free_name(owner: nn.Module, base: str) -> str:
     return name
 
 
-def _enter_router(module: nn.Module, args: tuple) -> None:
-    mode = _CallSiteMode(module, discover=False)
-    mode.__enter__()
-    module.__dict__.setdefault(_ROUTERS_ATTR, []).append(mode)
+def _routed(module: nn.Module, inner: Callable | None, *args: Any, **kwargs: Any) -> Any:
+    """A captured root's forward (bound with ``functools.partial``): the original, run inside the
+    routing mode.
+
+    A ``with`` block, so the mode is left however forward ends. (A forward pre-hook / always-call
+    hook pair cannot promise that: torch skips the hooks when forward raises while compiling or
+    exporting, and a failed ``torch.export`` then left its own function mode on the stack.) A
+    partial rather than a closure so the model still deep-copies (the copy routes itself) and
+    pickles; torch.export reads a partial's function, and ``__signature__`` keeps the original's
+    parameters. ``inner`` is an instance-level forward the model already had, if any.
+    """
+    with _CallSiteMode(module, discover=False):
+        return (inner or functools.partial(type(module).forward, module))(*args, **kwargs)
 
 
-def _exit_router(module: nn.Module, args: tuple, output: Any) -> None:
-    stack = module.__dict__.get(_ROUTERS_ATTR)
-    if stack:
-        stack.pop().__exit__(None, None, None)
+def _route(model: nn.Module) -> None:
+    forward = functools.partial(_routed, model, model.__dict__.get("forward"))
+    forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
+    model.forward = forward

@@ -93,10 +93,8 @@ class OnnxTwin(nn.Module):
     """Base of the export twins: records calls it cannot express, for ``export_onnx`` to report by layer.
 
     A twin that meets such a call (attention dropout, say) notes it with ``refuse`` and still returns
-    a result, and ``export_onnx`` raises once tracing is over. Raising inside the traced forward
-    would leave torch.export's torch-function handler active in the process when the model's
-    attention was captured: the capture router exits in an ``always_call`` forward hook, which
-    non-strict torch.export (2.13) does not run on the root module when its forward raises.
+    a result, and ``export_onnx`` raises once tracing is over, naming every refused layer at once
+    rather than the first one torch.export's error would surface through its own traceback.
     """
 
     layer_name, layer_type = "?", "?"  # the quantized layer it stands for; set by export_onnx
