@@ -291,6 +291,23 @@ def test_float8_activation_bmm_baddbmm_sdpa():
     assert fa.shape == (2, 5, 8) and fa.dtype == torch.float32 and fa.qdata.dtype == torch.float8_e4m3fn
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float8_activation_conversions_equal_torch_in_any_dense_layout(monkeypatch, dtype):
+    """q/k/v arrive as transposed views: the native conversions keep their layout and their bits."""
+    from inc_bridge.kernels import cpu
+
+    x = (torch.randn(2, 6, 4, 8) * 3).to(dtype).transpose(1, 2)  # [B, H, S, D] over a [B, S, H, D] buffer
+    s = torch.tensor(0.013)
+    fast = ib.Float8ActivationTensor.from_hp(x, s, torch.float8_e5m2, 57344.0)
+    deq = fast.dequantize()
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu, "native", lambda: None)
+        slow = ib.Float8ActivationTensor.from_hp(x, s, torch.float8_e5m2, 57344.0)
+        assert torch.equal(fast.qdata.view(torch.uint8), slow.qdata.view(torch.uint8))
+        assert torch.equal(deq, slow.dequantize()) and deq.stride() == slow.dequantize().stride() == x.stride()
+    assert deq.dtype == dtype
+
+
 # ------------------------------------------------------------------ real models
 
 

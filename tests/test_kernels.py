@@ -183,7 +183,12 @@ def test_native_weight_quantization_per_tensor_and_per_row_is_torch_bit_for_bit(
         native = cpu.native_quantize(w, scale, fmt, fp8_max)
         assert native is not None and torch.equal(native.view(torch.uint8), expected.view(torch.uint8))
         assert torch.equal(quantize_fp8_rows(w, scale, fmt, fp8_max).view(torch.uint8), expected.view(torch.uint8))
-    assert cpu.native_quantize(w.transpose(0, 1), torch.tensor(0.1), fmt, fp8_max) is None  # not contiguous: torch
+    one = torch.tensor(0.1)
+    dense = cpu.native_quantize(w.transpose(0, 1), one, fmt, fp8_max)  # one scale: any dense layout, kept
+    assert dense.stride() == w.transpose(0, 1).stride()
+    assert torch.equal(dense.view(torch.uint8), quantize_fp8(w.transpose(0, 1), one, fmt, fp8_max).view(torch.uint8))
+    assert cpu.native_quantize(w.transpose(0, 1), torch.rand(3, 1, 1) * 0.1, fmt, fp8_max) is None  # per row: contiguous
+    assert cpu.native_quantize(w[:, :, ::2], one, fmt, fp8_max) is None  # gaps: torch
     square, per_column = w[:5, 0, :5].contiguous(), torch.rand(5, generator=g) * 0.05 + 1e-4
     assert cpu.native_quantize(square, per_column, fmt, fp8_max) is None  # [N] on [N, N] broadcasts per column
     with pytest.raises(ValueError, match="one per row"):

@@ -4,7 +4,9 @@ In the subclass form attention keeps its module structure: a forward pre-hook on
 ``SDPA`` / ``Matmul`` module turns its q/k/v (or both operands) into Float8ActivationTensors, and
 ``F.scaled_dot_product_attention``, ``torch.matmul`` (any rank), ``torch.bmm`` and ``torch.baddbmm``
 accept them. No FP8 attention kernel exists on CPU, so they dequantize first and run in high
-precision; any other op that meets a Float8ActivationTensor also dequantizes it first.
+precision; any other op that meets a Float8ActivationTensor also dequantizes it first. Quantizing
+and dequantizing go through the cpu backend's native conversions where they can run (the same
+bits as the torch ops, which stay the reference, several times faster).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 from torchao.utils import TorchAOBaseTensor
 
+from .kernels.cpu import native_dequantize, native_quantize
 from .quant import dequantize_fp8, quantize_fp8
 
 __all__ = ["Float8ActivationTensor", "attach_input_quant", "quantized_positions"]
@@ -37,10 +40,12 @@ class Float8ActivationTensor(TorchAOBaseTensor):
 
     @classmethod
     def from_hp(cls, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Float8ActivationTensor:
-        return cls(quantize_fp8(x, scale, fp8_dtype, fp8_max), scale, x.dtype)
+        qdata = native_quantize(x, scale, fp8_dtype, fp8_max)
+        return cls(quantize_fp8(x, scale, fp8_dtype, fp8_max) if qdata is None else qdata, scale, x.dtype)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_fp8(self.qdata, self.scale, output_dtype or self.dtype)
+        out = native_dequantize(self.qdata, self.scale, output_dtype or self.dtype)
+        return dequantize_fp8(self.qdata, self.scale, output_dtype or self.dtype) if out is None else out
 
     def __repr__(self) -> str:
         return f"Float8ActivationTensor(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, scale={float(self.scale):.6g}, dtype={self.dtype})"

@@ -205,13 +205,30 @@ def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
     over ``x`` ([rows, 1, ...]); None where it cannot run (torch's broadcasting rules then apply)."""
     lib = native()
     if (lib is None or fp8_dtype not in _FORMAT or x.device.type != "cpu" or x.dtype not in _DTYPE
-            or scale.dtype != torch.float32 or x.dim() == 0 or not x.is_contiguous()):
+            or scale.dtype != torch.float32 or x.dim() == 0 or not _dense(x)):
         return None
-    if scale.dim() == 0:
+    if scale.dim() == 0:  # elementwise in memory order: any dense layout (the result keeps it)
         return lib.quantize(x, scale, fp8_dtype, fp8_max)
+    if not x.is_contiguous():
+        return None
     if tuple(scale.shape) == (x.shape[0],) + (1,) * (x.dim() - 1):
         return lib.quantize_rows(x, scale.reshape(-1), fp8_dtype, fp8_max)
     return None
+
+
+def native_dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """``quant.dequantize_fp8`` by native code for a dense ``q`` (any dim order; the result keeps
+    it) and a 0-d fp32 scale; None where it cannot run."""
+    lib = native()
+    if (lib is None or q.dtype not in _FORMAT or out_dtype not in _DTYPE or q.device.type != "cpu" or q.dim() == 0
+            or scale.dim() != 0 or scale.dtype != torch.float32 or not _dense(q)):
+        return None
+    if q.is_contiguous():
+        return lib.dequant(q, scale, out_dtype)
+    out = torch.empty_like(q, dtype=out_dtype)  # same strides: elementwise in memory order
+    lib.lib.ib_dequant(q.data_ptr(), 1, q.numel(), scale.data_ptr(), 0, _FORMAT[q.dtype], out.data_ptr(),
+                       _DTYPE[out_dtype], 0, 1)
+    return out
 
 
 def native_clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dtype: torch.dtype,
