@@ -308,6 +308,16 @@ def test_float8_activation_conversions_equal_torch_in_any_dense_layout(monkeypat
     assert deq.dtype == dtype
 
 
+def test_float8_activation_traces_with_fake_tensors():
+    """Tracing (fake tensors, no data) takes the torch ops; the native conversions need real data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, s = torch.randn(2, 4, 6, 8).transpose(1, 2), torch.tensor(0.02)
+        f = ib.Float8ActivationTensor.from_hp(x, s, torch.float8_e4m3fn, 448.0)
+        assert f.dequantize().shape == x.shape
+
+
 # ------------------------------------------------------------------ real models
 
 

@@ -184,3 +184,16 @@ def test_remembered_scales_follow_the_weights_and_settings():
     with torch.no_grad():
         model[0].weight.mul_(2)
     assert torch.equal(ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale, first.weight_scale * 2)
+
+
+def test_converted_models_do_not_share_storage_with_remembered_scales():
+    """A module-form layer's weight_scale buffer is its own: loading a state dict into the converted
+    model leaves the scales remembered for the float model as they were."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    meas = ib.calibrate(model, [torch.randn(16, 8)])
+    recipe = ib.Recipe.model_validate({"quantization": {"weight": {"granularity": "per_channel"}}})
+    before = ib.compute_scales(meas, recipe, model=model)["0"].weight_scale.clone()
+    qmodel = ib.convert(model, ib.compute_scales(meas, recipe, model=model), form="module")
+    state = qmodel.state_dict()
+    qmodel.load_state_dict({**state, "0.weight_scale": state["0.weight_scale"] * 3})
+    assert torch.equal(ib.compute_scales(meas, recipe, model=model)["0"].weight_scale, before)

@@ -265,7 +265,8 @@ class LayerScales:
         shape = (-1,) + (1,) * (weight.dim() - 1) if self.weight_scale.dim() else ()
         q_scale = inc_weight_quant_scale(self.weight_scale).reshape(shape)
         qdata = quantize_fp8_rows(weight.detach(), q_scale, self.format.dtype, self.fp8_max)
-        return qdata, self.weight_scale.to(torch.float32).reshape(shape)
+        # a copy: modules register it as a buffer, and these scales are remembered for other settings
+        return qdata, self.weight_scale.to(torch.float32, copy=True).reshape(shape)
 
 
 @dataclass

@@ -204,7 +204,7 @@ def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
     """``quant.quantize_fp8`` by native code for a 0-d fp32 scale or one per row shaped to broadcast
     over ``x`` ([rows, 1, ...]); None where it cannot run (torch's broadcasting rules then apply)."""
     lib = native()
-    if (lib is None or fp8_dtype not in _FORMAT or x.device.type != "cpu" or x.dtype not in _DTYPE
+    if (lib is None or not _plain_cpu(x, scale) or fp8_dtype not in _FORMAT or x.dtype not in _DTYPE
             or scale.dtype != torch.float32 or x.dim() == 0 or not _dense(x)):
         return None
     if scale.dim() == 0:  # elementwise in memory order: any dense layout (the result keeps it)
@@ -220,15 +220,21 @@ def native_dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dty
     """``quant.dequantize_fp8`` by native code for a dense ``q`` (any dim order; the result keeps
     it) and a 0-d fp32 scale; None where it cannot run."""
     lib = native()
-    if (lib is None or q.dtype not in _FORMAT or out_dtype not in _DTYPE or q.device.type != "cpu" or q.dim() == 0
+    if (lib is None or not _plain_cpu(q, scale) or q.dtype not in _FORMAT or out_dtype not in _DTYPE or q.dim() == 0
             or scale.dim() != 0 or scale.dtype != torch.float32 or not _dense(q)):
         return None
     if q.is_contiguous():
         return lib.dequant(q, scale, out_dtype)
     out = torch.empty_like(q, dtype=out_dtype)  # same strides: elementwise in memory order
-    lib.lib.ib_dequant(q.data_ptr(), 1, q.numel(), scale.data_ptr(), 0, _FORMAT[q.dtype], out.data_ptr(),
-                       _DTYPE[out_dtype], 0, 1)
+    rows = q.numel() // q.shape[-1] if q.shape[-1] else 0
+    lib.lib.ib_dequant(q.data_ptr(), rows, q.shape[-1], scale.data_ptr(), 0, _FORMAT[q.dtype], out.data_ptr(),
+                       _DTYPE[out_dtype], 0, torch.get_num_threads())
     return out
+
+
+def _plain_cpu(*tensors: torch.Tensor) -> bool:
+    """Real CPU tensors with data (not fake, functional or meta ones met while tracing)."""
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
 
 
 def native_clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dtype: torch.dtype,
