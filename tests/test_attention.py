@@ -100,28 +100,68 @@ def _sdpa_calls(model: nn.Module) -> list[int]:
     return calls
 
 
-def test_captured_model_copies_and_pickles_with_its_routing():
-    """The routing travels with the model: a deep copy or an unpickled copy routes to its own
-    modules, and the forward signature is the original's."""
+def test_captured_model_copies_and_pickles_with_its_routing(monkeypatch):
+    """The routing travels with the model: deep and shallow copies, a DataParallel-style replica and
+    an unpickled copy (also in a process that never captured) route to their own modules; the
+    class keeps its name and forward signature; dropping the model frees it at once (no cycle)."""
     import copy
+    import gc
     import inspect
     import io
+    import weakref
+
+    from inc_bridge import capture
 
     model = FunctionalAttention().eval()
     x = torch.randn(2, 5, 32)
-    signature = inspect.signature(model.forward)
+    signature, name = inspect.signature(model.forward), type(model).__name__
     ib.capture_attention(model, x)
-    assert inspect.signature(model.forward) == signature
+    ib.capture_attention(model, x)  # again: routed once
+    assert inspect.signature(model.forward) == signature and type(model).__name__ == name
+    assert isinstance(model, FunctionalAttention) and "forward" not in vars(model)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
+    monkeypatch.setattr(capture, "_ROUTED_CLASSES", {})  # as in a fresh process
+    unpickled = torch.load(buffer, weights_only=False)
+    replica = model.__new__(type(model))
+    replica.__dict__ = model.__dict__.copy()
+    replica._modules = {k: copy.deepcopy(v) for k, v in model._modules.items()}
+    clones = (copy.deepcopy(model), unpickled, copy.copy(model), replica)  # before any hook is added
+    with torch.no_grad():
+        expected = model(x)
     original_calls = _sdpa_calls(model)
-    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
-        calls = _sdpa_calls(clone)
-        with torch.no_grad():
-            assert torch.equal(clone(x), model(x))
-        assert calls == [1] and original_calls  # the clone called its own sdpa module
+    for clone in clones:
+        calls = _sdpa_calls(clone) if clone.sdpa is not model.sdpa else original_calls
         original_calls.clear()
+        with torch.no_grad():
+            assert torch.equal(clone(x), expected)
+        assert calls == [1] and (calls is original_calls or not original_calls)  # its own sdpa module
+    gc.disable()
+    try:
+        dropped = ib.capture_attention(FunctionalAttention().eval(), x)
+        ref = weakref.ref(dropped)
+        del dropped
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_capture_keeps_an_instance_level_forward_and_routes_it():
+    model = FunctionalAttention().eval()
+    x = torch.randn(2, 5, 32)
+    seen = []
+
+    def wrapped(*args, **kwargs):  # as a tool that wraps forward on the instance would
+        seen.append(1)
+        return FunctionalAttention.forward(model, *args, **kwargs)
+
+    model.forward = wrapped
+    ib.capture_attention(model, x)
+    calls = _sdpa_calls(model)
+    with torch.no_grad():
+        model(x)
+    assert seen and calls == [1]
 
 
 def test_failed_export_of_a_captured_model_leaves_no_function_mode():

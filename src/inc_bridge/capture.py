@@ -11,8 +11,9 @@ Two mechanisms, one result (an ``SDPA`` or ``Matmul`` submodule per attention ca
   that records each call site of ``F.scaled_dot_product_attention`` and of activation × activation
   ``torch.matmul`` / ``torch.bmm`` / ``torch.baddbmm`` (``@`` included). A call site is the innermost
   enclosing module plus the source position of the call (file, line, bytecode offset), so names are stable (``attn.sdpa``,
-  ``attn.bmm``, ``attn.bmm_1``). Afterwards the root's ``forward`` runs inside the same mode, which
-  routes each known call site to its module. ``nn.MultiheadAttention`` is handled by running
+  ``attn.bmm``, ``attn.bmm_1``). Afterwards the root's ``forward`` runs inside the same mode (the
+  root becomes an instance of a subclass of its class, same name), which routes each known call
+  site to its module. ``nn.MultiheadAttention`` is handled by running
   PyTorch's own ``multi_head_attention_forward`` code with its attention calls routed the same way.
 
 We use a function mode rather than ``torch.fx`` because it works on models fx cannot trace and
@@ -281,22 +282,50 @@ def _free_name(owner: nn.Module, base: str) -> str:
     return name
 
 
-def _routed(module: nn.Module, inner: Callable | None, *args: Any, **kwargs: Any) -> Any:
-    """A captured root's forward (bound with ``functools.partial``): the original, run inside the
-    routing mode.
-
-    A ``with`` block, so the mode is left however forward ends. (A forward pre-hook / always-call
-    hook pair cannot promise that: torch skips the hooks when forward raises while compiling or
-    exporting, and a failed ``torch.export`` then left its own function mode on the stack.) A
-    partial rather than a closure so the model still deep-copies (the copy routes itself) and
-    pickles; torch.export reads a partial's function, and ``__signature__`` keeps the original's
-    parameters. ``inner`` is an instance-level forward the model already had, if any.
-    """
-    with _CallSiteMode(module, discover=False):
-        return (inner or functools.partial(type(module).forward, module))(*args, **kwargs)
+_ROUTED_CLASSES: dict[type, type] = {}  # float class -> its routed subclass
+_INNER_FORWARD = "_inc_bridge_inner_forward"  # an instance-level forward the model had before capture
 
 
 def _route(model: nn.Module) -> None:
-    forward = functools.partial(_routed, model, model.__dict__.get("forward"))
-    forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
-    model.forward = forward
+    """Make ``model`` run its forward inside the routing mode, as an instance of a routed subclass.
+
+    The mode is a ``with`` block in forward, so it is left however forward ends. (A forward
+    pre-hook / always-call hook pair cannot promise that: torch skips the hooks when forward raises
+    while compiling or exporting, and a failed ``torch.export`` then left its own function mode on
+    the stack.) A subclass rather than an attribute holding a function: every copy (deepcopy, copy,
+    pickling, DataParallel replicas) routes itself, and the model holds no reference to itself.
+    """
+    if type(model) in _ROUTED_CLASSES.values():
+        return
+    if "forward" in vars(model):  # kept, and called inside the mode
+        object.__setattr__(model, _INNER_FORWARD, vars(model).pop("forward"))
+    model.__class__ = _routed_class(type(model))
+
+
+def _routed_class(base: type) -> type:
+    """``base`` with its forward run inside the routing mode; same name, signature and module."""
+    cls = _ROUTED_CLASSES.get(base)
+    if cls is not None:
+        return cls
+    original = base.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        with _CallSiteMode(self, discover=False):
+            inner = self.__dict__.get(_INNER_FORWARD)
+            return inner(*args, **kwargs) if inner is not None else original(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # copies and pickles rebuild an instance of the routed class of ``base`` (which a new
+        # process creates on unpickling), then restore the state as nn.Module does
+        return _new_routed, (base,), self.__getstate__()
+
+    cls = type(base.__name__, (base,), {"forward": forward, "__reduce_ex__": __reduce_ex__,
+                                        "__module__": base.__module__, "__qualname__": base.__qualname__})
+    _ROUTED_CLASSES[base] = cls
+    return cls
+
+
+def _new_routed(base: type) -> nn.Module:
+    cls = _routed_class(base)
+    return cls.__new__(cls)
