@@ -197,3 +197,22 @@ def test_converted_models_do_not_share_storage_with_remembered_scales():
     state = qmodel.state_dict()
     qmodel.load_state_dict({**state, "0.weight_scale": state["0.weight_scale"] * 3})
     assert torch.equal(ib.compute_scales(meas, recipe, model=model)["0"].weight_scale, before)
+
+
+def test_converted_models_own_their_fp8_weights():
+    """Outside autotune's trials each conversion gets FP8 data of its own: one converted model's
+    buffers can change (load_state_dict) without changing another's."""
+    from inc_bridge.convert import structural_copy, swapped_in
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    scales = ib.compute_scales(ib.calibrate(model, [torch.randn(16, 8)]), model=model)
+    scratch = structural_copy(model)
+    with swapped_in(scratch, scales, form="module") as trial:  # remembers the FP8 weight...
+        remembered = trial[0].weight
+    first = ib.convert(model, scales, form="module")  # ...and hands it over here
+    second = ib.convert(model, scales, form="module")
+    assert first[0].weight is remembered and second[0].weight.data_ptr() != first[0].weight.data_ptr()
+    x = torch.randn(3, 8)
+    expected = second(x)
+    first.load_state_dict({**first.state_dict(), "0.weight": torch.zeros_like(first[0].weight)})
+    assert torch.equal(second(x), expected)

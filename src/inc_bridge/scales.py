@@ -25,6 +25,7 @@ from .formats import ACTIVATION_BACKOFF, MIN_SCALE, WEIGHT_BACKOFF, FP8Format, T
 from .measurements import LayerStats
 from .quant import inc_activation_scale, inc_weight_quant_scale, quantize_fp8_rows
 from .recipe import ActivationQuant, Granularity, Op, Recipe, ScaleMethod
+from .sharing import tensors_shared
 
 
 def maxabs_scale(amax: torch.Tensor, full: float, backoff: float, method: ScaleMethod) -> torch.Tensor:
@@ -138,7 +139,7 @@ def weight_amax_per_channel(weight: torch.Tensor) -> torch.Tensor:
 
 # (id, version, format, range, scales) -> (weakref to the weight, FP8 data, dequant scale). The weak
 # reference makes a hit certain to be the same live tensor, not a reused id, and drops the entry
-# when the weight is freed. Converted models built from one weight share its FP8 data.
+# when the weight is freed. Filled and shared only under ``sharing_tensors()`` (autotune's trials).
 _QUANTIZED_WEIGHTS: dict[tuple, tuple] = {}
 _CACHE_SIZE = 512
 _WEIGHT_AMAX: dict[tuple, tuple] = {}  # (id, version) -> (weakref to the weight, per-channel amax)
@@ -180,9 +181,9 @@ def _memo_scale(owner: object, settings: tuple, compute) -> torch.Tensor:
 def clear_caches() -> None:
     """Forget memoised FP8 weights, weight amax values and histogram clips.
 
-    Entries already go when their float weight is freed (and autotune drops the FP8 weights it
-    made); this frees the rest, e.g. the FP8 copies left by ``convert`` calls on weights that are
-    still alive, and lets benchmarks time a run as a first one.
+    Entries already go when their float weight is freed, and autotune drops the FP8 weights its
+    trials made; this frees the weight amax values and clips of weights still alive, and lets
+    benchmarks time a run as a first one.
     """
     _QUANTIZED_WEIGHTS.clear()
     _WEIGHT_AMAX.clear()
@@ -246,16 +247,25 @@ class LayerScales:
         """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
 
         Per-channel scales come back shaped to broadcast over the weight: [N, 1] or [O, 1, 1, 1].
-        Results are remembered for the same weight tensor (same object, unmodified) and the same
-        scales, so autotune trials that differ only in activation settings do not quantize again.
+        Under ``sharing_tensors()`` (autotune's trials) results are remembered and shared for the
+        same weight tensor (same object, unmodified) and the same scales, so trials that differ only
+        in activation settings do not quantize again. Otherwise the caller gets tensors of its own:
+        a remembered result is handed over (taken out of the memo, not copied: autotune's final
+        model) and a new one is not remembered, so a converted model shares no storage with another
+        or with this memo.
         """
         self.check_weight(weight)
         key = (id(weight), weight._version, self.format, self.fp8_max, self.weight_scale.dtype,
                self.weight_scale.float().numpy().tobytes())
         hit = _QUANTIZED_WEIGHTS.get(key)
+        shared = tensors_shared()
         if hit is not None and hit[0]() is weight:
+            if not shared:
+                del _QUANTIZED_WEIGHTS[key]
             return hit[1], hit[2]
         qdata, scale = self._quantize_weight(weight)
+        if not shared:
+            return qdata, scale
         # the entry goes when the float weight goes, so the cache never keeps FP8 copies alive
         _remember(_QUANTIZED_WEIGHTS, key,
                   (weakref.ref(weight, lambda _, key=key: _QUANTIZED_WEIGHTS.pop(key, None)), qdata, scale), _CACHE_SIZE)
