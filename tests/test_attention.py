@@ -116,7 +116,8 @@ def test_captured_model_copies_and_pickles_with_its_routing(monkeypatch):
     x = torch.randn(2, 5, 32)
     signature, name = inspect.signature(model.forward), type(model).__name__
     ib.capture_attention(model, x)
-    ib.capture_attention(model, x)  # again: routed once
+    ib.capture_attention(model, x)  # again: routed once, no second sdpa module
+    assert ib.captured_sites(model) == {"sdpa": "sdpa"} and not hasattr(model, "sdpa_1")
     assert inspect.signature(model.forward) == signature and type(model).__name__ == name
     assert isinstance(model, FunctionalAttention) and "forward" not in vars(model)
     buffer = io.BytesIO()
@@ -273,6 +274,14 @@ def test_masks_and_gqa(mask, gqa):
         y = F.scaled_dot_product_attention(_qdq(q, s[0]), _qdq(k, s[1]), _qdq(v, s[2]), enable_gqa=gqa, **kwargs)
         expected = inner.o(y.transpose(1, 2).reshape(2, t, 32))
     assert torch.equal(a, b) and torch.equal(a, expected) and torch.isfinite(a).all()
+
+
+def test_capturing_again_adds_only_new_call_sites():
+    model = ib.capture_attention(TwoPaths().eval(), torch.randn(2, 6, 32))  # short: one path
+    assert set(ib.captured_sites(model)) == {"attn.sdpa"}
+    first = model.attn.sdpa
+    ib.capture_attention(model, torch.randn(2, 10, 32))  # long: both paths
+    assert set(ib.captured_sites(model)) == {"attn.sdpa", "sdpa"} and model.attn.sdpa is first
 
 
 def test_unseen_call_site_is_an_error_naming_it():

@@ -24,6 +24,7 @@ fused fast path cannot be intercepted and is not taken while capturing).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import sys
@@ -79,9 +80,11 @@ def capture_attention(model: nn.Module, example_inputs: Any = None) -> nn.Module
             "capture_attention needs example_inputs for a model that is not a Hugging Face model using "
             "attn_implementation='sdpa': call sites are found by running one forward"
         )
-    sites = _discover(model, example_inputs)
+    known = getattr(model, _SITES_ATTR, None) or {}
+    # a second capture (e.g. with a longer example) adds only the call sites the first did not see
+    sites = {key: fn for key, fn in _discover(model, example_inputs).items() if key not in known}
     if not sites:
-        return model  # no attention: the model is left as it was
+        return model  # no (new) attention: the model is left as it was
     table: dict[tuple[str, str, int, int], str] = {}
     for (owner_name, file, line, offset), fn in sites.items():
         owner = model.get_submodule(owner_name) if owner_name else model
@@ -264,13 +267,17 @@ def _owner_name(frame: types.FrameType | None, names: dict[int, str]) -> str | N
 
 def _discover(model: nn.Module, example_inputs: Any) -> dict[tuple[str, str, int, int], str]:
     mode = _CallSiteMode(model, discover=True)
-    with torch.no_grad(), mode:
-        if isinstance(example_inputs, dict):
-            model(**example_inputs)
-        elif isinstance(example_inputs, (tuple, list)):
-            model(*example_inputs)
-        else:
-            model(example_inputs)
+    token = _DISCOVERING.set(True)
+    try:
+        with torch.no_grad(), mode:
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        _DISCOVERING.reset(token)
     return mode.found
 
 
@@ -283,6 +290,7 @@ def _free_name(owner: nn.Module, base: str) -> str:
 
 
 _ROUTED_CLASSES: dict[type, type] = {}  # float class -> its routed subclass
+_DISCOVERING = contextvars.ContextVar("inc_bridge_discovering", default=False)
 _INNER_FORWARD = "_inc_bridge_inner_forward"  # an instance-level forward the model had before capture
 
 
@@ -311,9 +319,12 @@ def _routed_class(base: type) -> type:
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
+        inner = self.__dict__.get(_INNER_FORWARD)
+        call = inner if inner is not None else functools.partial(original, self)
+        if _DISCOVERING.get():  # capture_attention again: find the call sites, route nothing
+            return call(*args, **kwargs)
         with _CallSiteMode(self, discover=False):
-            inner = self.__dict__.get(_INNER_FORWARD)
-            return inner(*args, **kwargs) if inner is not None else original(self, *args, **kwargs)
+            return call(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):
         # copies and pickles rebuild an instance of the routed class of ``base`` (which a new
