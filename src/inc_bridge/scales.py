@@ -127,14 +127,11 @@ def weight_amax_per_channel(weight: torch.Tensor) -> torch.Tensor:
 
     Memoised per live, unmodified weight: calibration records it and every trial's scales need it.
     """
-    key = (id(weight), weight._version)
-    hit = _WEIGHT_AMAX.get(key)
-    if hit is None or hit[0]() is not weight:
+    def compute() -> torch.Tensor:
         w = weight.detach().reshape(weight.shape[0], -1)
-        per_channel = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())
-        hit = (weakref.ref(weight, lambda _, key=key: _WEIGHT_AMAX.pop(key, None)), per_channel)
-        _WEIGHT_AMAX[key] = hit
-    return hit[1]
+        return torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())
+
+    return _memo(_WEIGHT_AMAX, weight, (), compute)
 
 
 # (id, version, format, range, scales) -> (weakref to the weight, FP8 data, dequant scale). The weak
@@ -167,14 +164,20 @@ def drop_quantized_weights() -> None:
     _QUANTIZED_WEIGHTS.clear()
 
 
-def _memo_scale(owner: object, settings: tuple, compute) -> torch.Tensor:
-    """``compute()`` remembered for ``owner`` (alive, and unmodified if a tensor) and ``settings``."""
+def _memo(cache: dict, owner: object, settings: tuple, compute, limit: int | None = None) -> torch.Tensor:
+    """``compute()`` remembered in ``cache`` for ``owner`` (alive, and unmodified if a tensor) and
+    ``settings``. The entry holds a weak reference: a hit is certain to be the same live object, not
+    a reused id, and the entry goes when the object goes. ``limit``: first-in-first-out bound."""
     key = (id(owner), getattr(owner, "_version", None), *settings)
-    hit = _SCALES.get(key)
+    hit = cache.get(key)
     if hit is not None and hit[0]() is owner:
         return hit[1]
     value = compute()
-    _remember(_SCALES, key, (weakref.ref(owner, lambda _, key=key: _SCALES.pop(key, None)), value), _CACHE_SIZE * 8)
+    entry = (weakref.ref(owner, lambda _, key=key: cache.pop(key, None)), value)
+    if limit is None:
+        cache[key] = entry
+    else:
+        _remember(cache, key, entry, limit)
     return value
 
 
@@ -185,7 +188,7 @@ def clear_caches() -> None:
     trials made; this frees the weight amax values and clips of weights still alive, and lets
     benchmarks time a run as a first one.
     """
-    _QUANTIZED_WEIGHTS.clear()
+    drop_quantized_weights()
     _WEIGHT_AMAX.clear()
     _CLIPS.clear()
     _COUNTS.clear()
@@ -334,15 +337,15 @@ def layer_scales(
         if not stats.input_amax:
             raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
         settings = (aq.scale_method, aq.percentile, fmt, full, hp_dtype)
-        input_scales = tuple(_memo_scale(stats, (i, *settings), lambda i=i: _activation_scale(stats, i, aq, fmt, full, hp_dtype))
-                             for i in range(len(stats.input_amax)))
+        input_scales = tuple(_memo(_SCALES, stats, (i, *settings), lambda i=i: _activation_scale(stats, i, aq, fmt, full, hp_dtype),
+                                   _CACHE_SIZE * 8) for i in range(len(stats.input_amax)))
     if not kind.has_weight:
         return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, None)
     gran = wq.granularity
     if weight is not None:
-        return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, _memo_scale(
-            weight, (gran, wq.scale_method, full, hp_dtype),
-            lambda: maxabs_scale(weight_amax(weight, gran, hp_dtype), full, WEIGHT_BACKOFF, wq.scale_method)))
+        return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, _memo(
+            _SCALES, weight, (gran, wq.scale_method, full, hp_dtype),
+            lambda: maxabs_scale(weight_amax(weight, gran, hp_dtype), full, WEIGHT_BACKOFF, wq.scale_method), _CACHE_SIZE * 8))
     if gran is Granularity.PER_TENSOR and stats.weight_amax is not None:
         w_amax = torch.tensor(stats.weight_amax, dtype=hp_dtype)
     elif gran is Granularity.PER_CHANNEL and stats.weight_amax_per_channel is not None:
