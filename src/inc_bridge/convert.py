@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import nn
 
@@ -21,7 +19,7 @@ from .errors import ConversionError
 from .kernels import model_device, resolve_backend
 from .recipe import Backend, Form, Recipe
 from .scales import ScaleSet
-from .sharing import sharing_tensors
+from .sharing import shared_tensors, sharing_tensors
 
 _RESULT_ATTR = "_inc_bridge_conversion"
 
@@ -116,7 +114,7 @@ def convert(
         # replacements: the float weights being replaced are never copied.
         memo = {id(modules[name]): new for name, new in replacements.items()}
         if share_unconverted:
-            memo.update(_shared_tensors(model))
+            memo.update(shared_tensors(model))
         target = copy.deepcopy(model, memo)
 
     _attach_result(target, form, backend_name, scales, Backend(backend).value)
@@ -155,12 +153,7 @@ def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SU
 
 def structural_copy(model: nn.Module) -> nn.Module:
     """New module objects (and attributes), the same parameter and buffer tensors."""
-    return copy.deepcopy(model, _shared_tensors(model))
-
-
-def _shared_tensors(model: nn.Module) -> dict[int, Any]:
-    """A deepcopy memo that maps every parameter and buffer to itself (so the copy shares them)."""
-    return {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared_tensors(model))
 
 
 def _plan(model: nn.Module, scales: ScaleSet, form: Form | str, backend: Backend | str,

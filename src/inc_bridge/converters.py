@@ -9,7 +9,6 @@ Lookups are by exact type: a subclass of ``nn.Linear`` may use its weight in way
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +19,7 @@ from .nn import QConv2d, QEmbedding, QuantizedLinear
 from .nn.attention import QSDPA, SDPA, Matmul, QMatmul
 from .recipe import Op
 from .scales import LayerScales
-from .sharing import tensors_shared
+from .sharing import shared_tensors, tensors_shared
 from .tensor import Float8StaticTensor
 
 
@@ -91,7 +90,7 @@ def _leaf_copy(module: nn.Module, **params: nn.Parameter) -> nn.Module:
     """
     share = tensors_shared()
     if module._modules:
-        memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())} if share else {}
+        memo = shared_tensors(module) if share else {}
         memo.update({id(module._parameters[k]): v for k, v in params.items()})  # the replacements win
         return copy.deepcopy(module, memo)
     new = object.__new__(type(module))

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
 
 _SHARING = contextvars.ContextVar("inc_bridge_sharing_tensors", default=False)
 
@@ -22,6 +26,12 @@ def sharing_tensors() -> Iterator[None]:
         yield
     finally:
         _SHARING.reset(token)
+
+
+def shared_tensors(module: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo mapping every parameter and buffer of ``module`` to itself, so the
+    copy shares them."""
+    return {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
 
 
 def tensors_shared() -> bool:
