@@ -106,14 +106,14 @@ class _Native:
         """``quant.dequantize_fp8`` of q viewed as [rows, -1], one scale or one per row.
 
         ``transpose=True`` returns the [-1, rows] contiguous transpose, equal to dequantizing
-        ``q.t().contiguous()`` with ``scale.t()``.
+        ``q.t().contiguous()`` with ``scale.t()``. With one scale ``q`` may be any dense layout
+        (elementwise in memory order; the result keeps the layout); per row it must be contiguous.
         """
         n = q.shape[0]
         k = q.numel() // n if n else 0
         per_row = scale.numel() > 1
         scale = scale.to(torch.float32).contiguous()
-        shape = (k, n) if transpose else tuple(q.shape)
-        out = torch.empty(shape, dtype=out_dtype)
+        out = torch.empty((k, n), dtype=out_dtype) if transpose else torch.empty_like(q, dtype=out_dtype)
         self.lib.ib_dequant(q.data_ptr(), n, k, scale.data_ptr(), int(per_row), _FORMAT[q.dtype], out.data_ptr(),
                             _DTYPE[out_dtype], int(transpose), torch.get_num_threads())
         return out
@@ -203,9 +203,8 @@ def _dense(t: torch.Tensor) -> bool:
 def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor | None:
     """``quant.quantize_fp8`` by native code for a 0-d fp32 scale or one per row shaped to broadcast
     over ``x`` ([rows, 1, ...]); None where it cannot run (torch's broadcasting rules then apply)."""
-    lib = native()
-    if (lib is None or not _plain_cpu(x, scale) or fp8_dtype not in _FORMAT or x.dtype not in _DTYPE
-            or scale.dtype != torch.float32 or x.dim() == 0 or not _dense(x)):
+    lib = _native_for(Fp8Params(fp8_dtype, fp8_max, x.dtype), x)
+    if lib is None or not _plain_cpu(x, scale) or scale.dtype != torch.float32 or x.dim() == 0:
         return None
     if scale.dim() == 0:  # elementwise in memory order: any dense layout (the result keeps it)
         return lib.quantize(x, scale, fp8_dtype, fp8_max)
@@ -223,13 +222,7 @@ def native_dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dty
     if (lib is None or not _plain_cpu(q, scale) or q.dtype not in _FORMAT or out_dtype not in _DTYPE or q.dim() == 0
             or scale.dim() != 0 or scale.dtype != torch.float32 or not _dense(q)):
         return None
-    if q.is_contiguous():
-        return lib.dequant(q, scale, out_dtype)
-    out = torch.empty_like(q, dtype=out_dtype)  # same strides: elementwise in memory order
-    rows = q.numel() // q.shape[-1] if q.shape[-1] else 0
-    lib.lib.ib_dequant(q.data_ptr(), rows, q.shape[-1], scale.data_ptr(), 0, _FORMAT[q.dtype], out.data_ptr(),
-                       _DTYPE[out_dtype], 0, torch.get_num_threads())
-    return out
+    return lib.dequant(q, scale, out_dtype)
 
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:
