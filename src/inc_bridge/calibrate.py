@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _inc
 from .activation import quantized_positions
+from .batches import run_batch
 from .convert import structural_copy
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_name
@@ -200,17 +201,12 @@ def _runner(calib_data: CalibData) -> Callable[[nn.Module], int]:
             n = 0
             for n, batch in enumerate(calib_data, start=1):
                 try:
-                    if isinstance(batch, torch.Tensor):
-                        model(batch)
-                    elif isinstance(batch, Mapping):
-                        model(**batch)
-                    elif isinstance(batch, (tuple, list)):
-                        model(*batch)
-                    else:
+                    if not isinstance(batch, (torch.Tensor, Mapping, tuple, list)):
                         raise CalibrationError(
                             f"calibration batch {n - 1}: expected a tensor, a tuple of arguments or a dict of "
                             f"keyword arguments, got {type(batch).__name__}"
                         )
+                    run_batch(model, batch)
                 except CalibrationError:
                     raise
                 except Exception as exc:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .batches import run_batch
 from .errors import ConversionError
 from .nn.attention import SDPA, Matmul
 
@@ -270,12 +271,7 @@ def _discover(model: nn.Module, example_inputs: Any) -> dict[tuple[str, str, int
     token = _DISCOVERING.set(True)
     try:
         with torch.no_grad(), mode:
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            run_batch(model, example_inputs)
     finally:
         _DISCOVERING.reset(token)
     return mode.found

@@ -13,14 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+from .batches import run_batch
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -44,7 +37,7 @@ def layer_sqnr(float_model: nn.Module, qmodel: nn.Module, names: list[str], batc
 
         handles.append(float_model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
     try:
-        _run(float_model, batch)
+        run_batch(float_model, batch)
     finally:
         for h in handles:
             h.remove()
