@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import SerializationError
+from .safe_io import write_atomic
 
 REPORT_SCHEMA_VERSION = 2  # 2 added ``timings``; version 1 reports read with none
 
@@ -120,16 +119,5 @@ class Report:
             **{f"{name}.svg": svg for name, svg in plots.items()},
         }
         for name, text in files.items():
-            _write_atomic(directory / name, text)
+            write_atomic(directory / name, text)
         return directory
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
