@@ -7,7 +7,8 @@ Example:
     >>> qmodel = ib.convert(model, ib.compute_scales(meas, model=model), form="module")  # doctest: +SKIP
 """
 
-from . import nn
+# _torchao_import first: it imports torchao with its import-time log lines muted, before any module below does.
+from . import _torchao_import, nn  # noqa: F401  (_torchao_import: imported for its effect)
 from .activation import Float8ActivationTensor
 from .calibrate import calibrate
 from .capture import capture_attention, captured_sites
