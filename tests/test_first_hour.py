@@ -19,3 +19,87 @@ def test_import_leaves_no_logging_filters_behind():
 
     for name in ("torchao", "torch.utils._pytree"):
         assert logging.getLogger(name).filters == []
+
+
+# ---------------------------------------------------------------- summaries name what stayed float
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import inc_bridge as ib  # noqa: E402
+
+from .models import LinearNet, linear_batches  # noqa: E402
+
+
+class _Mixed(nn.Module):
+    """A Linear inc_bridge converts, a Conv1d and a 3-D expert parameter it cannot, an embedding it skips."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 32)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 32, 64))
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        h = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+        h = h + torch.einsum("bsk,kn->bsn", h, self.experts.gate_up_proj[0][:, :32])
+        return self.fc(h)
+
+
+def _ids(n=2):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 16, (2, 5), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_summary_lists_every_module_left_in_float_with_reason_and_bytes(form):
+    q = ib.quantize(_Mixed().eval(), _ids(), form=form)
+    result = ib.conversion_result(q)
+    left = {f.name: f for f in result.float_left}
+    assert set(left) == {"emb", "conv", "experts"}
+    assert left["conv"].unsupported and left["conv"].module_type == "Conv1d"
+    assert left["experts"].unsupported and left["experts"].nbytes == 4 * 32 * 64 * 4
+    assert left["emb"].reason == "op 'embedding' not in quantization.ops" and not left["emb"].unsupported
+    text = result.summary()
+    assert text.startswith("1 layer converted (form=")
+    assert "3 modules with weight matrices left in high precision" in text
+    assert f"kept conv (Conv1d, {32 * 32 * 3 * 4} B): unsupported type: no converter for Conv1d" in text
+    assert f"kept experts (Module, {_mib(4 * 32 * 64 * 4)}): unsupported type" in text
+
+
+def _mib(n):
+    return f"{n / 2**20:.2f} MiB"
+
+
+def test_strict_raises_for_unsupported_matrix_layers_unless_excluded():
+    with pytest.raises(ib.ConversionError, match=r"strict=True: 2 module\(s\).*conv \(Conv1d\), experts \(Module\)"):
+        ib.quantize(_Mixed().eval(), _ids(), strict=True)
+    recipe = ib.Recipe.model_validate({"quantization": {"exclude": ["conv", "re:experts"]}})
+    q = ib.quantize(_Mixed().eval(), _ids(), recipe, strict=True)
+    assert ib.conversion_result(q).converted == {"fc": "linear"}
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_quantizing_a_quantized_model_says_so(form):
+    q = ib.quantize(LinearNet(), linear_batches(), form=form)
+    with pytest.raises(ib.ConversionError, match="already quantized"):
+        ib.quantize(q, linear_batches())
+    scales = ib.compute_scales(ib.calibrate(LinearNet(), linear_batches()), model=LinearNet())
+    with pytest.raises(ib.ConversionError, match="already quantized"):
+        ib.convert(q, scales)
+
+
+def test_train_mode_model_warns_and_result_is_in_eval_mode():
+    model = LinearNet().train()
+    with pytest.warns(UserWarning, match="train mode"):
+        q = ib.quantize(model, linear_batches())
+    assert not q.training and not any(m.training for m in q.modules())
+    assert model.training  # the caller's model keeps its mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ib.quantize(model.eval(), linear_batches())  # no warning in eval mode

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .converters import converter_for
+from .coverage import FloatMatrix, float_matrices, quantized_layers
 from .errors import ConversionError
 from .kernels import model_device, resolve_backend
 from .recipe import Backend, Form, Recipe
@@ -32,6 +33,8 @@ class ConversionResult:
     ``inc_bridge.save`` records both (a model loaded from disk has the recipe but no ScaleSet).
     ``backend`` is the backend the layers run with; ``backend_requested`` what was asked for
     (``"auto"`` means: the best available where the model runs, so ``inc_bridge.load`` picks again).
+    ``float_left`` lists every module still holding a float weight matrix (quantizable or not), with
+    the reason and its bytes; ``conversion_result(qmodel)`` fills it from the model.
     """
 
     form: Form
@@ -41,12 +44,28 @@ class ConversionResult:
     scales: ScaleSet | None = None
     recipe: Recipe | None = None
     backend_requested: str | None = None
+    float_left: list[FloatMatrix] | None = None
 
     def summary(self) -> str:
-        lines = [f"{len(self.converted)} layers converted (form={self.form.value}, backend={self.backend}), "
-                 f"{len(self.skipped)} left in high precision"]
-        lines += [f"  kept {name}: {why}" for name, why in self.skipped.items()]
+        """What was converted, and every module left in high precision with its reason and bytes."""
+        head = f"{_count(len(self.converted), 'layer')} converted (form={self.form.value}, backend={self.backend})"
+        if self.float_left is None:  # not filled from a model: the quantizable layers kept are all we know
+            lines = [f"{head}, {_count(len(self.skipped), 'quantizable layer')} left in high precision"]
+            return "\n".join(lines + [f"  kept {name}: {why}" for name, why in self.skipped.items()])
+        left = sum(f.nbytes for f in self.float_left)
+        unsupported = sum(f.nbytes for f in self.float_left if f.unsupported)
+        lines = [f"{head}; {_count(len(self.float_left), 'module')} with weight matrices left in high precision "
+                 f"({_mib(left)}, of which {_mib(unsupported)} in types inc_bridge cannot quantize)"]
+        lines += [f"  kept {f.name} ({f.module_type}, {_mib(f.nbytes)}): {f.reason}" for f in self.float_left]
         return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**14 else f"{nbytes} B"
 
 
 def conversion_result(model: nn.Module) -> ConversionResult:
@@ -58,7 +77,24 @@ def conversion_result(model: nn.Module) -> ConversionResult:
     result = getattr(model, _RESULT_ATTR, None)
     if result is None:
         raise ConversionError("this model was not produced by inc_bridge.convert (no conversion result attached)")
+    if result.float_left is None:
+        result.float_left = float_matrices(model, result.converted, result.skipped)
     return result
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    """Raise ConversionError when ``model`` already holds FP8 layers: they are not quantized twice.
+
+    Quantizing FP8 weights again would measure the rounded weights and stack a second rounding on
+    the first; start from the float model instead.
+    """
+    names = quantized_layers(model)
+    if names:
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+        raise ConversionError(
+            f"the model is already quantized (FP8 layers: {shown}); quantize the float model it came from, "
+            "or use this one as it is"
+        )
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module, modules: dict[str, nn.Module] | None = None) -> None:
@@ -94,12 +130,14 @@ def convert(
     Returns:
         The quantized model; ``conversion_result(qmodel)`` lists converted and skipped layers.
     Raises:
-        ConversionError: a scaled layer is missing from the model, of another type or shape.
+        ConversionError: a scaled layer is missing from the model, of another type or shape, or the
+            model is already quantized.
         BackendUnavailableError: ``backend`` cannot run here.
 
     Example:
         >>> qmodel = convert(model, scales, form="module")   # doctest: +SKIP
     """
+    check_not_quantized(model)
     form, backend_name, impls, modules = _plan(model, scales, form, backend)
     if inplace:
         # Layer by layer: each float layer is released as soon as its FP8 replacement is in place,

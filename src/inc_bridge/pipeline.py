@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ from torch import nn
 
 from .calibrate import CalibData, calibrate
 from .capture import capture_attention, captured_sites
-from .convert import conversion_result, convert
-from .errors import CalibrationError
+from .convert import check_not_quantized, conversion_result, convert
+from .coverage import float_matrices
+from .errors import CalibrationError, ConversionError
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
 from .measurements import LayerStats, Measurements
 from .recipe import Op, Recipe, resolve_recipe
@@ -114,18 +116,49 @@ def quantize(
     recipe: Recipe | Path | str | None = None,
     *,
     workdir: Path | str | None = None,
+    strict: bool = False,
     **convert_kwargs: Any,
 ) -> nn.Module:
     """``calibrate`` + ``compute_scales`` + ``convert`` in one call.
 
     ``form`` and ``backend`` default to the recipe's; ``convert_kwargs`` override them. When the
     recipe quantizes attention (``sdpa`` / ``bmm``) and ``model`` is not captured yet, a copy of it
-    is captured first, with the first calibration batch as the example input.
+    is captured first, with the first calibration batch as the example input. Calibration always
+    runs in eval mode; a model in train mode gets a warning, and the quantized model is returned
+    in eval mode (FP8 models are for inference; ``model`` itself keeps its mode).
+
+    Args:
+        strict: raise instead of leaving a module that holds a weight matrix in float because
+            inc_bridge has no converter for its type (``conversion_result(q).summary()`` lists them
+            otherwise).
+    Raises:
+        ConversionError: the model is already quantized, or ``strict`` and a matrix-bearing module is
+            of an unsupported type.
+        CalibrationError: see ``calibrate``.
 
     Example:
         >>> qmodel = quantize(model, calib_batches)   # doctest: +SKIP
     """
     recipe = resolve_recipe(recipe)
+    check_not_quantized(model)
+    if strict:
+        sel = select_layers(model, recipe.quantization)
+        exclude = recipe.quantization.exclude
+        unsupported = [f for f in float_matrices(model, sel.selected, sel.skipped)
+                       if f.unsupported and not any(matches(f.name, s) for s in exclude)]
+        if unsupported:
+            shown = ", ".join(f"{f.name} ({f.module_type})" for f in unsupported[:5])
+            raise ConversionError(
+                f"strict=True: {len(unsupported)} module(s) hold weight matrices of a type inc_bridge cannot "
+                f"quantize and would stay float: {shown}{' ...' if len(unsupported) > 5 else ''}; "
+                "exclude them in the recipe's quantization.exclude to accept that, or pass strict=False"
+            )
+    if model.training:
+        warnings.warn(
+            "inc_bridge.quantize: the model is in train mode; it is calibrated in eval mode and the quantized "
+            "model is returned in eval mode (call model.eval() first to silence this)",
+            UserWarning, stacklevel=2,
+        )
     kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend, **convert_kwargs}
     if {Op.SDPA, Op.BMM} & set(recipe.quantization.ops) and not captured_sites(model):
         # Attention must be captured before calibration; do it on a copy, never on the caller's model.
@@ -136,7 +169,7 @@ def quantize(
     scales = compute_scales(measurements, recipe, model=model)
     qmodel = convert(model, scales, **kwargs)
     conversion_result(qmodel).recipe = recipe  # ib.save records it
-    return qmodel
+    return qmodel.eval()
 
 
 def _peek(calib_data: CalibData) -> tuple[CalibData, Any]:

@@ -1,0 +1,95 @@
+"""What a model still holds in high precision after ``convert``, and why.
+
+A conversion summary that counts only the layers inc_bridge knows hides the ones it does not:
+GPT-2's ``Conv1D``, fused MoE expert parameters, ``nn.Conv1d``, ``nn.MultiheadAttention``'s
+projections. ``float_matrices`` walks the model and lists every module that directly holds a float
+parameter of two or more dimensions (a weight matrix, a conv kernel, stacked experts) and was not
+converted, with the reason and its bytes, so a summary can say how much of the model stayed float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .converters import converter_for, describe_registered
+from .nn._fp8_module import Fp8Module
+from .tensor import Float8StaticTensor
+
+UNSUPPORTED = "unsupported type"
+
+
+@dataclass(frozen=True)
+class FloatMatrix:
+    """A module left in high precision: ``nbytes`` of float matrices under ``name``."""
+
+    name: str
+    module_type: str
+    reason: str
+    nbytes: int
+
+    @property
+    def unsupported(self) -> bool:
+        return self.reason.startswith(UNSUPPORTED)
+
+
+def _float_matrix_bytes(module: nn.Module) -> int:
+    total, seen = 0, set()
+    for p in module.parameters(recurse=False):
+        if isinstance(p, Float8StaticTensor) or id(p) in seen:
+            continue
+        seen.add(id(p))  # a parameter registered twice in one module counts once
+        if p.dim() >= 2 and p.is_floating_point() and p.element_size() > 1:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def float_matrices(model: nn.Module, converted: Mapping[str, object] | set[str] = frozenset(),
+                   skipped: Mapping[str, str] | None = None) -> list[FloatMatrix]:
+    """Every module outside ``converted`` that holds a float weight matrix, with why it was kept.
+
+    Args:
+        model: a float or converted model.
+        converted: names of converted layers (their subtrees are FP8 and not listed).
+        skipped: layer name → the reason selection or tuning gave (kept as is).
+    Returns:
+        One ``FloatMatrix`` per module, in ``named_modules`` order. A tensor shared by several
+        modules (tied weights) is counted at its first owner only.
+    """
+    skipped = skipped or {}
+    done: list[str] = []
+    seen: set[int] = set()
+    found = []
+    for name, module in model.named_modules():
+        if name in converted or isinstance(module, Fp8Module):
+            done.append(name)
+            continue
+        if any(name.startswith(p + ".") for p in done if p):
+            continue
+        fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        if not fresh or (nbytes := _float_matrix_bytes(module)) == 0:
+            continue
+        if name in skipped:
+            reason = skipped[name]
+        elif converter_for(module) is None:
+            reason = f"{UNSUPPORTED}: no converter for {type(module).__name__} (converters: {describe_registered()})"
+        else:
+            reason = "not selected"
+        found.append(FloatMatrix(name or "(root)", type(module).__name__, reason, nbytes))
+    return found
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of modules that already hold FP8 weights (either form): such a model is not re-quantized."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Module) or any(
+            isinstance(p, Float8StaticTensor) or p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+            for p in module.parameters(recurse=False)
+        ):
+            names.append(name or "(root)")
+    return names
