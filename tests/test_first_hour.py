@@ -103,3 +103,20 @@ def test_train_mode_model_warns_and_result_is_in_eval_mode():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ib.quantize(model.eval(), linear_batches())  # no warning in eval mode
+
+
+# ---------------------------------------------------------------- report text
+
+
+def test_report_prints_thresholds_with_the_digits_that_matter():
+    from inc_bridge.report_render import render_markdown
+
+    from .test_report import make_report
+
+    report = make_report()
+    report.tolerance = {"kind": "absolute", "value": 0.00002, "threshold": 0.99998}
+    report.baseline_metric = 1.0
+    md = render_markdown(report)
+    assert "**Threshold:** 0.99998" in md  # was printed as "1" with four significant digits
+    report.tolerance["threshold"] = 0.8123 * 0.99
+    assert "**Threshold:** 0.804177" in render_markdown(report)

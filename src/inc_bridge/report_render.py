@@ -47,12 +47,18 @@ def _esc(text: Any) -> str:
 
 
 def _num(value: float | None) -> str:
-    """Four significant digits; ``-`` for a missing value."""
+    """A value with the digits that matter; ``-`` for a missing value.
+
+    Four significant digits hide what a tolerance is about (a 0.99998 threshold printed as "1"), so
+    a float prints as its shortest exact form when that is short (0.99998) and with six significant
+    digits otherwise (0.963889).
+    """
     if value is None:
         return "-"
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    return f"{value:.4g}"
+    short = repr(float(value))
+    return short if len(short) <= 9 and "e" not in short else f"{value:.6g}"
 
 
 def _nums(values: Iterable[float]) -> str:
