@@ -120,3 +120,12 @@ def test_report_prints_thresholds_with_the_digits_that_matter():
     assert "**Threshold:** 0.99998" in md  # was printed as "1" with four significant digits
     report.tolerance["threshold"] = 0.8123 * 0.99
     assert "**Threshold:** 0.804177" in render_markdown(report)
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_captured_sites_lists_attention_in_both_forms(form):
+    from .attention_models import FunctionalAttention
+
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa"]}})
+    q = ib.quantize(FunctionalAttention().eval(), [torch.randn(2, 6, 32) for _ in range(2)], recipe, form=form)
+    assert ib.captured_sites(q) == {"sdpa": "sdpa"}

@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from .batches import run_batch
 from .errors import ConversionError
-from .nn.attention import SDPA, Matmul
+from .nn.attention import QSDPA, SDPA, Matmul, QMatmul
 
 HF_IMPLEMENTATION = "inc_bridge"
 _SITES_ATTR = "_inc_bridge_sites"  # on the root: {(owner name, file, line, bytecode offset): module name}
@@ -102,11 +102,15 @@ def capture_attention(model: nn.Module, example_inputs: Any = None) -> nn.Module
 
 
 def captured_sites(model: nn.Module) -> dict[str, str]:
-    """Module name → kind ("sdpa", "matmul", "bmm", "baddbmm") of every captured attention module."""
+    """Module name → kind ("sdpa", "matmul", "bmm", "baddbmm") of every captured attention module.
+
+    Float sites (``SDPA``, ``Matmul``, also when the subclass form quantized them in place) and the
+    module form's swapped ones (``QSDPA``, ``QMatmul``) alike: a module-form model is captured too.
+    """
     return {
-        name: ("sdpa" if isinstance(m, SDPA) else m.fn)
+        name: ("sdpa" if isinstance(m, (SDPA, QSDPA)) else m.fn)
         for name, m in model.named_modules()
-        if isinstance(m, (SDPA, Matmul))
+        if isinstance(m, (SDPA, Matmul, QSDPA, QMatmul))
     }
 
 
