@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from .models import SENTENCES, ToyNet, embed, load_minilm, minilm_batches, toy_b
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+FORMS = ("module", "subclass")
 FP8_TYPES = {torch.float8_e4m3fn: onnx.TensorProto.FLOAT8E4M3FN, torch.float8_e5m2: onnx.TensorProto.FLOAT8E5M2}
 
 
@@ -211,15 +214,26 @@ def test_export_leaves_model_alone_and_rejects_unsupported_layers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["toy.onnx"]
 
 
-def test_bf16_model_exports_as_float(tmp_path):
+def _parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """A tensor, or the plain tensors a tensor subclass is made of (torch.equal does not take subclasses)."""
+    if type(t) in (torch.Tensor, nn.Parameter):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [getattr(t, n) for n in names]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bf16_model_exports_as_float_without_changing_the_model(tmp_path, form):
     model = ToyNet().eval().to(torch.bfloat16)
     scales = ib.compute_scales(ib.calibrate(model, toy_batches(dtype=torch.bfloat16)), model=model)
-    qmodel = ib.convert(model, scales, form="module")
-    with pytest.raises(ib.SerializationError, match=r"export qmodel.float\(\)"):
-        ib.export_onnx(qmodel, toy_example().to(torch.bfloat16), tmp_path / "bf16.onnx")
-    qfloat = qmodel.float()  # FP8 weights stay FP8; the layers compute in fp32
-    assert qfloat.proj.weight.dtype == torch.float8_e4m3fn
-    path = ib.export_onnx(qfloat, toy_example(), tmp_path / "fp32.onnx")
+    qmodel = ib.convert(model, scales, form=form)
+    before = {n: [p.clone() for p in _parts(t)] for n, t in qmodel.state_dict().items()}
+    path = ib.export_onnx(qmodel, toy_example().to(torch.bfloat16), tmp_path / "bf16.onnx")
+    after = {n: _parts(t) for n, t in qmodel.state_dict().items()}  # no .float() on the caller's model
+    assert before.keys() == after.keys()
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for n in before for a, b in zip(after[n], before[n], strict=True))
+    assert qmodel.head.bias.dtype == torch.bfloat16
+    qfloat = copy.deepcopy(qmodel).float()  # what the graph computes: FP8 weights, fp32 compute
     x = toy_example()
     with torch.no_grad():
         ref = qfloat(x)
@@ -256,7 +270,6 @@ def test_cli_export_onnx(tmp_path, capsys):
 
 # ------------------------------------------------------------------ attention and embeddings
 
-FORMS = ("module", "subclass")
 ATTENTION = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa", "bmm"]}})
 
 
@@ -507,11 +520,12 @@ def test_tiny_llama_export(tmp_path, form):
     from .attention_models import tiny_llama
 
     llama = ib.capture_attention(tiny_llama())
-    llama.config.use_cache = False  # logits only: no key/value cache outputs
+    assert llama.config.use_cache  # export_onnx exports logits only, without the caller setting use_cache=False
     recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa"], "exclude": ["lm_head"]}})
     meas = ib.calibrate(llama, [torch.randint(0, 128, (2, n)) for n in (8, 12, 16)], recipe)
     qmodel = ib.convert(llama, ib.compute_scales(meas, recipe, model=llama), form=form, backend="emulated")
     path = ib.export_onnx(qmodel, {"input_ids": torch.randint(0, 128, (2, 10))}, tmp_path / "llama.onnx")
+    assert qmodel.config.use_cache  # set on the exported copy only
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
     _assert_qdq_structure(proto, n_layers=14, fp8_type=onnx.TensorProto.FLOAT8E4M3FN)  # 7 Linear layers × 2

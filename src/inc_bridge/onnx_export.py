@@ -229,7 +229,10 @@ def export_onnx(
     dimension of every input tensor is dynamic where the model allows it (``torch.export.Dim.AUTO``):
     batch and sequence length (or image size) may differ from the example's; feature sizes must not,
     even where the graph leaves them symbolic. Give example inputs with batch and sequence larger
-    than 1 (torch.export fixes dimensions of size 0 or 1). bf16 models: export ``qmodel.float()``.
+    than 1 (torch.export fixes dimensions of size 0 or 1). A bf16 model is exported computing in fp32
+    (its FP8 weights stay FP8): ONNX lacks bf16 for some ops and onnxruntime's CPU kernels for most;
+    the exported graph takes fp32 inputs. Hugging Face decoders are exported with ``use_cache=False``
+    (logits only), without the caller setting it.
 
     Args:
         qmodel: from ``inc_bridge.convert`` / ``quantize`` / ``load``.
@@ -249,6 +252,11 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise SerializationError(f"FP8 QDQ export needs opset {MIN_OPSET} or newer, got {opset}")
     path = Path(path)
+    if _holds_bf16(qmodel):
+        # ONNX lacks bfloat16 for some ops (Conv) and onnxruntime's CPU kernels lack it for most: the
+        # graph computes in fp32 (FP8 weights stay FP8). Converted on a copy; the caller's model is kept.
+        qmodel = copy.deepcopy(qmodel).float()
+        example_inputs = _bf16_to_float(example_inputs)
     export_model, twins = _export_copy(qmodel)
     # Non-strict torch.export puts module attributes back after tracing (shallow copies), so hold on
     # to the twins' refusal lists themselves, which the traced forwards append to.
@@ -266,17 +274,24 @@ def export_onnx(
         _raise_refused(refusals, path)
         raise SerializationError(f"{path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     _raise_refused(refusals, path)
-    try:
-        _check_fp8_graph(proto, twins, path)
-    except SerializationError as exc:
-        if any(t.dtype == torch.bfloat16 for t in [*qmodel.parameters(), *qmodel.buffers()]):
-            raise SerializationError(
-                f"{exc}. ONNX lacks bfloat16 for some ops (Conv) and onnxruntime's CPU kernels lack it for most: "
-                "export qmodel.float() instead (its weights stay FP8; only the compute dtype changes)"
-            ) from None
-        raise
+    _check_fp8_graph(proto, twins, path)
     _write_atomic(proto, path)
     return path
+
+
+def _holds_bf16(model: nn.Module) -> bool:
+    return any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
+
+
+def _bf16_to_float(inputs: Any) -> Any:
+    """Example inputs with bf16 tensors as fp32 (nested tuples, lists and dicts; other values as they are)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.float() if inputs.dtype == torch.bfloat16 else inputs
+    if isinstance(inputs, dict):
+        return {k: _bf16_to_float(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_bf16_to_float(v) for v in inputs)
+    return inputs
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -319,7 +334,19 @@ def _export_copy(qmodel: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     twins = list(memo.values())  # deepcopy fills the memo with everything it copies
     # The twins share the FP8 tensors; everything else is deep-copied so qmodel stays untouched.
     export_model = copy.deepcopy(qmodel, memo)
+    _without_kv_cache(export_model)
     return export_model.eval(), twins
+
+
+def _without_kv_cache(model: nn.Module) -> None:
+    """Hugging Face models: export logits only, without the key/value cache object among the outputs.
+
+    A decoder's ``config.use_cache`` is True by default, and torch.export cannot return transformers'
+    ``DynamicCache``; the copy being exported gets ``use_cache=False`` (the caller's model keeps its own).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
 
 
 def _raise_refused(refusals: list[tuple[str, str, list[str]]], path: Path) -> None:
