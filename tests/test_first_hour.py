@@ -129,3 +129,41 @@ def test_captured_sites_lists_attention_in_both_forms(form):
     recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa"]}})
     q = ib.quantize(FunctionalAttention().eval(), [torch.randn(2, 6, 32) for _ in range(2)], recipe, form=form)
     assert ib.captured_sites(q) == {"sdpa": "sdpa"}
+
+
+# ---------------------------------------------------------------- ONNX export twins behave like the layers they replace
+
+
+class _ReadsAttributes(nn.Module):
+    """Model code that reads ``.weight.dtype`` and ``.num_embeddings``, as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 32, padding_idx=0)
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        ids = ids.clamp(max=self.emb.num_embeddings - 1)
+        return self.fc(self.emb(ids).to(self.fc.weight.dtype))
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_export_twins_expose_the_attributes_model_code_reads(tmp_path, form):
+    pytest.importorskip("onnxruntime")
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "embedding"]}})
+    q = ib.quantize(_ReadsAttributes().eval(), _ids(), recipe, form=form)
+    assert ib.export_onnx(q, _ids(1)[0], tmp_path / "m.onnx").is_file()
+
+
+def test_a_failing_export_twin_is_named(tmp_path, monkeypatch):
+    from inc_bridge import onnx_export
+
+    q = ib.quantize(LinearNet().eval(), linear_batches(), form="module")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("twin broke")
+
+    monkeypatch.setattr(onnx_export, "dequantize_weight", broken)
+    with pytest.raises(ib.SerializationError, match=r"failed in layer 'fc\d' \(QuantizedLinear\): RuntimeError: twin broke"):
+        ib.export_onnx(q, linear_batches(1)[0], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

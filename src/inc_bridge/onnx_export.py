@@ -120,6 +120,13 @@ class OnnxFp8Linear(OnnxTwin):
         self.register_buffer("input_scale", input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.fp8_max, self.dtype = fp8_max, dtype
+        self.out_features, self.in_features = qweight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized [out, in] weight in the model's dtype, for model code that reads ``.weight``
+        (its dtype or shape); traced only where read."""
+        return dequantize_weight(self.weight_t, self.weight_scale, 1, self.dtype).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = qdq(x, self.input_scale, self.weight_t.dtype, self.fp8_max)
@@ -160,11 +167,13 @@ class OnnxFp8Embedding(OnnxTwin):
     FP8 tensors; dequantization is elementwise, so gathering afterwards gives the same values.
     """
 
-    def __init__(self, qweight, weight_scale, dtype: torch.dtype) -> None:
+    def __init__(self, qweight, weight_scale, dtype: torch.dtype, padding_idx: int | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", qweight)
         self.register_buffer("weight_scale", weight_scale.reshape(-1) if weight_scale.dim() else weight_scale)
         self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, dequantize_weight(self.weight, self.weight_scale, 0, self.dtype))
@@ -201,7 +210,7 @@ def _export_subclass_conv2d(m: nn.Conv2d) -> nn.Module:
 
 @register_onnx_export(QEmbedding)
 def _export_qembedding(m: QEmbedding) -> nn.Module:
-    return OnnxFp8Embedding(m.weight, m.weight_scale, m.dtype)
+    return OnnxFp8Embedding(m.weight, m.weight_scale, m.dtype, m.padding_idx)
 
 
 @register_onnx_export(nn.Embedding)
@@ -209,7 +218,7 @@ def _export_subclass_embedding(m: nn.Embedding) -> nn.Module:
     if m.max_norm is not None:
         raise SerializationError("nn.Embedding with max_norm renormalises its weight; it cannot be exported in FP8")
     w = _subclass_weight(m)
-    return OnnxFp8Embedding(w.qdata, w.scale, w.dtype)
+    return OnnxFp8Embedding(w.qdata, w.scale, w.dtype, m.padding_idx)
 
 
 # ---------------------------------------------------------------- export
@@ -272,7 +281,12 @@ def export_onnx(
         proto = program.model_proto
     except Exception as exc:
         _raise_refused(refusals, path)
-        raise SerializationError(f"{path}: torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+        root = exc
+        while root.__cause__ is not None:  # the exporter's wrapper says "see the stack above": say what failed
+            root = root.__cause__
+        raise SerializationError(
+            f"{path}: torch.onnx.export failed{_failing_twin(exc)}: {type(root).__name__}: {root}"
+        ) from exc
     _raise_refused(refusals, path)
     _check_fp8_graph(proto, twins, path)
     _write_atomic(proto, path)
@@ -347,6 +361,26 @@ def _without_kv_cache(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         config.use_cache = False
+
+
+def _failing_twin(exc: BaseException) -> str:
+    """`` in layer 'name' (Type)`` when the innermost twin on the failing call stack is known, else ''.
+
+    torch.export's own message points into the exporter; naming the quantized layer whose export
+    twin was running tells the user which layer to exclude or report.
+    """
+    found = ""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # the exporter wraps the original error
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, OnnxTwin):
+                found = f" in layer {owner.layer_name!r} ({owner.layer_type})"
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return found
 
 
 def _raise_refused(refusals: list[tuple[str, str, list[str]]], path: Path) -> None:
