@@ -167,3 +167,39 @@ def test_a_failing_export_twin_is_named(tmp_path, monkeypatch):
     with pytest.raises(ib.SerializationError, match=r"failed in layer 'fc\d' \(QuantizedLinear\): RuntimeError: twin broke"):
         ib.export_onnx(q, linear_batches(1)[0], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- tied weights stay tied
+
+
+class _Tied(nn.Module):
+    """A language-model shape: the output head holds the input embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.emb(ids))))
+
+
+_BOTH = {"quantization": {"ops": ["linear", "embedding"]}}
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_tied_weights_share_one_fp8_weight(form):
+    model = _Tied().eval()
+    q = ib.quantize(model, _ids(), ib.Recipe.model_validate(_BOTH), form=form)
+    assert q.emb.weight is q.head.weight
+    if form == "module":
+        assert q.emb.weight_scale is q.head.weight_scale and q.head.input_scale is not q.emb.__dict__.get("input_scale")
+    # the same outputs as quantizing an untied copy, where each layer quantized its own copy
+    untied = _Tied().eval()
+    untied.load_state_dict(model.state_dict())
+    untied.head.weight = nn.Parameter(model.emb.weight.detach().clone())
+    ref = ib.quantize(untied, _ids(), ib.Recipe.model_validate(_BOTH), form=form)
+    x = _ids(1)[0]
+    assert torch.equal(q(x), ref(x))

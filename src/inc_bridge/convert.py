@@ -21,6 +21,7 @@ from .kernels import model_device, resolve_backend
 from .recipe import Backend, Form, Recipe
 from .scales import ScaleSet
 from .sharing import shared_tensors, sharing_tensors
+from .ties import retie, tied_groups
 
 _RESULT_ATTR = "_inc_bridge_conversion"
 
@@ -129,6 +130,7 @@ def convert(
             models such as autotune's trials; changing one then changes the other).
     Returns:
         The quantized model; ``conversion_result(qmodel)`` lists converted and skipped layers.
+        Converted layers that shared a float weight (tied embeddings) share one FP8 weight.
     Raises:
         ConversionError: a scaled layer is missing from the model, of another type or shape, or the
             model is already quantized.
@@ -139,6 +141,7 @@ def convert(
     """
     check_not_quantized(model)
     form, backend_name, impls, modules = _plan(model, scales, form, backend)
+    tied = tied_groups(modules, [name for name, ls in scales.layers.items() if ls.kind.has_weight])
     if inplace:
         # Layer by layer: each float layer is released as soon as its FP8 replacement is in place,
         # so peak memory is the float model plus one layer.
@@ -154,7 +157,7 @@ def convert(
         if share_unconverted:
             memo.update(shared_tensors(model))
         target = copy.deepcopy(model, memo)
-
+    retie(tied, target.get_submodule)  # layers sharing a float weight share its FP8 weight
     _attach_result(target, form, backend_name, scales, Backend(backend).value)
     return target
 
