@@ -193,7 +193,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 
 
 def _name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    plain = typing.get_origin(hint) is None and getattr(hint, "__name__", None)
+    return plain or str(hint).replace("typing.", "")
 
 
 def _got(value: Any) -> str:
