@@ -355,7 +355,7 @@ _lines = st.lists(
 )
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=_lines, newline_at_end=st.booleans())
 def test_crafted_trial_logs_raise_only_inc_bridge_errors(tiny, recorded, lines, newline_at_end):
     model, _, _ = tiny
