@@ -217,7 +217,7 @@ def test_newer_schema_version_is_rejected_and_version_1_still_reads(tmp_path):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("{not json", "cannot read"),
+        ("{not json", "not valid JSON"),
         ("[]", "malformed"),
         ('{"schema_version": 1}', "malformed"),
         (json.dumps({**make_report().to_dict(), "trials": [{"index": 0, "bogus": 1}]}), "malformed"),

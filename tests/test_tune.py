@@ -118,7 +118,7 @@ def test_resume_after_interruption(digits, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         ib.autotune(model, interrupted, **kwargs, output_dir=tmp_path / "run")
     lines = (tmp_path / "run" / "trials.jsonl").read_text().splitlines()
-    assert [json.loads(line)["type"] for line in lines] == ["baseline", "trial"]
+    assert [json.loads(line)["type"] for line in lines] == ["run", "baseline", "measurements", "trial"]
 
     counted = []
 

@@ -7,12 +7,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import SerializationError
-from .safe_io import write_atomic
+from .safe_io import MiB, loads_json, read_text, shorten, write_atomic
+
+MAX_REPORT_BYTES = 64 * MiB  # thousands of trials and layers fit in a few MB
+_T = TypeVar("_T")
 
 REPORT_SCHEMA_VERSION = 2  # 2 added ``timings``; version 1 reports read with none
 
@@ -75,30 +81,36 @@ class Report:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, origin: str = "report") -> Report:
-        try:
-            version = data.get("schema_version")
-            if version not in (1, REPORT_SCHEMA_VERSION):
-                raise SerializationError(
-                    f"{origin}: report schema_version {version!r} is not supported (this inc_bridge reads "
-                    f"{REPORT_SCHEMA_VERSION})"
-                )
-            fields = {**data, "schema_version": REPORT_SCHEMA_VERSION}
-            fields["trials"] = [TrialRecord(**t) for t in data["trials"]]
-            fields["layers"] = [LayerRow(**row) for row in data["layers"]]
-            return cls(**fields)
-        except SerializationError:
-            raise
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise SerializationError(f"{origin}: malformed report: {type(exc).__name__}: {exc}") from None
+    def from_dict(cls, data: Any, *, origin: str = "report") -> Report:
+        """A report from parsed JSON; every field is checked against its type (the renderers
+        trust them), so a malformed file is a SerializationError naming the field."""
+        if not isinstance(data, dict):
+            raise SerializationError(f"{origin}: malformed report: expected a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version not in (1, REPORT_SCHEMA_VERSION) or isinstance(version, bool):
+            raise SerializationError(
+                f"{origin}: report schema_version {shorten(version)} is not supported (this inc_bridge reads "
+                f"{REPORT_SCHEMA_VERSION})"
+            )
+        values = {**data, "schema_version": REPORT_SCHEMA_VERSION}
+        for key, record in (("trials", TrialRecord), ("layers", LayerRow)):
+            items = values.get(key)
+            if not isinstance(items, list):
+                raise SerializationError(f"{origin}: malformed report: {key}: expected a list, got {type(items).__name__}")
+            values[key] = [typed_record(record, item, f"{origin}: malformed report: {key}[{i}]")
+                           for i, item in enumerate(items)]
+        report = typed_record(cls, values, f"{origin}: malformed report")
+        threshold = report.tolerance.get("threshold")
+        if threshold is not None:
+            report.tolerance["threshold"] = _check(threshold, float, f"{origin}: malformed report: tolerance.threshold")
+        return report
 
     @classmethod
     def load(cls, directory: Path | str) -> Report:
+        """Read ``directory/report.json`` (a regular file of at most 64 MiB, depth-bounded JSON)."""
         path = Path(directory) / "report.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SerializationError(f"{path}: cannot read report: {exc}") from None
+        text = read_text(path, max_bytes=MAX_REPORT_BYTES, error=SerializationError, what="report")
+        data = loads_json(text, origin=str(path), error=SerializationError)
         return cls.from_dict(data, origin=str(path))
 
     def save(self, directory: Path | str) -> Path:
@@ -121,3 +133,69 @@ class Report:
         for name, text in files.items():
             write_atomic(directory / name, text)
         return directory
+
+
+# ------------------------------------------------------------------------- reading records back
+
+
+def typed_record(cls: type[_T], data: Any, where: str) -> _T:
+    """``cls(**data)`` for a dataclass, after checking every value against the field's annotation.
+
+    Reports and trial logs are read back from files anyone can edit: a string metric or a list
+    where an object belongs must be a SerializationError here, not a TypeError in a renderer.
+    Unknown and missing required fields are refused too.
+    """
+    if not isinstance(data, dict):
+        raise SerializationError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise SerializationError(f"{where}: unknown field {shorten(unknown[0])}; expected {sorted(known)}")
+    missing = [n for n, f in known.items() if n not in data and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise SerializationError(f"{where}: missing field {missing[0]!r}")
+    return cls(**{k: _check(v, hints[k], f"{where}: {k}") for k, v in data.items()})
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """``value`` if it has type ``hint`` (ints become floats where a float belongs), else raise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not isinstance(value, (bool, int, float))):
+        return value  # Any, or a record already built (a report's trials and layers)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(value, arg, where)
+            except SerializationError:
+                continue
+        raise SerializationError(f"{where}: expected {_name(hint)}, got {_got(value)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise SerializationError(f"{where}: expected a finite number, got {shorten(value)}")
+    elif hint in (int, str, bool):
+        if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+            return value
+    elif origin is list and isinstance(value, list):
+        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {k: _check(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    raise SerializationError(f"{where}: expected {_name(hint)}, got {_got(value)}")
+
+
+def _name(hint: Any) -> str:
+    plain = typing.get_origin(hint) is None and getattr(hint, "__name__", None)
+    return plain or str(hint).replace("typing.", "")
+
+
+def _got(value: Any) -> str:
+    return f"{type(value).__name__} {shorten(value, 60)}"

@@ -6,6 +6,12 @@ meets the tolerance, layers are ranked by their own output SQNR (``sensitivity``
 sensitive are kept in high precision: 1, 2, 4, ... layers until the metric is within tolerance,
 then a bisection for the fewest. Every trial is appended to ``output_dir/trials.jsonl`` as it
 finishes, so ``resume=True`` continues an interrupted run without redoing finished trials.
+
+The user's model is never run or changed: every forward (baseline, calibration, trials, per-layer
+SQNR) runs on autotune's own module objects in eval mode, which share the model's tensors but not
+its training flags, so a model in train mode keeps its BatchNorm statistics. ``trials.jsonl`` is
+data: its first line fingerprints the model, recipe, tolerance and calibration data, a resumed run
+must match it, and the tolerance flags of recorded trials are recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import copy
 import functools
 import itertools
 import math
+import numbers
+import os
 import platform
 import time
 import traceback
@@ -28,7 +36,7 @@ from torch import nn
 from .calibrate import CalibData, calibrate
 from .capture import capture_attention, captured_sites
 from .convert import conversion_result, convert, structural_copy, swapped_in
-from .errors import RecipeError
+from .errors import CalibrationError, RecipeError
 from .formats import dtype_name
 from .measurements import Measurements
 from .pipeline import _peek, model_scales
@@ -45,10 +53,14 @@ from .recipe import (
     resolve_recipe,
 )
 from .report import LayerRow, Report, TrialRecord
+from .run_fingerprint import calibration_digest, run_fingerprint
+from .safe_io import MiB, read_bytes, shorten
 from .scales import ScaleSet, counts_tensor, drop_quantized_weights
 from .select import select_layers
-from .sensitivity import layer_sqnr
+from .sensitivity import eval_mode, layer_sqnr
 from .trial_log import TrialLog, trial_key
+
+MAX_MEASUREMENTS_BYTES = 1024 * MiB
 
 
 @dataclass
@@ -76,8 +88,12 @@ def autotune(
     """Find the FP8 model that keeps ``eval_fn`` within tolerance of the float model.
 
     Args:
-        model: the float model; never modified.
-        eval_fn: ``eval_fn(model) -> float``; defaults to the recipe's ``evaluation.fn``.
+        model: the float model; never modified (its training flags included: autotune evaluates
+            and calibrates in eval mode, on module objects of its own sharing the model's tensors).
+        eval_fn: ``eval_fn(model) -> float``; defaults to the recipe's ``evaluation.fn``. It must
+            return a finite real number (an int, a float or a one-element tensor); anything else
+            is a failed trial (for the float model: a RecipeError). It should not change the model
+            it is given (e.g. train it).
         calib_data: calibration batches or ``run_fn``; defaults to the recipe's ``calibration.source``.
         recipe: base settings, search space (``tuning.search_space``) and tolerance.
         tolerable_loss: overrides the recipe: a float is a relative loss (0.01 = 1 %), or
@@ -85,14 +101,20 @@ def autotune(
         max_trials: overrides ``tuning.max_trials`` (whole-model and fallback trials together).
         output_dir: where ``trials.jsonl``, ``measurements.json``, ``locked_recipe.yaml`` and
             ``report/`` go; None keeps everything in memory.
-        resume: continue the run recorded in ``output_dir`` without redoing finished trials.
+        resume: continue the run recorded in ``output_dir`` without redoing finished trials; the
+            recorded run must be of the same model weights, recipe (``max_trials`` and ``timeout_s``
+            may differ), tolerance and calibration data.
         progress: show progress bars (on stderr); False for scripts.
     Returns:
         TuneResult(model, report, recipe, measurements); ``report.goal_met`` says whether the
         tolerance was met (if not, the best trial is returned). ``result.model`` shares the
-        parameters of the layers it keeps in high precision with ``model`` (no second copy).
+        parameters of the layers it keeps in high precision with ``model`` (no second copy), and
+        its modules have the training flags of ``model``'s.
     Raises:
-        RecipeError: no eval function or calibration data given nor named by the recipe.
+        RecipeError: no eval function or calibration data given nor named by the recipe; the float
+            model's metric is not a finite real number.
+        SerializationError: ``resume=True`` and ``trials.jsonl`` is malformed, unreadable or records
+            a run of another model, recipe, tolerance or calibration set.
 
     Example:
         >>> result = autotune(model, eval_fn, calib_data=batches, tolerable_loss={"absolute": 0.5})  # doctest: +SKIP
@@ -105,13 +127,16 @@ def autotune(
     if calib_data is None:
         source = _from_recipe(recipe.calibration.source, "calibration.source")
         calib_data = source()
-    if recipe.calibration.num_batches and not callable(calib_data):
-        calib_data = itertools.islice(calib_data, recipe.calibration.num_batches)
-    out = Path(output_dir) if output_dir is not None else None
-    log = TrialLog(out / "trials.jsonl" if out else None, resume)
+    given, num_batches = calib_data, recipe.calibration.num_batches
+    if num_batches and not callable(calib_data):
+        calib_data = itertools.islice(calib_data, num_batches)
     tol, hib = recipe.tuning.tolerable_loss, recipe.evaluation.higher_is_better
 
-    work, first_batch, calib_data = _prepare_model(model, calib_data, recipe)
+    view = _eval_view(model)
+    work, first_batch, calib_data = _prepare_model(view, calib_data, recipe)
+    out = Path(output_dir) if output_dir is not None else None
+    fingerprint = run_fingerprint(model, recipe, calibration_digest(given, num_batches, first_batch))
+    log = TrialLog(out / "trials.jsonl" if out else None, resume, fingerprint)
     scratch = structural_copy(work)  # what every trial converts in place and restores (no copy per trial)
     selection, modules = select_layers(scratch, recipe.quantization), dict(scratch.named_modules())
     swap = functools.partial(swapped_in, scratch, form=recipe.form, backend=recipe.backend, modules=modules)
@@ -130,15 +155,15 @@ def autotune(
     baseline_event = log.first("baseline")
     if baseline_event is None:
         t0 = time.monotonic()
-        baseline = float(eval_fn(model))
+        baseline = _baseline(eval_fn(view))
         timings["baseline"] = time.monotonic() - t0
         log.append("baseline", metric=baseline)
     else:
-        baseline = float(baseline_event["metric"])
+        baseline = baseline_event["metric"]  # checked finite when the log was read
     threshold = _threshold(baseline, tol, hib)
 
     t0 = time.monotonic()
-    measurements = _measurements(work, calib_data, recipe, out, resume, progress)
+    measurements = _measurements(work, calib_data, recipe, out, log, progress)
     timings["calibration"] = time.monotonic() - t0
     done = log.finished_trials()
     trials: list[TrialRecord] = []
@@ -148,6 +173,7 @@ def autotune(
         key = trial_key(config, fallback)
         if key in done:
             record = done[key]
+            record.within_tolerance = _within(record.metric, threshold, hib) if record.status == "ok" else False
         else:
             record = _run_trial(len(trials), swap, eval_fn, scales_of, config, fallback, sensitivity, method,
                                 baseline, threshold, hib)
@@ -180,7 +206,7 @@ def autotune(
     chosen = _choose(trials, hib)
     config = chosen.config if chosen else _search_space(recipe)[0]
     fallback = chosen.fallback if chosen else []
-    event = dict(log.first("sensitivity") or {})
+    event = dict(log.last("sensitivity") or {})
     sensitivity, method = event.get("sqnr", {}), event.get("method", "sqnr")
     tuned_recipe = _recipe_for(recipe, config)
     scales = _without(scales_of(config), fallback, sensitivity, method)
@@ -188,12 +214,13 @@ def autotune(
     qmodel = convert(scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True)
     drop_quantized_weights()  # the result holds its own; the memo would keep them alive with the float weights
     final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
+    _same_modes(qmodel, model)  # trials ran in eval mode; the result has the user's flags
     report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
                      final_sqnr, fallback_notes)
     timings["finish"] = time.monotonic() - finishing
     timings["total"] = time.monotonic() - started
     report.timings = timings
-    locked = _locked(tuned_recipe, scales, work is not model, chosen, baseline)
+    locked = _locked(tuned_recipe, scales, work is not view, chosen, baseline)
     conversion_result(qmodel).recipe = locked  # ib.save records it
     if out is not None:
         locked.save(out / "locked_recipe.yaml")
@@ -215,7 +242,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe | Path | str, *, example_input
         raise RecipeError("locked: this recipe has no locked section; apply_recipe needs a recipe written by autotune")
     work, inplace = model, False
     if recipe.locked.captured_attention and not captured_sites(model):
-        work, inplace = capture_attention(copy.deepcopy(model), example_inputs), True
+        work, inplace = copy.deepcopy(model), True
+        with eval_mode(work):  # the discovery forward must not update the copy's BatchNorm statistics
+            capture_attention(work, example_inputs)
     scales = ScaleSet(layers={}, skipped={**recipe.locked.skipped, **recipe.locked.fallback},
                       format=recipe.quantization.format, target=recipe.quantization.target)
     from .scales import LayerScales
@@ -251,6 +280,59 @@ def _with_overrides(recipe: Recipe, tolerable_loss: float | dict | None, max_tri
     return recipe.model_copy(update={"tuning": tuning})
 
 
+def _eval_view(model: nn.Module) -> nn.Module:
+    """The model as autotune runs it: module objects of its own in eval mode, the model's tensors.
+
+    Nothing autotune runs touches the user's modules, so their training flags never change (not
+    even for a moment, which another thread would see), and no forward updates BatchNorm statistics.
+    """
+    return structural_copy(model).eval()
+
+
+def _same_modes(target: nn.Module, source: nn.Module) -> None:
+    """Give ``target``'s modules the training flags of ``source``'s modules of the same name
+    (converted layers and captured attention modules take their parent's)."""
+    flags = {name: m.training for name, m in source.named_modules()}
+    target.train(source.training)
+    for name, module in target.named_modules():
+        if name in flags:
+            module.training = flags[name]
+
+
+def _metric(value: Any) -> float:
+    """``eval_fn``'s result as a float; ValueError saying what it returned when that is not a
+    finite real number (an infinite metric would pass every tolerance; a string or a bool is a bug)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"eval_fn returned a tensor of shape {tuple(value.shape)} and dtype {value.dtype}; "
+                             "expected a real number (a float, an int or a one-element tensor)")
+        value = value.detach().cpu().item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"eval_fn returned a {type(value).__name__} ({shorten(value, 60)}); "
+                         "expected a real number (a float, an int or a one-element tensor)")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        number = math.inf
+    if math.isnan(number):
+        raise ValueError("eval_fn returned NaN")
+    if not math.isfinite(number):
+        raise ValueError(f"eval_fn returned {shorten(value, 60)}; expected a finite number")
+    return number
+
+
+def _baseline(value: Any) -> float:
+    try:
+        return _metric(value)
+    except ValueError as exc:
+        raise RecipeError(f"evaluation.fn / eval_fn on the float model (the baseline): {exc}; the tolerance "
+                          "threshold needs a finite baseline") from None
+
+
+def _within(metric: float | None, threshold: float, hib: bool) -> bool:
+    return metric is not None and (metric >= threshold if hib else metric <= threshold)
+
+
 def _prepare_model(model: nn.Module, calib_data: CalibData, recipe: Recipe) -> tuple[nn.Module, Any, CalibData]:
     """The model trials convert (a captured copy when attention is tuned) and one calibration batch."""
     calib_data, first = _peek(calib_data)
@@ -259,10 +341,22 @@ def _prepare_model(model: nn.Module, calib_data: CalibData, recipe: Recipe) -> t
     return model, first, calib_data
 
 
-def _measurements(work, calib_data, recipe, out: Path | None, resume: bool, progress: bool) -> Measurements:
+def _measurements(work, calib_data, recipe, out: Path | None, log: TrialLog, progress: bool) -> Measurements:
+    """Calibrate, or reuse ``measurements.json`` when resuming a run whose log recorded that very
+    file (its sha256); a file of another run, or one saved after the log's last line, is redone."""
+    import hashlib
+
     path = out / "measurements.json" if out else None
-    if resume and path is not None and path.exists():
-        return Measurements.load(path)
+    recorded = log.last("measurements") if log.resumed else None
+    if recorded is not None and path is not None and os.path.lexists(path):
+        raw = read_bytes(path, max_bytes=MAX_MEASUREMENTS_BYTES, error=CalibrationError, what="measurements",
+                         within=out)
+        if hashlib.sha256(raw).hexdigest() == recorded["sha256"]:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CalibrationError(f"{path}: measurements are not UTF-8 text") from None
+            return Measurements.from_json(text, origin=str(path))
     if progress and not callable(calib_data):
         from tqdm.auto import tqdm
 
@@ -270,6 +364,9 @@ def _measurements(work, calib_data, recipe, out: Path | None, resume: bool, prog
     measurements = calibrate(work, calib_data, recipe)
     if path is not None:
         measurements.save(path)
+        digest = hashlib.sha256(read_bytes(path, max_bytes=MAX_MEASUREMENTS_BYTES, error=CalibrationError,
+                                           what="measurements")).hexdigest()
+        log.append("measurements", sha256=digest)
     return measurements
 
 
@@ -283,7 +380,11 @@ def _progress(progress: bool, total: int):
 
 def _threshold(baseline: float, tol: Tolerance, higher_is_better: bool) -> float:
     allowed = tol.absolute if tol.absolute is not None else abs(baseline) * float(tol.relative)
-    return baseline - allowed if higher_is_better else baseline + allowed
+    threshold = baseline - allowed if higher_is_better else baseline + allowed
+    if not math.isfinite(threshold):
+        raise RecipeError(f"tuning.tolerable_loss: {shorten(tol.model_dump(exclude_none=True), 80)} with baseline "
+                          f"{baseline:.6g} gives a threshold of {threshold}; expected a finite tolerance")
+    return threshold
 
 
 def _search_space(recipe: Recipe) -> list[dict[str, Any]]:
@@ -352,11 +453,9 @@ def _run_trial(index, swap, eval_fn, scales_of, config, fallback, sensitivity, m
     try:
         scales = _without(scales_of(config), fallback, sensitivity, method)
         with swap(scales) as qmodel:
-            metric = float(eval_fn(qmodel))
-        if math.isnan(metric):
-            raise ValueError("eval_fn returned NaN")
+            metric = _metric(eval_fn(qmodel))
         record.metric = metric
-        record.within_tolerance = metric >= threshold if hib else metric <= threshold
+        record.within_tolerance = _within(metric, threshold, hib)
     except Exception as exc:  # recorded with the trial and reported; the run goes on
         record.status = "error"
         record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
@@ -372,10 +471,10 @@ def _layer_fallback(trial, budget_left, trials, log, work, swap, recipe, scales_
     if best is None:
         return ["layer fallback skipped: every whole-model trial failed"]
     config = best.config
-    event = log.first("sensitivity")
-    if event is None or event.get("config") != config:
+    event = log.last("sensitivity")
+    scales = scales_of(config)
+    if event is None or event["config"] != config or set(event["sqnr"]) != set(scales.layers):
         t0 = time.monotonic()
-        scales = scales_of(config)
         with swap(scales) as qmodel:
             sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
         score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
@@ -384,11 +483,15 @@ def _layer_fallback(trial, budget_left, trials, log, work, swap, recipe, scales_
             # sensitive, so the score (lower = more sensitive) is the negated gain
             for name in scales.layers:
                 with swap(_without(scales, [name], {})) as one:
-                    gain = float(eval_fn(one)) - best.metric
-                score[name] = -(gain if hib else -gain)
+                    value = eval_fn(one)
+                try:
+                    gain = _metric(value) - best.metric
+                except ValueError:
+                    gain = -math.inf  # no usable metric: ranked least sensitive
+                score[name] = -(gain if hib else -gain) if math.isfinite(gain) else 1e9
         log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
         timings["sensitivity"] = time.monotonic() - t0
-        event = log.first("sensitivity")
+        event = log.last("sensitivity")
     sensitivity: dict[str, float] = event["sqnr"]
     method = event.get("method", "sqnr")
     order = sorted(sensitivity, key=sensitivity.get)
