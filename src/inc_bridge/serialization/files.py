@@ -187,7 +187,7 @@ def _parse_header(f: Any, path: Path, size: int) -> tuple[dict[str, dict[str, An
 def _check_header_entry(path: Path, name: str, info: Any, data_bytes: int) -> None:
     """One tensor's entry: known dtype, non-negative int shape, offsets inside the data that hold
     exactly ``numel × itemsize`` bytes (what the reader then takes)."""
-    bad = f"{path}: tensor {shorten(name, 80)!s}: corrupted header entry {shorten(info, 120)}"
+    bad = f"{path}: tensor {shorten(name, 80)!r}: corrupted header entry {shorten(info, 120)}"
     if not isinstance(info, dict):
         raise SerializationError(bad)
     offsets, dtype, shape = info.get("data_offsets"), info.get("dtype"), info.get("shape")
@@ -195,17 +195,17 @@ def _check_header_entry(path: Path, name: str, info: Any, data_bytes: int) -> No
             or not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape) or not isinstance(dtype, str)):
         raise SerializationError(bad)
     if dtype not in _ST_DTYPES:
-        raise SerializationError(f"{path}: tensor {shorten(name, 80)!s}: unsupported dtype {shorten(dtype, 40)}")
+        raise SerializationError(f"{path}: tensor {shorten(name, 80)!r}: unsupported dtype {shorten(dtype, 40)}")
     begin, end = offsets
     if end > data_bytes:
         raise SerializationError(
-            f"{path}: tensor {shorten(name, 80)!s}: its bytes {begin}..{end} lie past the end of the data "
+            f"{path}: tensor {shorten(name, 80)!r}: its bytes {begin}..{end} lie past the end of the data "
             f"({data_bytes} bytes): the file is truncated"
         )
     torch_dtype = _ST_DTYPES[dtype]
     if end - begin != math.prod(shape) * torch_dtype.itemsize:
         raise SerializationError(
-            f"{path}: tensor {shorten(name, 80)!s}: bytes {begin}..{end} do not hold a {dtype} tensor of shape {shape}"
+            f"{path}: tensor {shorten(name, 80)!r}: bytes {begin}..{end} do not hold a {dtype} tensor of shape {shape}"
         )
     info["dtype"] = dtype_name(torch_dtype)
     info["shape"] = shape
