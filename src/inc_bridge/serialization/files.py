@@ -174,7 +174,7 @@ def _parse_header(f: Any, path: Path, size: int) -> tuple[dict[str, dict[str, An
     if n > _MAX_HEADER or 8 + n > size:
         raise SerializationError(f"{path}: header of {n} bytes does not fit in a {size}-byte file (truncated or corrupted)")
     raw = f.read(n)
-    header = loads_json(raw, origin=f"{path} (safetensors header)", error=SerializationError)
+    header = loads_json(raw, origin=f"{path}: corrupted safetensors header", error=SerializationError)
     if not isinstance(header, dict):
         raise SerializationError(f"{path}: corrupted safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
