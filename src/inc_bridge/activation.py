@@ -17,6 +17,8 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 from torchao.utils import TorchAOBaseTensor
 
+from .errors import ConversionError
+from .fp8_checks import FP8_FORMATS, check_fp8_max
 from .kernels.cpu import native_dequantize, native_quantize
 from .quant import dequantize_fp8, quantize_fp8
 
@@ -97,6 +99,15 @@ def attach_input_quant(module: nn.Module, input_scales: torch.Tensor, fp8_dtype:
     The module keeps its type; it gains an ``input_scales`` buffer (fp32, one per quantized input)
     and a forward pre-hook. Used by ``convert`` and by loading a saved subclass-form model.
     """
+    where = f"{type(module).__name__} input scales"
+    count = len(quantized_positions(module))
+    if (not isinstance(input_scales, torch.Tensor) or not input_scales.dtype.is_floating_point
+            or tuple(input_scales.shape) != (count,)):
+        got = f"{input_scales.dtype}{list(input_scales.shape)}" if isinstance(input_scales, torch.Tensor) else "no tensor"
+        raise ConversionError(f"{where}: expected {count} float scales (one per quantized input), got {got}")
+    if fp8_dtype not in FP8_FORMATS:
+        raise ConversionError(f"{where}: {fp8_dtype} is not an FP8 format the kernels implement")
+    check_fp8_max(fp8_max, fp8_dtype, where=where, error=ConversionError)
     module.register_buffer("input_scales", input_scales.to(torch.float32))
     module._inc_bridge_fp8 = (fp8_dtype, float(fp8_max))
     module.register_forward_pre_hook(_quantize_inputs_hook, with_kwargs=True)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
+from .errors import ConversionError, SerializationError
+from .fp8_checks import check_scale_values, check_weight_parts
 from .kernels import Fp8Params, get_kernel
 
 __all__ = ["Float8StaticTensor"]
@@ -35,6 +37,12 @@ class Float8StaticTensor(TorchAOBaseTensor):
     optional_tensor_data_names = ["act_scale"]  # None for weight-only layers (embeddings)
 
     def __new__(cls, qdata, scale, fp8_max, backend, dtype, act_scale=None):  # noqa: D102
+        # Checked here, before any tensor exists: every construction path (convert, unflatten in
+        # ``inc_bridge.load`` and tracing, ``.to()``, detach/clone) comes through.
+        check_weight_parts(qdata, scale, act_scale, fp8_max=fp8_max, hp_dtype=dtype, where=cls.__name__,
+                           error=ConversionError)
+        if not isinstance(backend, str):
+            raise ConversionError(f"{cls.__name__}: backend must be a backend name, got {type(backend).__name__}")
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
         )
@@ -62,6 +70,41 @@ class Float8StaticTensor(TorchAOBaseTensor):
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.qdata.to(torch.float32) * self.scale).to(output_dtype or self.dtype)
 
+
+_STATE_KEYS = frozenset({"qdata", "scale", "act_scale", "fp8_max", "backend", "_is_param"})
+
+
+def _checked_setstate(self: Float8StaticTensor, state) -> None:
+    """``torch.load`` (weights_only included) rebuilds the wrapper, then hands its attributes here.
+
+    torchao's default sets whatever the file holds; a scale that does not fit the data would
+    then reach the C kernels. Check the parts against each other and against the wrapper's own
+    shape and dtype (both come from the file too), and their values, before setting anything.
+    """
+    where = "Float8StaticTensor in a torch.load()ed file"
+    dict_state, slots = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
+    if not isinstance(dict_state, dict) or slots:
+        raise SerializationError(f"{where}: malformed state ({type(state).__name__})")
+    unknown = sorted(str(k) for k in set(dict_state) - _STATE_KEYS)
+    missing = sorted({"qdata", "scale", "fp8_max", "backend"} - set(dict_state))
+    if unknown or missing:
+        raise SerializationError(f"{where}: " + (f"unknown attributes {unknown[:5]}" if unknown else f"missing {missing}"))
+    qdata, scale, act_scale = dict_state["qdata"], dict_state["scale"], dict_state.get("act_scale")
+    check_weight_parts(qdata, scale, act_scale, fp8_max=dict_state["fp8_max"], hp_dtype=self.dtype, where=where,
+                       error=SerializationError)
+    if tuple(self.shape) != tuple(qdata.shape):
+        raise SerializationError(f"{where}: its shape {list(self.shape)} differs from its qdata's {list(qdata.shape)}")
+    if not isinstance(dict_state["backend"], str):
+        raise SerializationError(f"{where}: backend must be a backend name, got {type(dict_state['backend']).__name__}")
+    check_scale_values(scale, where=f"{where} (scale)", error=SerializationError)
+    if act_scale is not None:
+        check_scale_values(act_scale, where=f"{where} (act_scale)", error=SerializationError)
+    torch._utils._set_obj_state(self, {**dict_state, "act_scale": act_scale, "fp8_max": float(dict_state["fp8_max"])})
+
+
+# TorchAOBaseTensor.__init_subclass__ installs its own unchecked __setstate__ after the class body
+# runs, so the checked one is set here.
+Float8StaticTensor.__setstate__ = _checked_setstate  # type: ignore[method-assign]
 
 implements = Float8StaticTensor.implements
 implements_torch_function = Float8StaticTensor.implements_torch_function
@@ -94,9 +137,16 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
+def _need_act_scale(w: Float8StaticTensor, op: str) -> None:
+    if w.act_scale is None:
+        raise ConversionError(f"a {op} weight needs a static activation scale; this Float8StaticTensor has none "
+                              "(only embedding weights are weight-only)")
+
+
 @implements_torch_function(F.linear)
 def _linear(func, types, args, kwargs):
     x, w, bias = args[0], args[1], _arg(args, kwargs, 2, "bias")
+    _need_act_scale(w, "linear")
     kernel = get_kernel("linear", w.backend)
     return kernel(x, w.qdata, w.scale, w.act_scale, bias, w.params)
 
@@ -104,6 +154,7 @@ def _linear(func, types, args, kwargs):
 @implements_torch_function(F.conv2d)
 def _conv2d(func, types, args, kwargs):
     x, w = args[0], args[1]
+    _need_act_scale(w, "conv2d")
     kernel = get_kernel("conv2d", w.backend)
     return kernel(
         x,

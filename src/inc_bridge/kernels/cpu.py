@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConversionError
 from .emulated import conv2d_emulated, embedding_emulated, linear_emulated, matmul_emulated, sdpa_emulated
 from .registry import Availability, Fp8Params, register_backend, register_kernel
 
@@ -62,8 +63,55 @@ _DTYPE = {torch.float32: 0, torch.bfloat16: 1}
 _FORMAT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 
+def _require(ok: bool, what: str) -> None:
+    """The last check before a pointer goes to C, which trusts every size it is given."""
+    if not ok:
+        raise ConversionError(f"cpu kernel: {what}; refusing to pass it to the native library (a corrupted or "
+                              "hand-built model?)")
+
+
+def _real(*tensors: torch.Tensor) -> bool:
+    """Plain CPU tensors with data (a Parameter is one; fake, meta and subclass tensors are not)."""
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and not t.is_meta
+               for t in tensors)
+
+
+def _check_layer(op: str, qweight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                 p: Fp8Params, dims: int, act: bool = True) -> None:
+    """A layer's tensors fit each other (shapes and dtypes only: this also runs while tracing)."""
+    _require(qweight.dtype == p.fp8_dtype and qweight.dtype in _FORMAT,
+             f"{op}: the weight is {qweight.dtype}, the layer's format is {p.fp8_dtype}")
+    _require(qweight.dim() == dims, f"{op}: the weight has {qweight.dim()} dimensions, expected {dims}")
+    rows = qweight.shape[0]
+    _require(isinstance(weight_scale, torch.Tensor) and weight_scale.numel() in (1, rows),
+             f"{op}: the weight scale has {getattr(weight_scale, 'numel', lambda: '?')()} values for {rows} rows; "
+             f"expected 1 or {rows}")
+    if act:
+        _require(isinstance(input_scale, torch.Tensor) and input_scale.numel() == 1,
+                 f"{op}: the activation scale must have exactly one value, got "
+                 f"{'none' if input_scale is None else input_scale.numel()}")
+
+
+def _check_scale(scale: torch.Tensor, rows: int | None, what: str) -> None:
+    """An fp32 scale on the CPU with one value, or (``rows`` given) one per row."""
+    _require(isinstance(scale, torch.Tensor) and _real(scale) and scale.dtype in (torch.float32, torch.bfloat16,
+             torch.float16), f"{what} must be a float CPU tensor, got {type(scale).__name__}")
+    ok = scale.numel() == 1 or (rows is not None and scale.numel() == rows)
+    _require(ok, f"{what} has {scale.numel()} values; expected 1" + (f" or {rows} (one per row)" if rows is not None else ""))
+
+
+def _check_dense(t: torch.Tensor, dtypes: dict, what: str, contiguous: bool = False) -> None:
+    _require(_real(t) and t.dtype in dtypes, f"{what}: {t.dtype} on {t.device} is not a dtype this kernel takes "
+             f"({', '.join(str(d) for d in dtypes)})")
+    _require(t.is_contiguous() if contiguous else _dense(t), f"{what} is not {'contiguous' if contiguous else 'dense'}")
+
+
 class _Native:
-    """Typed wrappers of the library's C functions (see csrc/fp8_cpu.c)."""
+    """Typed wrappers of the library's C functions (see csrc/fp8_cpu.c).
+
+    Each checks the dtypes, sizes and layout of what it passes: the C code reads and writes
+    exactly ``numel`` elements (and ``rows`` scales) from the pointers it gets.
+    """
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -80,6 +128,9 @@ class _Native:
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
         """``quant.quantize_fp8`` for a dense float32/bfloat16 ``x`` (same strides out)."""
+        _check_dense(x, _DTYPE, "quantize input")
+        _check_scale(scale, None, "quantize scale")
+        _require(fp8_dtype in _FORMAT, f"unknown FP8 format {fp8_dtype}")
         q = torch.empty_like(x, dtype=fp8_dtype)
         self.lib.ib_quantize(x.data_ptr(), _DTYPE[x.dtype], x.numel(), float(scale), fp8_max, _FORMAT[fp8_dtype],
                              q.data_ptr(), torch.get_num_threads())
@@ -87,8 +138,12 @@ class _Native:
 
     def quantize_rows(self, x: torch.Tensor, scales: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
         """``quant.quantize_fp8`` of a contiguous float32/bfloat16 ``x`` with one scale per row (dim 0)."""
+        _check_dense(x, _DTYPE, "quantize_rows input", contiguous=True)
+        _require(x.dim() > 0 and fp8_dtype in _FORMAT, "quantize_rows needs a tensor with rows and an FP8 format")
         q = torch.empty_like(x, dtype=fp8_dtype)
         rows = x.shape[0]
+        _check_scale(scales, rows, "quantize_rows scales")
+        _require(scales.numel() == rows, f"quantize_rows: {scales.numel()} scales for {rows} rows")
         scales = scales.to(torch.float32).contiguous()
         self.lib.ib_quantize_rows(x.data_ptr(), _DTYPE[x.dtype], rows, x.numel() // rows if rows else 0,
                                   scales.data_ptr(), fp8_max, _FORMAT[fp8_dtype], q.data_ptr(), torch.get_num_threads())
@@ -97,6 +152,9 @@ class _Native:
     def qdq(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float,
             out_dtype: torch.dtype) -> torch.Tensor:
         """``quant.quant_dequant`` for a dense float32/bfloat16 ``x``, bit for bit."""
+        _check_dense(x, _DTYPE, "qdq input")
+        _check_scale(scale, None, "activation scale")
+        _require(fp8_dtype in _FORMAT and out_dtype in _DTYPE, f"qdq: unsupported formats {fp8_dtype} -> {out_dtype}")
         out = torch.empty_like(x, dtype=out_dtype)
         self.lib.ib_qdq(x.data_ptr(), _DTYPE[x.dtype], x.numel(), float(scale), fp8_max, _FORMAT[fp8_dtype],
                         out.data_ptr(), _DTYPE[out_dtype], torch.get_num_threads())
@@ -109,8 +167,12 @@ class _Native:
         ``q.t().contiguous()`` with ``scale.t()``. With one scale ``q`` may be any dense layout
         (elementwise in memory order; the result keeps the layout); per row it must be contiguous.
         """
+        _require(q.dim() > 0, "dequant needs a tensor with rows")
         n = q.shape[0]
         k = q.numel() // n if n else 0
+        _check_dense(q, _FORMAT, "FP8 weight", contiguous=transpose or scale.numel() > 1)
+        _check_scale(scale, n, "weight scale")
+        _require(out_dtype in _DTYPE, f"dequant: unsupported output dtype {out_dtype}")
         per_row = scale.numel() > 1
         scale = scale.to(torch.float32).contiguous()
         out = torch.empty((k, n), dtype=out_dtype) if transpose else torch.empty_like(q, dtype=out_dtype)
@@ -121,6 +183,9 @@ class _Native:
     def clip_errors(self, counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dtype: torch.dtype,
                     fp8_max: float) -> torch.Tensor:
         """Squared error of each candidate scale over a histogram of bins of ``width`` (float64)."""
+        for t, what in ((counts, "histogram counts"), (scales, "candidate scales")):
+            _check_dense(t, {torch.float64: 0}, what, contiguous=True)
+        _require(fp8_dtype in _FORMAT, f"unknown FP8 format {fp8_dtype}")
         errors = torch.empty(scales.numel(), dtype=torch.float64)
         self.lib.ib_clip_errors(counts.data_ptr(), counts.numel(), width, scales.data_ptr(), scales.numel(), fp8_max,
                                 _FORMAT[fp8_dtype], errors.data_ptr())
@@ -128,6 +193,10 @@ class _Native:
 
     def gemv(self, xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """fp32 [M, N] = Σ_k xq[m, k] · w[n, k] for FP8 ``xq`` [M, K] and ``w`` [N, K] of one format."""
+        _check_dense(xq, _FORMAT, "quantized activation", contiguous=True)
+        _check_dense(w, _FORMAT, "FP8 weight", contiguous=True)
+        _require(xq.dim() == 2 and w.dim() == 2 and xq.shape[1] == w.shape[1] and xq.dtype == w.dtype,
+                 f"gemv: activation {xq.dtype}{list(xq.shape)} does not fit weight {w.dtype}{list(w.shape)}")
         m, k = xq.shape
         n = w.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
@@ -274,6 +343,7 @@ def linear_cpu(
     p: Fp8Params,
 ) -> torch.Tensor:
     """Static FP8 linear; the arguments and result are those of ``linear_emulated``."""
+    _check_layer("linear", qweight, weight_scale, input_scale, p, 2)
     lib = _native_for(p, x)
     if lib is None or not _cpu_weight(qweight) or x.dtype != p.hp_dtype:
         return linear_emulated(x, qweight, weight_scale, input_scale, bias, p)
@@ -314,6 +384,7 @@ def conv2d_cpu(
     groups: int = 1,
 ) -> torch.Tensor:
     """``conv2d_emulated`` with native conversions."""
+    _check_layer("conv2d", qweight, weight_scale, input_scale, p, 4)
     lib = _native_for(p, x)
     if lib is None or not _cpu_weight(qweight):
         return conv2d_emulated(x, qweight, weight_scale, input_scale, bias, p, stride, padding, dilation, groups)
@@ -325,6 +396,7 @@ def conv2d_cpu(
 @register_kernel("embedding", CPU, "gather FP8 rows, native dequant (exact)")
 def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
     """``embedding_emulated`` with a native dequantization of the gathered rows."""
+    _check_layer("embedding", qweight, weight_scale, None, p, 2, act=False)
     lib = _native_for(p)
     if lib is None or not _cpu_weight(qweight) or ids.device.type != "cpu" or ids.numel() == 0:
         return embedding_emulated(ids, qweight, weight_scale, p)
@@ -337,6 +409,7 @@ def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.
 @register_kernel("sdpa", CPU, "native qdq(q, k, v), then torch SDPA (exact)")
 def sdpa_cpu(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
     """``sdpa_emulated`` with native quantize-dequantize."""
+    _require(input_scales.numel() == 3, f"sdpa: {input_scales.numel()} input scales, expected 3 (q, k, v)")
     lib = _native_for(p, q, k, v)
     if lib is None:
         return sdpa_emulated(q, k, v, input_scales, p, **sdpa_kwargs)
@@ -349,6 +422,7 @@ def matmul_cpu(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p
     """``matmul_emulated`` with native quantize-dequantize."""
     from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
 
+    _require(input_scales.numel() == 2, f"matmul: {input_scales.numel()} input scales, expected 2")
     operands = [args[pos] for pos in MATMUL_OPERANDS[fn]]
     lib = _native_for(p, *operands)
     if lib is None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -23,7 +25,9 @@ from typing import Any
 import torch
 
 from ..errors import SerializationError
-from ..formats import dtype_name
+from ..formats import dtype_from_name, dtype_name
+from ..safe_io import MiB, check_within, loads_json, read_text, shorten
+from .manifest_schema import check_manifest_schema
 
 FORMAT_NAME = "inc_bridge.quantized_model"
 FORMAT_VERSION = 1
@@ -119,106 +123,161 @@ def _fsync_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------- reading
 
+_MAX_MANIFEST = 64 * MiB
+
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """The manifest, checked for format and version; SerializationError naming the file otherwise."""
+    """The manifest, checked for format, version and the shape of every section.
+
+    Read through ``safe_io`` (a regular file inside ``directory``, at most 64 MiB, JSON depth
+    bounded), then checked against the schema, so later steps can index it without meeting a
+    wrong type. SerializationError naming the file and the field otherwise.
+    """
     path = Path(directory) / MANIFEST_FILE
     if not Path(directory).is_dir():
         raise SerializationError(f"{directory}: not a directory saved by inc_bridge.save")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SerializationError(f"{path}: not valid JSON (truncated or corrupted?): {exc}") from None
+    text = read_text(path, max_bytes=_MAX_MANIFEST, error=SerializationError, what="model manifest", within=directory)
+    manifest = loads_json(text, origin=str(path), error=SerializationError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise SerializationError(f"{path}: not an inc_bridge model manifest (no \"format\": \"{FORMAT_NAME}\")")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise SerializationError(f"{path}: invalid format_version {version!r}")
+        raise SerializationError(f"{path}: invalid format_version {shorten(version, 40)}")
+    versions = manifest.get("versions", {})
     if version > FORMAT_VERSION:
-        saved_by = manifest.get("versions", {}).get("inc_bridge", "?")
+        saved_by = versions.get("inc_bridge", "?") if isinstance(versions, dict) else "?"
         raise SerializationError(
-            f"{path}: format version {version} (written by inc_bridge {saved_by}) is newer than this inc_bridge "
-            f"reads (up to {FORMAT_VERSION}); upgrade inc_bridge to load it"
+            f"{path}: format version {version} (written by inc_bridge {shorten(saved_by, 40)}) is newer than this "
+            f"inc_bridge reads (up to {FORMAT_VERSION}); upgrade inc_bridge to load it"
         )
-    for key, kind in (("layers", dict), ("tensors", dict), ("aliases", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise SerializationError(f"{path}: missing or malformed {key!r} section")
+    check_manifest_schema(manifest, str(path))
     return manifest
 
 
-def read_header(path: Path) -> dict[str, dict[str, Any]]:
+def read_header(path: Path, directory: Path | None = None) -> dict[str, dict[str, Any]]:
     """Parse and bounds-check a safetensors header: tensor name → {dtype, shape, data_offsets}.
 
     Done by hand (the format is an 8-byte length and a JSON header) so that a truncated file names
-    the first tensor whose bytes are missing.
+    the first tensor whose bytes are missing. ``directory``: the file must lie inside it.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SerializationError(f"{path}: {size} bytes, too short to be a safetensors file (truncated?)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise SerializationError(f"{path}: header of {n} bytes does not fit in a {size}-byte file (truncated or corrupted)")
-            raw = f.read(n)
-    except OSError as exc:
-        raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SerializationError(f"{path}: corrupted safetensors header: {exc}") from None
+    with _open_regular(path, directory) as f:
+        size = os.fstat(f.fileno()).st_size
+        header, n = _parse_header(f, path, size)
+    return header
+
+
+def _parse_header(f: Any, path: Path, size: int) -> tuple[dict[str, dict[str, Any]], int]:
+    head = f.read(8)
+    if len(head) < 8:
+        raise SerializationError(f"{path}: {size} bytes, too short to be a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise SerializationError(f"{path}: header of {n} bytes does not fit in a {size}-byte file (truncated or corrupted)")
+    raw = f.read(n)
+    header = loads_json(raw, origin=f"{path}: corrupted safetensors header", error=SerializationError)
     if not isinstance(header, dict):
         raise SerializationError(f"{path}: corrupted safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     data_bytes = size - 8 - n
     for name, info in header.items():
+        _check_header_entry(path, name, info, data_bytes)
+    return header, n
+
+
+def _check_header_entry(path: Path, name: str, info: Any, data_bytes: int) -> None:
+    """One tensor's entry: known dtype, non-negative int shape, offsets inside the data that hold
+    exactly ``numel × itemsize`` bytes (what the reader then takes)."""
+    bad = f"{path}: tensor {shorten(name, 80)!r}: corrupted header entry {shorten(info, 120)}"
+    if not isinstance(info, dict):
+        raise SerializationError(bad)
+    offsets, dtype, shape = info.get("data_offsets"), info.get("dtype"), info.get("shape")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_nonneg_int(v) for v in offsets)
+            or not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape) or not isinstance(dtype, str)):
+        raise SerializationError(bad)
+    if dtype not in _ST_DTYPES:
+        raise SerializationError(f"{path}: tensor {shorten(name, 80)!r}: unsupported dtype {shorten(dtype, 40)}")
+    begin, end = offsets
+    if end > data_bytes:
+        raise SerializationError(
+            f"{path}: tensor {shorten(name, 80)!r}: its bytes {begin}..{end} lie past the end of the data "
+            f"({data_bytes} bytes): the file is truncated"
+        )
+    torch_dtype = _ST_DTYPES[dtype]
+    if end - begin != math.prod(shape) * torch_dtype.itemsize:
+        raise SerializationError(
+            f"{path}: tensor {shorten(name, 80)!r}: bytes {begin}..{end} do not hold a {dtype} tensor of shape {shape}"
+        )
+    info["dtype"] = dtype_name(torch_dtype)
+    info["shape"] = shape
+
+
+def _nonneg_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+@contextmanager
+def _open_regular(path: Path, directory: Path | None):
+    """``path`` opened for reading without blocking: a regular file (no FIFO or device), inside
+    ``directory`` when given. Kept open: the same file is then read, not whatever the name points
+    to a moment later."""
+    if directory is not None:
+        check_within(path, directory, SerializationError)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SerializationError(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
         try:
-            begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], [int(d) for d in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise SerializationError(f"{path}: tensor {name!r}: corrupted header entry {info!r}") from None
-        if dtype not in _ST_DTYPES:
-            raise SerializationError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
-        if end > data_bytes:
-            raise SerializationError(
-                f"{path}: tensor {name!r}: its bytes {begin}..{end} lie past the end of the data ({data_bytes} bytes): "
-                "the file is truncated"
-            )
-        info["dtype"] = dtype_name(_ST_DTYPES[dtype])
-        info["shape"] = shape
-    return header
+            yield f
+        except OSError as exc:
+            raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def read_tensors(directory: Path, manifest: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, after checking names, dtypes, shapes and checksums against the manifest."""
-    from safetensors import SafetensorError, safe_open
+    """Every tensor of the file, after checking names, dtypes, shapes and checksums against the manifest.
 
+    The file is opened once (regular, inside ``directory``; no size cap: models are large), its
+    header checked, and each tensor read from that open file into memory of its own.
+    """
     path = Path(directory) / TENSORS_FILE
-    header = read_header(path)
     expected: dict[str, dict[str, Any]] = manifest["tensors"]
-    missing = sorted(set(expected) - set(header))
-    extra = sorted(set(header) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[:5]}" if missing else f"unexpected {extra[:5]}"
-        raise SerializationError(f"{path}: tensors do not match {MANIFEST_FILE}: {what}")
-    for name, rec in expected.items():
-        got = header[name]
-        if got["dtype"] != rec.get("dtype") or got["shape"] != rec.get("shape"):
-            raise SerializationError(
-                f"{path}: tensor {name!r}: {got['dtype']}{got['shape']} in the file, {rec.get('dtype')}{rec.get('shape')} "
-                f"in {MANIFEST_FILE} (corrupted)"
-            )
     tensors: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name, rec in expected.items():
-                t = f.get_tensor(name)
-                if tensor_digest(t) != rec.get("sha256"):
-                    raise SerializationError(f"{path}: tensor {name!r}: checksum mismatch, the file is corrupted")
-                tensors[name] = t.to(device)
-    except SafetensorError as exc:
-        raise SerializationError(f"{path}: cannot read: {exc}") from None
+    with _open_regular(path, directory) as f:
+        size = os.fstat(f.fileno()).st_size
+        header, n = _parse_header(f, path, size)
+        missing = sorted(set(expected) - set(header))
+        extra = sorted(set(header) - set(expected))
+        if missing or extra:
+            what = f"missing {shorten(missing[:5])}" if missing else f"unexpected {shorten(extra[:5])}"
+            raise SerializationError(f"{path}: tensors do not match {MANIFEST_FILE}: {what}")
+        for name, rec in expected.items():
+            got = header[name]
+            if got["dtype"] != rec["dtype"] or got["shape"] != rec["shape"]:
+                raise SerializationError(
+                    f"{path}: tensor {name!r}: {got['dtype']}{got['shape']} in the file, {rec['dtype']}{rec['shape']} "
+                    f"in {MANIFEST_FILE} (corrupted)"
+                )
+        for name, rec in expected.items():
+            t = _tensor_at(f, path, name, 8 + n, header[name])
+            if tensor_digest(t) != rec["sha256"]:
+                raise SerializationError(f"{path}: tensor {name!r}: checksum mismatch, the file is corrupted")
+            tensors[name] = t.to(device)
     return tensors
+
+
+def _tensor_at(f: Any, path: Path, name: str, base: int, info: dict[str, Any]) -> torch.Tensor:
+    """The tensor ``info`` describes, read from the open file into memory of its own (offsets
+    already checked against the file's size; a file that shrank since is reported)."""
+    begin, end = info["data_offsets"]
+    raw = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(base + begin)
+    if end > begin and f.readinto(memoryview(raw.numpy())) != end - begin:
+        raise SerializationError(f"{path}: tensor {name!r}: the file ended early (truncated while being read?)")
+    return raw.view(dtype_from_name(info["dtype"])).reshape(info["shape"])

@@ -18,11 +18,16 @@ from torch import nn
 from ..convert import _RESULT_ATTR, ConversionResult, _set_submodule
 from ..errors import BackendUnavailableError, RecipeError, SerializationError
 from ..formats import dtype_from_name, dtype_name
+from ..fp8_checks import check_scale_values
 from ..kernels import resolve_backend
+from ..nn._fp8_module import Fp8Module
 from ..recipe import Form, Recipe
+from ..safe_io import shorten
 from . import registry
 from .files import MANIFEST_FILE, TENSORS_FILE, read_manifest, read_tensors
 from .saving import FP8_DTYPES, _qualname
+
+_FORMAT_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
 def load(
@@ -60,6 +65,7 @@ def load(
         >>> qmodel = ib.load(skeleton, "out/model")   # doctest: +SKIP
     """
     directory = Path(path)
+    _check_device(device)
     manifest = read_manifest(directory)
     tensors = read_tensors(directory, manifest, device)
     requested = backend if backend is not None else manifest.get("backend_requested")
@@ -68,6 +74,21 @@ def load(
     plan = _Plan(model_skeleton, manifest, tensors, directory, backend, requested)
     plan.apply()
     return model_skeleton
+
+
+def _check_device(device: torch.device | str) -> None:
+    """The tensors can go to ``device`` here (a CPU-only torch asserts on "cuda" deep inside ``.to``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SerializationError(f"device {shorten(device, 60)}: not a torch device (e.g. \"cpu\", \"cuda:0\")") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {str(dev)!r}: CUDA is not available in this torch build or on this machine; "
+                                      "load with device=\"cpu\"")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as exc:  # noqa: BLE001  (any failure means "cannot put tensors there")
+        raise BackendUnavailableError(f"device {str(dev)!r} is not available here: {shorten(str(exc), 120)}") from None
 
 
 class _Plan:
@@ -92,6 +113,7 @@ class _Plan:
         self.replacements: dict[str, nn.Module] = {}
         self._params: dict[int, nn.Parameter] = {}  # one Parameter per loaded tensor: ties survive
 
+        self.scales = manifest.get("scales")
         self._expand_aliases(manifest["aliases"])
         layers: dict[str, dict[str, Any]] = manifest["layers"]
         subclass_slots: set[tuple[str, str]] = set()
@@ -104,7 +126,7 @@ class _Plan:
                 else:
                     raise SerializationError(f"{self.manifest_path}: layer {name!r}: unknown form {rec['form']!r}")
             except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                raise SerializationError(f"{self.manifest_path}: layer {name!r}: malformed record ({exc!r})") from None
+                raise SerializationError(f"{self.manifest_path}: layer {name!r}: malformed record ({shorten(repr(exc), 200)})") from None
         for name, rec in layers.items():
             if rec["form"] == "subclass" and "tensors" in rec:
                 if self._inside_replacement(name):
@@ -112,7 +134,7 @@ class _Plan:
                 try:
                     self._plan_subclass_tensors(name, rec)
                 except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                    raise SerializationError(f"{self.manifest_path}: layer {name!r}: malformed record ({exc!r})") from None
+                    raise SerializationError(f"{self.manifest_path}: layer {name!r}: malformed record ({shorten(repr(exc), 200)})") from None
         self._plan_float_tensors(subclass_slots)
         leftover = sorted(set(self.tensors) - self.consumed)
         if leftover:
@@ -158,6 +180,8 @@ class _Plan:
                 raise SerializationError(f"{self.manifest_path}: layer {name!r}: cannot build {cls.__name__} from {config}: {exc}") from None
             self._check_replaces(name, target, new, cls.__name__)
             extra = self._fill(name, new, allow_extra=False)
+            for local, t in (new.scale_buffers() if isinstance(new, Fp8Module) else {}).items():
+                check_scale_values(t, where=f"{self.tensors_path}: tensor {name + '.' + local!r}", error=SerializationError)
         else:
             kind = registry.in_place_kinds().get(rec["in_place"])
             if kind is None:
@@ -168,6 +192,11 @@ class _Plan:
             self._check_class(name, target, rec["module_class"])
             new = copy.deepcopy(target)
             extra = self._fill(name, new, allow_extra=True)
+            for local, t in extra.items():  # an in-place kind's own tensors are its scales
+                where = f"{self.tensors_path}: tensor {name + '.' + local!r}"
+                if t.dtype != torch.float32:
+                    raise SerializationError(f"{where}: scales must be float32, got {dtype_name(t.dtype)}")
+                check_scale_values(t, where=where, error=SerializationError)
             try:
                 kind.restore(new, extra, config)
             except Exception as exc:
@@ -240,6 +269,14 @@ class _Plan:
                 )
             if old.dtype != dtype:
                 raise SerializationError(self._dtype_message(full, dtype, old.dtype))
+            data_names = set(trec["data"])
+            required = {"qdata", "scale"} if isinstance(module, nn.Embedding) else {"qdata", "scale", "act_scale"}
+            known = set(getattr(cls, "tensor_data_names", [])) | set(getattr(cls, "optional_tensor_data_names", []))
+            if not required <= data_names <= known | required:
+                raise SerializationError(
+                    f"{self.manifest_path}: tensor {full!r}: data {sorted(data_names)}, expected {sorted(required)}"
+                    + ("" if isinstance(module, nn.Embedding) else " (a linear or conv weight needs its activation scale)")
+                )
             parts = {}
             for data_name in trec["data"]:
                 part = f"{full}.{data_name}"
@@ -247,6 +284,7 @@ class _Plan:
                     raise SerializationError(f"{self.tensors_path}: tensor {part!r} is missing")
                 parts[data_name] = self.tensors[part]
                 self.consumed.add(part)
+            self._check_parts(name, full, parts)
             attrs = {k: _decode_attr(v) for k, v in trec["attributes"].items()}
             attrs = self._with_backend(full, attrs)
             try:
@@ -257,6 +295,25 @@ class _Plan:
                 raise SerializationError(f"{self.manifest_path}: tensor {full!r}: rebuilt {cls.__name__} has the wrong shape or dtype")
             is_param = local in module._parameters
             self.assignments.append((module, local, nn.Parameter(value, requires_grad=False) if is_param else value))
+
+    def _check_parts(self, layer: str, full: str, parts: dict[str, torch.Tensor]) -> None:
+        """A subclass weight's scales: fp32, finite, positive; its FP8 format the one its scales were made for."""
+        for data_name in ("scale", "act_scale"):
+            t = parts.get(data_name)
+            if t is None:
+                continue
+            where = f"{self.tensors_path}: tensor {full + '.' + data_name!r}"
+            if t.dtype != torch.float32:
+                raise SerializationError(f"{where}: scales must be float32, got {dtype_name(t.dtype)}")
+            check_scale_values(t, where=where, error=SerializationError)
+        srec = self.scales.get(layer) if isinstance(self.scales, dict) else None
+        fmt = srec.get("format") if isinstance(srec, dict) else None
+        qdata = parts.get("qdata")
+        if isinstance(fmt, str) and qdata is not None and fmt in _FORMAT_DTYPES and qdata.dtype != _FORMAT_DTYPES[fmt]:
+            raise SerializationError(
+                f"{self.tensors_path}: tensor {full + '.qdata'!r}: {dtype_name(qdata.dtype)} data for a layer whose scales "
+                f"were computed for {fmt} ({MANIFEST_FILE} \"scales\"); the data is mislabelled"
+            )
 
     # ------------------------------------------------------------ everything else
 
@@ -346,8 +403,8 @@ class _Plan:
         if manifest.get("recipe") is not None:
             try:
                 recipe = Recipe.model_validate(manifest["recipe"], source=str(self.manifest_path))
-            except RecipeError as exc:
-                raise SerializationError(str(exc)) from None
+            except (RecipeError, TypeError, ValueError) as exc:
+                raise SerializationError(shorten(str(exc), 600)) from None
         return ConversionResult(
             form=form,
             backend=self.backend or manifest.get("backend") or "unknown",
