@@ -203,3 +203,13 @@ def test_tied_weights_share_one_fp8_weight(form):
     ref = ib.quantize(untied, _ids(), ib.Recipe.model_validate(_BOTH), form=form)
     x = _ids(1)[0]
     assert torch.equal(q(x), ref(x))
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_tied_weights_stay_tied_through_save_and_load(tmp_path, form):
+    q = ib.quantize(_Tied().eval(), _ids(), ib.Recipe.model_validate(_BOTH), form=form)
+    ib.save(q, tmp_path / "m")
+    loaded = ib.load(_Tied().eval(), tmp_path / "m")
+    assert loaded.emb.weight is loaded.head.weight
+    x = _ids(1)[0]
+    assert torch.equal(loaded(x), q(x))

@@ -110,6 +110,7 @@ class _Plan:
         self.modules = dict(skeleton.named_modules())
         self.consumed: set[str] = set()
         self.assignments: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, local name, value)
+        self.rebuilt: dict[tuple, torch.Tensor] = {}  # one subclass weight per set of saved parts: ties survive
         self.replacements: dict[str, nn.Module] = {}
         self._params: dict[int, nn.Parameter] = {}  # one Parameter per loaded tensor: ties survive
 
@@ -294,7 +295,12 @@ class _Plan:
             if list(value.shape) != shape or value.dtype != dtype:
                 raise SerializationError(f"{self.manifest_path}: tensor {full!r}: rebuilt {cls.__name__} has the wrong shape or dtype")
             is_param = local in module._parameters
-            self.assignments.append((module, local, nn.Parameter(value, requires_grad=False) if is_param else value))
+            # Tied weights were saved once (the other names are aliases of the same parts): layers
+            # whose parts are the very same tensors get the very same weight back.
+            key = (cls, local, is_param, tuple(sorted((k, id(v)) for k, v in parts.items())), repr(sorted(attrs.items())))
+            if key not in self.rebuilt:
+                self.rebuilt[key] = nn.Parameter(value, requires_grad=False) if is_param else value
+            self.assignments.append((module, local, self.rebuilt[key]))
 
     def _check_parts(self, layer: str, full: str, parts: dict[str, torch.Tensor]) -> None:
         """A subclass weight's scales: fp32, finite, positive; its FP8 format the one its scales were made for."""
