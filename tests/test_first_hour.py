@@ -213,3 +213,32 @@ def test_tied_weights_stay_tied_through_save_and_load(tmp_path, form):
     assert loaded.emb.weight is loaded.head.weight
     x = _ids(1)[0]
     assert torch.equal(loaded(x), q(x))
+
+
+_COMPILE = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import inc_bridge as ib
+from tests.models import ToyNet, toy_batches
+torch.manual_seed(0)
+model = ToyNet().eval()
+x = toy_batches(1, seed=5)[0]
+for form in ("subclass", "module"):
+    q = ib.quantize(model, toy_batches(), form=form)  # backend auto: the cpu kernels where they build
+    eager = q(x)
+    compiled = torch.compile(q)(x)
+    if ib.conversion_result(q).backend == "cpu":
+        # The cpu backend's native calls run eagerly between compiled graphs: the eager result.
+        assert torch.equal(compiled, eager), (form, (compiled - eager).abs().max())
+    else:  # emulated (no C compiler): inductor fuses the float math, the last bits may move
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+"""
+
+
+def test_torch_compile_prints_nothing(tmp_path):
+    from .conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", _COMPILE.format(repo=str(REPO))], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "" and done.stderr == ""

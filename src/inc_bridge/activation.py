@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 from torchao.utils import TorchAOBaseTensor
 
+from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError
 from .fp8_checks import FP8_FORMATS, check_fp8_max
 from .kernels.cpu import native_dequantize, native_quantize
@@ -30,6 +31,7 @@ class Float8ActivationTensor(TorchAOBaseTensor):
 
     tensor_data_names = ["qdata", "scale"]
     tensor_attribute_names = ["dtype"]
+    _stable_hash_for_caching = stable_hash_for_caching  # torch.compile: a stable key, no warning
 
     def __new__(cls, qdata, scale, dtype):  # noqa: D102
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]

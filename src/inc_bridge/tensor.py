@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
+from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError, SerializationError
 from .fp8_checks import check_scale_values, check_weight_parts
 from .kernels import Fp8Params, get_kernel
@@ -34,6 +35,7 @@ class Float8StaticTensor(TorchAOBaseTensor):
 
     tensor_data_names = ["qdata", "scale"]
     tensor_attribute_names = ["fp8_max", "backend", "dtype"]
+    _stable_hash_for_caching = stable_hash_for_caching  # torch.compile: a stable key, no warning
     optional_tensor_data_names = ["act_scale"]  # None for weight-only layers (embeddings)
 
     def __new__(cls, qdata, scale, fp8_max, backend, dtype, act_scale=None):  # noqa: D102
