@@ -173,7 +173,9 @@ def _read_any(file: Path, within: Path | None = None) -> dict[str, Any]:
     else:
         text = safe_io.read_bytes(file, max_bytes=MAX_DUMP_BYTES, error=CalibrationError,
                                   what="INC measurement file", within=within)
-        data = safe_io.loads_json(text, origin=f"{file}: cannot read INC measurement file", error=CalibrationError)
+        # INC's json.dump writes NaN/Infinity for a layer that saw them: read them, refuse them by layer
+        data = safe_io.loads_json(text, origin=f"{file}: cannot read INC measurement file", error=CalibrationError,
+                                  nonfinite=True)
     if not isinstance(data, dict):
         raise CalibrationError(f"{file}: expected a mapping at the top level, got {type(data).__name__}")
     return data
