@@ -67,7 +67,7 @@ def read_local_dump(path: Path) -> Measurements:
 
 def _pick_files(path: Path, all_ranks: bool) -> dict[int, Path]:
     """rank → file (rank 0 for a single-card dump)."""
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or device is refused when read, not hung on
         return {0: path}
     if not path.is_dir():
         raise CalibrationError(f"{path}: no such file or directory with INC measurement dumps")

@@ -42,6 +42,7 @@ _MEMBER = "arr_0.npy"
 _NUMERIC = {"f2": "e", "f4": "f", "f8": "d", "i1": "b", "i2": "h", "i4": "i", "i8": "q",
             "u1": "B", "u2": "H", "u4": "I", "u8": "Q", "b1": "?"}
 _OBJECT = "O8"
+_OBJECT_FLAGS = 63  # numpy's flags of the object dtype; other values change how its bytes are read
 _BYTEORDER = {"<": "<", "|": "<", "=": "=", ">": ">"}
 _ALLOWED_OPS = frozenset("""
     PROTO FRAME STOP MARK POP POP_MARK DUP MEMOIZE PUT BINPUT LONG_BINPUT GET BINGET LONG_BINGET
@@ -211,7 +212,8 @@ class _Dtype:
     def __setstate__(self, state: Any) -> None:
         # numpy's dtype state: (version, byteorder, subdescr, names, fields, elsize, alignment, flags)
         if (not isinstance(state, tuple) or len(state) != 8 or state[1] not in _BYTEORDER
-                or state[2:5] != (None, None, None) or state[5:7] != (-1, -1)):
+                or state[2:5] != (None, None, None) or state[5:7] != (-1, -1)
+                or state[7] != (_OBJECT_FLAGS if self.code == _OBJECT else 0)):
             raise _Refused(f"dtype state {safe_io.shorten(state)} is not that of a plain dtype")
         self.order = _BYTEORDER[state[1]]
 

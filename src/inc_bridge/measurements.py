@@ -144,7 +144,7 @@ class Measurements:
         if num_batches is not None and not (_is_int(num_batches) and num_batches >= 0):
             raise CalibrationError(f"{origin}: 'num_batches' must be a non-negative integer or null, "
                                    f"got {shorten(num_batches)}")
-        if not isinstance(ranks, list) or not all(_is_int(r) and r >= 0 for r in ranks):
+        if not isinstance(ranks, (list, tuple)) or not all(_is_int(r) and r >= 0 for r in ranks):
             raise CalibrationError(f"{origin}: 'ranks' must be a list of non-negative integers, got {shorten(ranks)}")
         return cls(layers=layers, inc_version=inc_version, inc_config=dict(inc_config),
                    num_batches=num_batches, ranks=tuple(ranks))
@@ -183,7 +183,7 @@ def _is_number(value: Any) -> bool:
 def _floats(value: Any, where: str, *, positive: bool = False) -> tuple[float, ...]:
     """A list of finite numbers, each >= 0 (``positive``: > 0); CalibrationError naming ``where``."""
     bound = "> 0" if positive else ">= 0"
-    if not isinstance(value, list):
+    if not isinstance(value, (list, tuple)):
         raise CalibrationError(f"{where}: expected a list of finite numbers {bound}, got {shorten(value)}")
     for v in value:
         if not _is_number(v) or not math.isfinite(v) or v < 0 or (positive and v == 0):
@@ -216,7 +216,7 @@ def _layer_from_dict(name: Any, d: Any, origin: str) -> LayerStats:
                                f"got {shorten(d.get('source'))}") from None
     per_ch = d.get("weight_amax_per_channel")
     hists = d.get("input_hist") or []
-    if not isinstance(hists, list):
+    if not isinstance(hists, (list, tuple)):
         raise CalibrationError(f"{where}: 'input_hist' must be a list of histograms")
     return LayerStats(
         name=name,
@@ -238,7 +238,7 @@ def _inc_scales(value: Any, where: str) -> dict[str, Any] | None:
     if not isinstance(value, dict) or set(value) != {"inputs", "weight"}:
         raise CalibrationError(f"{where}: expected {{'inputs': [...], 'weight': ...}}, got {shorten(value)}")
     weight = value["weight"]
-    if isinstance(weight, list):
+    if isinstance(weight, (list, tuple)):
         weight = list(_floats(weight, f"{where}['weight']", positive=True))
     else:
         weight = _optional_float(weight, f"{where}['weight']", positive=True)
