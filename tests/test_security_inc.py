@@ -343,9 +343,10 @@ def test_measurements_save_uses_a_unique_temporary_name(tmp_path):
 def test_calib_data_none_is_a_calibration_error(calib_data):
     model = LinearNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for call in (ib.calibrate, ib.quantize):
+    attention = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa"]}})
+    for call, recipe in ((ib.calibrate, None), (ib.quantize, None), (ib.quantize, attention)):
         with pytest.raises(ib.CalibrationError, match="calib_data must be an iterable of batches"):
-            call(model, calib_data)
+            call(model, calib_data, recipe)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -446,7 +447,7 @@ def test_no_inc_log_in_home_and_killed_calibrations_are_cleaned(tmp_path, monkey
 # ---------------------------------------------------------------------------------------------
 # Property suite: only CalibrationError escapes (≤ 15 s together)
 
-_PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 _REAL = _inc_like_npz({"fc1": {"inputs": [np.array([[2.5]], np.float32)], "params": {"weight": np.array([[0.5]], np.float32)}}})
 
 

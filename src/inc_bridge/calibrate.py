@@ -58,14 +58,15 @@ def calibrate(
     Returns:
         Measurements of every selected layer that ran during calibration.
     Raises:
-        CalibrationError: no batches, a batch of an unsupported type, a failing forward, or NaN/Inf
-            statistics (the message names the layer).
+        CalibrationError: ``calib_data`` that is neither an iterable nor a callable (``None``), no
+            batches, a batch of an unsupported type, a failing forward, or NaN/Inf statistics (the
+            message names the layer).
         ConversionError: the recipe names a module that cannot be quantized.
 
     Example:
         >>> meas = calibrate(model, [torch.randn(8, 16) for _ in range(4)])   # doctest: +SKIP
     """
-    _check_calib_data(calib_data)
+    check_calib_data(calib_data)
     recipe = resolve_recipe(recipe)
     selection = select_layers(model, recipe.quantization)
     if not selection.selected:
@@ -189,8 +190,12 @@ def _workdir(workdir: Path | str | None) -> Iterator[Path]:
         yield tmp
 
 
-def _check_calib_data(calib_data: Any) -> None:
-    """Refuse what cannot be calibration data before INC is started."""
+def check_calib_data(calib_data: Any) -> None:
+    """Refuse what cannot be calibration data (``None``, a number) before anything else runs.
+
+    Raises:
+        CalibrationError: saying what ``calib_data`` may be.
+    """
     if calib_data is None or not (callable(calib_data) or isinstance(calib_data, Iterable)):
         raise CalibrationError(
             f"calib_data must be an iterable of batches (tensors, tuples of positional arguments or dicts of "

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .calibrate import CalibData, calibrate
+from .calibrate import CalibData, calibrate, check_calib_data
 from .capture import capture_attention, captured_sites
 from .convert import conversion_result, convert
 from .errors import CalibrationError
@@ -125,6 +125,7 @@ def quantize(
     Example:
         >>> qmodel = quantize(model, calib_batches)   # doctest: +SKIP
     """
+    check_calib_data(calib_data)  # before _peek below iterates it
     recipe = resolve_recipe(recipe)
     kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend, **convert_kwargs}
     if {Op.SDPA, Op.BMM} & set(recipe.quantization.ops) and not captured_sites(model):
