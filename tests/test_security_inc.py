@@ -157,6 +157,18 @@ def test_crafted_npz_gives_calibration_error_in_bounded_memory(tmp_path):
     assert sorted(tmp_path.iterdir()) == sorted(files.values())
 
 
+def test_npz_pickle_cannot_change_the_stand_ins(tmp_path):
+    """BUILD with slot state would setattr on whatever find_class returned: refused, nothing changed."""
+    # GLOBAL numpy.dtype; BUILD (None, {"__call__": None}); STOP
+    build_on_dtype = b"\x80\x04cnumpy\ndtype\nN}\x8c\x08__call__Ns\x86b."
+    path = tmp_path / "measure_hooks_maxabs.npz"
+    path.write_bytes(_npz_bytes(build_on_dtype))
+    with pytest.raises(ib.CalibrationError, match="changes one of numpy's names"):
+        ib.load_inc_measurements(path)
+    path.write_bytes(_inc_like_npz({"fc1": {"inputs": [np.array([[2.5]], np.float32)]}}))
+    assert ib.load_inc_measurements(path)["fc1"].input_amax == (2.5,)
+
+
 def test_real_inc_npz_loads_as_plain_data(tmp_path):
     nodes = {"fc1": {"inputs": [np.array([[2.5]], dtype=np.float32)], "params": {"weight": np.array([[0.75]], np.float32)}},
              "fc2": {"inputs": [np.array([[1.0]], dtype=np.float32)]}}

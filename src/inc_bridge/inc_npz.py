@@ -196,8 +196,29 @@ class _Refused(Exception):
     """A stand-in found something INC's dump never holds; ``read_npz`` adds the file name."""
 
 
-class _NdarrayName:
-    """What ``numpy.ndarray`` resolves to: a token ``_reconstruct`` checks for, nothing callable."""
+class _Name:
+    """What a global of the pickle resolves to: calls ``make`` and nothing else. It has no ``__dict__``
+    and refuses ``BUILD``, so a pickle cannot change the stand-ins (pickle can ``setattr`` on any
+    object it ``BUILD``s, and a class or function returned by ``find_class`` would be shared)."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Any) -> None:
+        object.__setattr__(self, "_make", make)
+
+    def __call__(self, *args: Any) -> Any:
+        if self._make is None:
+            raise _Refused("numpy.ndarray is called directly")
+        return self._make(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _Refused("the pickle changes one of numpy's names")
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Refused("the pickle changes one of numpy's names")
+
+
+_NDARRAY = _Name(None)  # ``numpy.ndarray``: only a token that ``_reconstruct`` checks for
 
 
 class _Dtype:
@@ -219,14 +240,14 @@ class _Dtype:
 
 
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
-    if cls is not _NdarrayName:
+    if cls is not _NDARRAY:
         raise _Refused("_reconstruct is called with something other than numpy.ndarray")
     return _Array()
 
 
 class _Array:
-    """What ``_reconstruct`` + ``BUILD`` make: the array's values as a flat Python list, checked
-    against its shape and dtype (an object array keeps its pickled items)."""
+    """What ``_reconstruct`` + ``BUILD`` make: a flat numeric numpy array of a dtype from our list,
+    its byte count checked against its shape first (an object array keeps its pickled items)."""
 
     kind = "unset"
     shape: tuple[int, ...] = ()
@@ -269,11 +290,12 @@ def _scalar(dtype: Any, data: Any) -> float:
     return float(struct.unpack(fmt, data)[0])
 
 
-_STAND_INS: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): _NdarrayName,
-    ("numpy", "dtype"): _Dtype,
-    **{(m, "_reconstruct"): _reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    **{(m, "scalar"): _scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")
+_STAND_INS: dict[tuple[str, str], _Name] = {
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Name(_Dtype),
+    **{(m, "_reconstruct"): _Name(_reconstruct) for m in _MULTIARRAY},
+    **{(m, "scalar"): _Name(_scalar) for m in _MULTIARRAY},
 }
 
 
