@@ -53,7 +53,7 @@ def _write(tmp_path, obj, name="measure_hooks_maxabs.json"):
 @pytest.mark.parametrize(
     "content,match",
     [
-        ("{not json", "cannot read INC measurement file: JSONDecodeError"),
+        ("{not json", "cannot read INC measurement file: not valid JSON"),
         ([1, 2], "expected a mapping at the top level"),
         ({"Mode": "Weird", "Nodes": {}}, "unknown or missing 'Mode'"),
         ({"Mode": "DynamicRange", "Nodes": []}, "'Nodes' must be a mapping"),
@@ -61,7 +61,8 @@ def _write(tmp_path, obj, name="measure_hooks_maxabs.json"):
         ({"Mode": "DynamicRange", "Nodes": {"fc": {"inputs": "x"}}}, "node 'fc': 'inputs' must be a list"),
         ({"Mode": "DynamicRange", "Nodes": {"fc": {"inputs": [["a"]]}}}, "node 'fc' input 0: expected numbers"),
         ({"Mode": "DynamicRange", "Nodes": {"fc": {"inputs": [[]]}}}, "node 'fc' input 0: empty measurement"),
-        ({"Mode": "DynamicRange", "Nodes": {"fc": {"inputs": [[["NaN"]]]}}}, "layer 'fc' in .*not finite"),
+        ({"Mode": "DynamicRange", "Nodes": {"fc": {"inputs": [[["NaN"]]]}}}, "node 'fc' input 0: expected numbers"),
+        ('{"Mode": "DynamicRange", "Nodes": {"fc": {"inputs": [[NaN]]}}}', "layer 'fc' in .*not finite"),
         ({"Mode": "Scale", "Nodes": {"fc": {"inputs": [0.0], "params": {"weight": 1.0}}}}, "scale 0.0 is not a positive"),
         ({"Mode": "Scale", "Nodes": {"fc": {"inputs": [1.0], "params": {"weight": {"1": [1.0]}}}}}, "lacks key '0'"),
     ],

@@ -11,7 +11,10 @@ import contextlib
 import copy
 import functools
 import logging
+import os
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import scratch
 from .formats import FP8Format
 from .recipe import Granularity, ScaleMethod
 
@@ -52,17 +56,20 @@ def inc_scale_method(weight_method: ScaleMethod, weight_granularity: Granularity
     return None
 
 
-def fp8_config(dump_dir: Path, hp_dtype: torch.dtype, fmt: FP8Format, scale_method: str = MEASURE_SCALE_METHOD) -> Any:
-    """INC's FP8Config for CPU QDQ with dumps under ``dump_dir``.
+def fp8_config(dump_dir: Path, hp_dtype: torch.dtype, fmt: FP8Format, scale_method: str = MEASURE_SCALE_METHOD,
+               *, config_dir: Path) -> Any:
+    """INC's FP8Config for CPU QDQ with dumps under ``dump_dir`` and its JSON copy in ``config_dir``.
 
     ``hp_dtype`` is set to the model's dtype: INC's default bf16 on an fp32 model breaks its own
     Conv2d ("Input type (BFloat16) and bias type (float)") and changes the rounding of scales.
+    INC writes the config to a ``tempfile.NamedTemporaryFile`` it never removes unless ``json_file``
+    is set; we write it ourselves into ``config_dir`` (an ``inc_session``'s private directory).
     """
     from neural_compressor.torch.quantization import FP8Config
 
     if hp_dtype not in _HP_DTYPE:
         raise ValueError(f"INC supports hp_dtype float32 or bfloat16, got {hp_dtype}")
-    return FP8Config(
+    config = FP8Config(
         use_qdq=True,
         measure_on_hpu=False,
         scale_method=scale_method,
@@ -70,6 +77,11 @@ def fp8_config(dump_dir: Path, hp_dtype: torch.dtype, fmt: FP8Format, scale_meth
         hp_dtype=_HP_DTYPE[hp_dtype],
         fp8_config=_FORMAT[fmt],
     )
+    fd, json_file = tempfile.mkstemp(dir=config_dir, prefix="fp8_config_", suffix=".json")
+    os.close(fd)
+    config.to_json_file(json_file)
+    config.json_file = json_file
+    return config
 
 
 def config_record(hp_dtype: torch.dtype, fmt: FP8Format) -> dict[str, Any]:
@@ -84,33 +96,104 @@ def config_record(hp_dtype: torch.dtype, fmt: FP8Format) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def inc_session(lean_observer: bool = True) -> Iterator[None]:
-    """Run INC calls with its stray temporary files contained and its logging quieted.
+# INC keeps module-level registries, patches classes and reads one process-wide logger; its
+# prepare/calibrate/finalize/convert are not thread-safe. Every INC call of inc_bridge runs inside
+# ``inc_session``, which holds this lock: INC work is serialized, everything else runs in parallel.
+_LOCK = threading.RLock()
+_QUIET_THREADS: set[int] = set()  # threads inside an inc_session: INC's records below ERROR dropped
+_SESSION_DIR: list[Path] = []  # the private directory of the session holding _LOCK (innermost last)
+_LOGGER_MODULE = "neural_compressor.torch.algorithms.fp8_quant.utils.logger"
 
-    INC writes its config to ``tempfile.NamedTemporaryFile(delete=False)`` on every ``prepare`` and
-    never removes it; pointing ``tempfile`` at a private directory that we remove afterwards keeps
-    them out of the system temp dir and out of the caller's workdir. INC logs each step at
-    INFO/WARNING; we keep only its errors. ``lean_observer``: see ``_lean_maxabs_observer``.
+
+class _QuietInSession(logging.Filter):
+    """Drops INC's INFO/WARNING records emitted by threads inside an inc_session (others untouched)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.thread not in _QUIET_THREADS
+
+
+_QUIET = _QuietInSession()
+
+
+def import_inc() -> None:
+    """Import INC's torch parts once, keeping its log file out of ``$HOME``.
+
+    INC's FP8 logger opens ``$HABANA_LOGS/inc_log.txt`` (default ``~/.habana_logs``) when it is
+    first imported and appends every message to it. When inc_bridge is the first to import INC and
+    the user has not set ``HABANA_LOGS``, the import runs with ``HABANA_LOGS`` pointed at a private
+    directory (restored right after, under the INC lock), and that file handler is closed and
+    removed: INC's console output is unchanged. A user who set ``HABANA_LOGS``, or imported INC
+    first, keeps INC's log file as configured.
     """
-    from neural_compressor.common.utils.logger import Logger
+    with _LOCK:
+        fresh = _LOGGER_MODULE not in sys.modules and "HABANA_LOGS" not in os.environ
+        if fresh:
+            with scratch.private_dir("log") as logs:
+                os.environ["HABANA_LOGS"] = str(logs)
+                try:
+                    import neural_compressor.torch.quantization  # noqa: F401
+                    from neural_compressor.common.utils.logger import Logger
+                finally:
+                    del os.environ["HABANA_LOGS"]
+                inc_logger = logging.getLogger("INC")
+                for handler in list(inc_logger.handlers):
+                    if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(logs):
+                        inc_logger.removeHandler(handler)
+                        handler.close()
+        else:
+            import neural_compressor.torch.quantization  # noqa: F401
+            from neural_compressor.common.utils.logger import Logger
+        Logger()  # INC sets up its common logger on first use; add our filter after it did
+        for name in ("neural_compressor", "INC"):
+            logger = logging.getLogger(name)
+            for target in (logger, *logger.handlers):
+                if _QUIET not in target.filters:
+                    target.addFilter(_QUIET)
 
-    Logger()  # INC configures its logger (level INFO) on first use; do it now so our level holds
-    saved_tempdir = tempfile.tempdir
-    loggers = [logging.getLogger(n) for n in ("neural_compressor", "INC")]
-    saved_levels = [lg.level for lg in loggers]
-    private = tempfile.TemporaryDirectory(prefix="inc_bridge_inc_")
-    tempfile.tempdir = private.name
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with _lean_maxabs_observer() if lean_observer else contextlib.nullcontext():
-            yield
-    finally:
-        tempfile.tempdir = saved_tempdir
-        private.cleanup()
-        for lg, level in zip(loggers, saved_levels, strict=True):
-            lg.setLevel(level)
+
+class _ConfinedTempfile:
+    """Stands in for the ``tempfile`` module inside INC's ``fp8_quant.common`` during a session:
+    ``update_mode`` writes its config with ``NamedTemporaryFile(delete=False)`` and never removes it;
+    here it lands in the session's private directory, which is removed with the session."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(tempfile, name)
+
+    @staticmethod
+    def NamedTemporaryFile(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - tempfile's name
+        kwargs["dir"] = str(_SESSION_DIR[-1])
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def inc_session(lean_observer: bool = True) -> Iterator[Path]:
+    """Run INC calls serialized, with its stray files confined and its logging quieted.
+
+    Yields a private directory for INC's config files (``fp8_config(config_dir=...)``), removed
+    afterwards. No process-wide state changes: ``tempfile.tempdir`` is never touched; INC's own
+    ``fp8_quant.common.tempfile`` attribute (its one other use of ``tempfile``) is pointed at the
+    private directory while the lock is held, and INC's INFO/WARNING records from this thread are
+    dropped by a filter that leaves other threads' records alone. ``lean_observer``: see
+    ``_lean_maxabs_observer``.
+    """
+    import_inc()
+    from neural_compressor.torch.algorithms.fp8_quant import common as inc_common
+
+    thread = threading.get_ident()
+    with _LOCK, scratch.private_dir("inc") as private:
+        saved_tempfile = inc_common.tempfile
+        nested = thread in _QUIET_THREADS
+        _SESSION_DIR.append(private)
+        _QUIET_THREADS.add(thread)
+        inc_common.tempfile = _ConfinedTempfile()
+        try:
+            with _lean_maxabs_observer() if lean_observer else contextlib.nullcontext():
+                yield private
+        finally:
+            inc_common.tempfile = saved_tempfile
+            _SESSION_DIR.pop()
+            if not nested:
+                _QUIET_THREADS.discard(thread)
 
 
 @contextlib.contextmanager
@@ -191,8 +274,8 @@ def inc_qdq_model(model: nn.Module, batches: Iterable[Any], hp_dtype: torch.dtyp
     from .batches import run_batch
 
     model = copy.deepcopy(model)
-    with tempfile.TemporaryDirectory(prefix="inc_bridge_inc_") as tmp, inc_session(lean_observer=lean_observer):
-        config = fp8_config(Path(dump_dir or tmp), hp_dtype, FP8Format.E4M3, scale_method)
+    with inc_session(lean_observer=lean_observer) as private:
+        config = fp8_config(Path(dump_dir or private), hp_dtype, FP8Format.E4M3, scale_method, config_dir=private)
         prepared = prepare(model, config)
         with torch.no_grad():
             for batch in batches:

@@ -4,6 +4,11 @@ INC's ``prepare`` patches the model it is given in place. To leave the caller's 
 without holding a second copy of its weights, INC gets a *structural* copy: new module objects that
 share every parameter and buffer with the original (a deep copy whose memo maps each tensor to
 itself). INC's dump files go to ``workdir`` or to a temporary directory that is removed afterwards.
+
+Threads: calibrations may run in several threads at once. INC's part (prepare, the calibration
+forwards through INC's patched copy, finalize) is serialized under ``_inc``'s lock, because INC keeps
+module-level registries and patches shared state; layer selection, reading the dump and building the
+Measurements run in parallel. No process-wide state (``tempfile.tempdir``, logger levels) is changed.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -19,7 +23,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from . import _inc
+from . import _inc, scratch
 from .activation import quantized_positions
 from .batches import run_batch
 from .convert import structural_copy
@@ -54,13 +58,15 @@ def calibrate(
     Returns:
         Measurements of every selected layer that ran during calibration.
     Raises:
-        CalibrationError: no batches, a batch of an unsupported type, a failing forward, or NaN/Inf
-            statistics (the message names the layer).
+        CalibrationError: ``calib_data`` that is neither an iterable nor a callable (``None``), no
+            batches, a batch of an unsupported type, a failing forward, or NaN/Inf statistics (the
+            message names the layer).
         ConversionError: the recipe names a module that cannot be quantized.
 
     Example:
         >>> meas = calibrate(model, [torch.randn(8, 16) for _ in range(4)])   # doctest: +SKIP
     """
+    check_calib_data(calib_data)
     recipe = resolve_recipe(recipe)
     selection = select_layers(model, recipe.quantization)
     if not selection.selected:
@@ -84,11 +90,13 @@ def calibrate(
         return run(prepared)
 
     run = _runner(calib_data)
-    with _workdir(workdir) as wd, _inc.inc_session():
+    scratch.remove_stale()  # directories of earlier calibrations that were killed
+    with _workdir(workdir) as wd, _inc.inc_session() as private:
         shadow = structural_copy(model).eval()
         try:
             if hp_dtype is not None:
-                num_batches = _inc.measure(shadow, run_observed, _inc.fp8_config(wd, hp_dtype, fmt))
+                config = _inc.fp8_config(wd, hp_dtype, fmt, config_dir=private)
+                num_batches = _inc.measure(shadow, run_observed, config)
             else:  # only captured attention selected: nothing for INC to measure
                 num_batches = run_observed(shadow)
         finally:
@@ -178,8 +186,21 @@ def _workdir(workdir: Path | str | None) -> Iterator[Path]:
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="inc_bridge_calib_") as tmp:
-        yield Path(tmp)
+    with scratch.private_dir("calib") as tmp:
+        yield tmp
+
+
+def check_calib_data(calib_data: Any) -> None:
+    """Refuse what cannot be calibration data (``None``, a number) before anything else runs.
+
+    Raises:
+        CalibrationError: saying what ``calib_data`` may be.
+    """
+    if calib_data is None or not (callable(calib_data) or isinstance(calib_data, Iterable)):
+        raise CalibrationError(
+            f"calib_data must be an iterable of batches (tensors, tuples of positional arguments or dicts of "
+            f"keyword arguments) or a callable run_fn(model), got {type(calib_data).__name__}"
+        )
 
 
 def _runner(calib_data: CalibData) -> Callable[[nn.Module], int]:

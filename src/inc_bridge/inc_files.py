@@ -2,26 +2,26 @@
 
 INC writes, per run, a DynamicRange file (raw amax per node: ``inputs`` as ``[[amax]]`` and
 ``params.weight``) and, after ``convert``, a Scale file named after the scale method (finished
-scales). Both come as JSON and as ``.npz``. The ``.npz`` holds a pickled object array; we never hand
-it to ``pickle`` unrestricted: only numpy's own array-rebuilding classes may be loaded.
+scales). Both come as JSON and as ``.npz``. Both are untrusted data: read with size caps, JSON with a
+depth bound, the ``.npz`` through ``inc_npz`` (which never lets the file build a numpy object), and
+every field is checked for type, shape and value before it becomes a Measurements.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import safe_io
 from .errors import CalibrationError
+from .inc_npz import MAX_NPZ_BYTES, read_npz
 from .measurements import LayerStats, Measurements, Source
 
+MAX_DUMP_BYTES = MAX_NPZ_BYTES  # the JSON twin of an npz dump is about as large
 _DYNAMIC_RANGE = "DynamicRange"
 _SCALE = "Scale"
 # <prefix>_hooks_maxabs[_<METHOD>][_<local_rank>_<world_size>].(json|npz)
@@ -51,7 +51,8 @@ def load_inc_measurements(path: Path | str) -> Measurements:
     """
     path = Path(path)
     files = _pick_files(path, all_ranks=True)
-    parts = [_parse(_read_any(f), f) for f in files.values()]
+    within = path if path.is_dir() else None
+    parts = [_parse(_read_any(f, within), f) for f in files.values()]
     if len(parts) == 1:
         return parts[0]
     return _merge_ranks(parts, list(files), path)
@@ -61,12 +62,12 @@ def read_local_dump(path: Path) -> Measurements:
     """The one DynamicRange dump INC wrote in ``path`` for this process (any rank suffix)."""
     files = _pick_files(Path(path), all_ranks=False)
     file = next(iter(files.values()))
-    return _parse(_read_any(file), file)
+    return _parse(_read_any(file, Path(path)), file)
 
 
 def _pick_files(path: Path, all_ranks: bool) -> dict[int, Path]:
     """rank → file (rank 0 for a single-card dump)."""
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or device is refused when read, not hung on
         return {0: path}
     if not path.is_dir():
         raise CalibrationError(f"{path}: no such file or directory with INC measurement dumps")
@@ -112,25 +113,24 @@ def _merge_ranks(parts: list[Measurements], ranks: list[int], path: Path) -> Mea
         if have != union:
             missing = sorted(union - have)
             raise CalibrationError(
-                f"{path}: rank {rank} lacks layers the other ranks measured: {', '.join(missing[:10])}"
+                f"{path}: rank {rank} lacks layers the other ranks measured: "
+                + ", ".join(safe_io.shorten(n, 80) for n in missing[:10])
                 + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
             )
     layers = {}
     for name in parts[0].layers:
         per_rank = [p.layers[name] for p in parts]
         first = per_rank[0]
+        shown = safe_io.shorten(repr(name), 80)
+        if len({s.inc_scales is None for s in per_rank}) != 1:
+            raise CalibrationError(f"{path}: layer {shown} has raw amax on some ranks and finished scales on others")
         if first.inc_scales is not None:
             given = [s.inc_scales for s in per_rank]
-            weights = [g["weight"] for g in given]
-            weight = (
-                [max(v) for v in zip(*weights, strict=True)] if isinstance(weights[0], list)
-                else None if weights[0] is None else max(weights)
-            )
-            inc_scales = {"inputs": [max(v) for v in zip(*(g["inputs"] for g in given), strict=True)], "weight": weight}
-            layers[name] = LayerStats(name=name, kind=first.kind, source=Source.INC_DUMP, inc_scales=inc_scales)
+            layers[name] = LayerStats(name=name, kind=first.kind, source=Source.INC_DUMP,
+                                      inc_scales=_merge_scales(given, shown, path))
             continue
         if len({len(s.input_amax) for s in per_rank}) != 1:
-            raise CalibrationError(f"{path}: layer {name!r} has a different number of inputs on different ranks")
+            raise CalibrationError(f"{path}: layer {shown} has a different number of inputs on different ranks")
         weights = [s.weight_amax for s in per_rank if s.weight_amax is not None]
         layers[name] = LayerStats(
             name=name,
@@ -145,92 +145,89 @@ def _merge_ranks(parts: list[Measurements], ranks: list[int], path: Path) -> Mea
     return Measurements(layers=layers, inc_config=config, ranks=tuple(ranks))
 
 
-def _read_any(file: Path) -> dict[str, Any]:
-    try:
-        if file.suffix == ".npz":
-            data = _read_npz(file)
-        else:
-            data = json.loads(file.read_text(encoding="utf-8"))
-    except CalibrationError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as exc:
-        raise CalibrationError(f"{file}: cannot read INC measurement file: {type(exc).__name__}: {exc}") from None
+def _merge_scales(given: list[dict[str, Any]], shown: str, path: Path) -> dict[str, Any]:
+    """The maximum of each finished scale over the ranks, which must agree on the scales' shapes."""
+    inputs = [g["inputs"] for g in given]
+    weights = [g["weight"] for g in given]
+    if len({len(i) for i in inputs}) != 1:
+        raise CalibrationError(f"{path}: layer {shown} has a different number of input scales on different ranks")
+    kinds = {None if w is None else len(w) if isinstance(w, list) else "tensor" for w in weights}
+    if len(kinds) != 1:
+        raise CalibrationError(
+            f"{path}: layer {shown} has weight scales of different shapes on different ranks "
+            f"({', '.join(sorted(map(str, kinds)))}: none, per-tensor or per-channel lengths)"
+        )
+    weight = (
+        [max(v) for v in zip(*weights, strict=True)] if isinstance(weights[0], list)
+        else None if weights[0] is None else max(weights)
+    )
+    return {"inputs": [max(v) for v in zip(*inputs, strict=True)], "weight": weight}
+
+
+def _read_any(file: Path, within: Path | None = None) -> dict[str, Any]:
+    """A dump file's top-level mapping, read with a size cap (FIFOs, devices and links out refused)."""
+    if file.suffix == ".npz":
+        if within is not None:
+            safe_io.check_within(file, within, CalibrationError)
+        data = read_npz(file)
+    else:
+        text = safe_io.read_bytes(file, max_bytes=MAX_DUMP_BYTES, error=CalibrationError,
+                                  what="INC measurement file", within=within)
+        # INC's json.dump writes NaN/Infinity for a layer that saw them: read them, refuse them by layer
+        data = safe_io.loads_json(text, origin=f"{file}: cannot read INC measurement file", error=CalibrationError,
+                                  nonfinite=True)
     if not isinstance(data, dict):
         raise CalibrationError(f"{file}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an INC measurement file")
-
-
-def _read_npz(file: Path) -> Any:
-    with zipfile.ZipFile(file) as zf:
-        names = zf.namelist()
-        if "arr_0.npy" not in names:
-            raise CalibrationError(f"{file}: expected 'arr_0.npy' inside the npz, found {names}")
-        raw = io.BytesIO(zf.read("arr_0.npy"))
-    version = np.lib.format.read_magic(raw)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise CalibrationError(f"{file}: unsupported .npy format version {version} inside the npz")
-    shape, _, dtype = readers[version](raw)
-    if not dtype.hasobject:
-        raise CalibrationError(f"{file}: expected INC's pickled dict inside the npz, got a {dtype} array")
-    arr = _NumpyOnlyUnpickler(raw).load()
-    if shape != () or not isinstance(arr, np.ndarray):
-        raise CalibrationError(f"{file}: expected a single pickled dict inside the npz")
-    return arr.item()
+def _numbers(value: Any, file: Path, where: str) -> np.ndarray:
+    """INC's amax or scale value (a number, nested lists [[a]] or an array) as a flat float64 array."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError, RecursionError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "fiu":
+        raise CalibrationError(f"{file}: {where}: expected numbers, got {safe_io.shorten(value)}")
+    if arr.size == 0:
+        raise CalibrationError(f"{file}: {where}: empty measurement")
+    return arr.astype(np.float64).reshape(-1)
 
 
 def _amax(value: Any, file: Path, where: str) -> float:
-    """INC stores amax as nested lists ([[a]]) or arrays; its scale code takes the max of all of them."""
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise CalibrationError(f"{file}: {where}: expected numbers, got {value!r}") from None
-    if arr.size == 0:
-        raise CalibrationError(f"{file}: {where}: empty measurement")
-    return float(arr.max())
+    """INC's scale code takes the max of all values it stored for one tensor."""
+    return float(_numbers(value, file, where).max())
 
 
 def _parse(data: dict[str, Any], file: Path) -> Measurements:
     mode = data.get("Mode")
     nodes = data.get("Nodes")
     if mode not in (_DYNAMIC_RANGE, _SCALE):
-        raise CalibrationError(f"{file}: unknown or missing 'Mode' {mode!r} (expected DynamicRange or Scale)")
+        raise CalibrationError(f"{file}: unknown or missing 'Mode' {safe_io.shorten(mode)} (expected DynamicRange or Scale)")
     if not isinstance(nodes, dict):
         raise CalibrationError(f"{file}: 'Nodes' must be a mapping of layer names, got {type(nodes).__name__}")
     layers: dict[str, LayerStats] = {}
     for name, node in nodes.items():
+        if not isinstance(name, str):
+            raise CalibrationError(f"{file}: 'Nodes' keys must be layer names, got {safe_io.shorten(name)}")
+        shown = safe_io.shorten(repr(name), 80)
         if not isinstance(node, dict):
-            raise CalibrationError(f"{file}: node {name!r} must be a mapping, got {type(node).__name__}")
+            raise CalibrationError(f"{file}: node {shown}: must be a mapping, got {type(node).__name__}")
         inputs = node.get("inputs", [])
         if not isinstance(inputs, (list, tuple)):
-            raise CalibrationError(f"{file}: node {name!r}: 'inputs' must be a list")
-        params = node.get("params", {}) or {}
+            raise CalibrationError(f"{file}: node {shown}: 'inputs' must be a list")
+        params = node.get("params", {})
+        params = {} if params is None else params
         if not isinstance(params, dict):
-            raise CalibrationError(f"{file}: node {name!r}: 'params' must be a mapping")
+            raise CalibrationError(f"{file}: node {shown}: 'params' must be a mapping")
         if mode == _DYNAMIC_RANGE:
-            input_amax = tuple(_amax(v, file, f"node {name!r} input {i}") for i, v in enumerate(inputs))
+            input_amax = tuple(_amax(v, file, f"node {shown} input {i}") for i, v in enumerate(inputs))
             weight = params.get("weight")
             stats = LayerStats(
                 name=name,
                 kind="unknown",
                 input_amax=input_amax,
-                weight_amax=None if weight is None else _amax(weight, file, f"node {name!r} weight"),
+                weight_amax=None if weight is None else _amax(weight, file, f"node {shown} weight"),
                 source=Source.INC_DUMP,
             )
         else:
@@ -238,7 +235,7 @@ def _parse(data: dict[str, Any], file: Path) -> Measurements:
                 name=name,
                 kind="unknown",
                 source=Source.INC_DUMP,
-                inc_scales=_scale_node(name, inputs, params, file),
+                inc_scales=_scale_node(shown, inputs, params, file),
             )
         stats.check_finite(f" in {file}")
         layers[name] = stats
@@ -246,26 +243,31 @@ def _parse(data: dict[str, Any], file: Path) -> Measurements:
         raise CalibrationError(f"{file}: the dump has no measured layers")
     m = _FILE_RE.match(file.stem)
     method = m["method"] if m and m["method"] else None
+    ranks = {k: data.get(k) for k in ("GlobalRank", "LocalRank")}
+    for key, rank in ranks.items():
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
+            raise CalibrationError(f"{file}: '{key}' must be an integer or null, got {safe_io.shorten(rank)}")
     return Measurements(
         layers=layers,
         inc_config={"mode": mode, "scale_method": method, "file": file.name,
-                    "global_rank": data.get("GlobalRank"), "local_rank": data.get("LocalRank")},
+                    "global_rank": ranks["GlobalRank"], "local_rank": ranks["LocalRank"]},
     )
 
 
-def _scale_node(name: str, inputs: Any, params: dict[str, Any], file: Path) -> dict[str, Any]:
-    in_scales = [_amax(v, file, f"node {name!r} input {i} scale") for i, v in enumerate(inputs)]
+def _scale_node(shown: str, inputs: Any, params: dict[str, Any], file: Path) -> dict[str, Any]:
+    """A Scale-mode node's finished scales: positive and finite (INC never writes a zero scale)."""
+    in_scales = [_amax(v, file, f"node {shown} input {i} scale") for i, v in enumerate(inputs)]
     weight = params.get("weight")
     if isinstance(weight, dict):  # per-channel: {"0": [N out-channel scales], "1": [K ones]}
         out_ch = weight.get("0", weight.get(0))
         if out_ch is None:
-            raise CalibrationError(f"{file}: node {name!r}: per-channel weight scale lacks key '0'")
-        w: Any = [float(v) for v in np.asarray(out_ch, dtype=np.float64).reshape(-1)]
+            raise CalibrationError(f"{file}: node {shown}: per-channel weight scale lacks key '0'")
+        w: Any = _numbers(out_ch, file, f"node {shown} per-channel weight scale").tolist()
     elif weight is None:
         w = None
     else:
-        w = _amax(weight, file, f"node {name!r} weight scale")
+        w = _amax(weight, file, f"node {shown} weight scale")
     for v in in_scales + (w if isinstance(w, list) else [w] if w is not None else []):
         if not math.isfinite(v) or v <= 0:
-            raise CalibrationError(f"{file}: node {name!r}: scale {v} is not a positive finite number")
+            raise CalibrationError(f"{file}: node {shown}: scale {v} is not a positive finite number")
     return {"inputs": in_scales, "weight": w}

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from .errors import CalibrationError
+from .safe_io import MiB, loads_json, read_bytes, shorten, write_atomic
 
 MEASUREMENTS_FORMAT_VERSION = 1
+MAX_MEASUREMENTS_BYTES = 256 * MiB  # per-channel amax and histograms of the largest models fit easily
 
 
 class Source(str, Enum):
@@ -60,8 +62,13 @@ class LayerStats:
         if not all(map(math.isfinite, values)):
             bad = [v for v in values if not math.isfinite(v)]
             raise CalibrationError(
-                f"layer {self.name!r}{where}: statistics are not finite ({bad[0]}); the calibration data "
-                "produced NaN or Inf values in this layer's inputs or weights"
+                f"layer {shorten(repr(self.name), 80)}{where}: statistics are not finite ({bad[0]}); the "
+                "calibration data produced NaN or Inf values in this layer's inputs or weights"
+            )
+        if any(v < 0 for v in values):
+            raise CalibrationError(
+                f"layer {shorten(repr(self.name), 80)}{where}: amax {min(values)} is negative; an amax is a "
+                "max(|x|), 0 or more"
             )
         object.__setattr__(self, "_finite", True)
 
@@ -106,65 +113,147 @@ class Measurements:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, origin: str = "measurements") -> Measurements:
-        try:
-            version = data.get("format_version")
-            if version != MEASUREMENTS_FORMAT_VERSION:
-                raise CalibrationError(
-                    f"{origin}: measurements format_version {version!r} is not supported "
-                    f"(this inc_bridge reads {MEASUREMENTS_FORMAT_VERSION})"
-                )
-            layers = {}
-            for name, d in data["layers"].items():
-                per_ch = d.get("weight_amax_per_channel")
-                layers[name] = LayerStats(
-                    name=str(d["name"]),
-                    kind=str(d["kind"]),
-                    input_amax=tuple(float(v) for v in d.get("input_amax", ())),
-                    weight_amax=None if d.get("weight_amax") is None else float(d["weight_amax"]),
-                    weight_amax_per_channel=None if per_ch is None else tuple(float(v) for v in per_ch),
-                    dtype=d.get("dtype"),
-                    source=Source(d.get("source", Source.INC.value)),
-                    inc_scales=d.get("inc_scales"),
-                    input_hist=tuple(d.get("input_hist") or ()),
-                )
-            return cls(
-                layers=layers,
-                inc_version=data.get("inc_version"),
-                inc_config=dict(data.get("inc_config") or {}),
-                num_batches=data.get("num_batches"),
-                ranks=tuple(data.get("ranks") or ()),
+        """Measurements from ``to_dict``'s data, every field checked: a file is untrusted input.
+
+        Amax values must be finite and >= 0 (0 is an all-zero input or weight; compute_scales gives
+        it the smallest scale), INC's finished scales finite and > 0, histogram counts finite and >= 0.
+
+        Raises:
+            CalibrationError: naming ``origin``, the layer and the field, with what was expected.
+        """
+        if not isinstance(data, dict):
+            raise CalibrationError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version")
+        if version != MEASUREMENTS_FORMAT_VERSION or isinstance(version, bool):
+            raise CalibrationError(
+                f"{origin}: measurements format_version {shorten(version)} is not supported "
+                f"(this inc_bridge reads {MEASUREMENTS_FORMAT_VERSION})"
             )
-        except CalibrationError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CalibrationError(f"{origin}: malformed measurements: {type(exc).__name__}: {exc}") from None
+        raw_layers = data.get("layers")
+        if not isinstance(raw_layers, dict):
+            raise CalibrationError(f"{origin}: 'layers' must be a mapping of layer name to statistics")
+        layers = {name: _layer_from_dict(name, d, origin) for name, d in raw_layers.items()}
+        inc_version = data.get("inc_version")
+        inc_config = data.get("inc_config") or {}
+        num_batches = data.get("num_batches")
+        ranks = data.get("ranks") or []
+        if inc_version is not None and not isinstance(inc_version, str):
+            raise CalibrationError(f"{origin}: 'inc_version' must be a string or null, got {shorten(inc_version)}")
+        if not isinstance(inc_config, dict):
+            raise CalibrationError(f"{origin}: 'inc_config' must be a mapping, got {type(inc_config).__name__}")
+        if num_batches is not None and not (_is_int(num_batches) and num_batches >= 0):
+            raise CalibrationError(f"{origin}: 'num_batches' must be a non-negative integer or null, "
+                                   f"got {shorten(num_batches)}")
+        if not isinstance(ranks, (list, tuple)) or not all(_is_int(r) and r >= 0 for r in ranks):
+            raise CalibrationError(f"{origin}: 'ranks' must be a list of non-negative integers, got {shorten(ranks)}")
+        return cls(layers=layers, inc_version=inc_version, inc_config=dict(inc_config),
+                   num_batches=num_batches, ranks=tuple(ranks))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str, *, origin: str = "measurements") -> Measurements:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{origin}: not valid JSON: {exc}") from None
+    def from_json(cls, text: str | bytes, *, origin: str = "measurements") -> Measurements:
+        data = loads_json(text, origin=origin, error=CalibrationError)
         if not isinstance(data, dict):
             raise CalibrationError(f"{origin}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, origin=origin)
 
     def save(self, path: Path | str) -> Path:
-        """Write JSON to ``path`` (atomically: a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        """Write JSON to ``path`` atomically (a uniquely named sibling renamed into place: two savers
+        never share a temporary file, and a crash leaves the old file or the new one)."""
+        return write_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path | str) -> Measurements:
+        """Read a ``save``d file: a regular file of at most MAX_MEASUREMENTS_BYTES, checked field by field."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise CalibrationError(f"{path}: cannot read measurements: {exc.strerror or exc}") from None
-        return cls.from_json(text, origin=str(path))
+        raw = read_bytes(path, max_bytes=MAX_MEASUREMENTS_BYTES, error=CalibrationError, what="measurements file")
+        return cls.from_json(raw, origin=str(path))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _floats(value: Any, where: str, *, positive: bool = False) -> tuple[float, ...]:
+    """A list of finite numbers, each >= 0 (``positive``: > 0); CalibrationError naming ``where``."""
+    bound = "> 0" if positive else ">= 0"
+    if not isinstance(value, (list, tuple)):
+        raise CalibrationError(f"{where}: expected a list of finite numbers {bound}, got {shorten(value)}")
+    for v in value:
+        if not _is_number(v) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+            raise CalibrationError(f"{where}: expected finite numbers {bound}, got {shorten(v)}")
+    return tuple(float(v) for v in value)
+
+
+def _optional_float(value: Any, where: str, *, positive: bool = False) -> float | None:
+    return None if value is None else _floats([value], where, positive=positive)[0]
+
+
+def _layer_from_dict(name: Any, d: Any, origin: str) -> LayerStats:
+    where = f"{origin}: layer {shorten(repr(name), 80)}"
+    if not isinstance(d, dict):
+        raise CalibrationError(f"{where}: expected a mapping of statistics, got {type(d).__name__}")
+    unknown = set(d) - _LAYER_FIELDS
+    if unknown:
+        raise CalibrationError(f"{where}: unknown fields {shorten(sorted(map(str, unknown)))}")
+    if d.get("name") != name:
+        raise CalibrationError(f"{where}: 'name' must repeat the layer name, got {shorten(d.get('name'))}")
+    kind, dtype = d.get("kind"), d.get("dtype")
+    if not isinstance(kind, str):
+        raise CalibrationError(f"{where}: 'kind' must be a string, got {shorten(kind)}")
+    if dtype is not None and not isinstance(dtype, str):
+        raise CalibrationError(f"{where}: 'dtype' must be a string or null, got {shorten(dtype)}")
+    try:
+        source = Source(d.get("source", Source.INC.value))
+    except ValueError:
+        raise CalibrationError(f"{where}: 'source' must be one of {[s.value for s in Source]}, "
+                               f"got {shorten(d.get('source'))}") from None
+    per_ch = d.get("weight_amax_per_channel")
+    hists = d.get("input_hist") or []
+    if not isinstance(hists, (list, tuple)):
+        raise CalibrationError(f"{where}: 'input_hist' must be a list of histograms")
+    return LayerStats(
+        name=name,
+        kind=kind,
+        input_amax=_floats(d.get("input_amax", []), f"{where}: 'input_amax'"),
+        weight_amax=_optional_float(d.get("weight_amax"), f"{where}: 'weight_amax'"),
+        weight_amax_per_channel=None if per_ch is None else _floats(per_ch, f"{where}: 'weight_amax_per_channel'"),
+        dtype=dtype,
+        source=source,
+        inc_scales=_inc_scales(d.get("inc_scales"), f"{where}: 'inc_scales'"),
+        input_hist=tuple(_histogram(h, f"{where}: 'input_hist'[{i}]") for i, h in enumerate(hists)),
+    )
+
+
+def _inc_scales(value: Any, where: str) -> dict[str, Any] | None:
+    """INC's finished scales: {"inputs": [s, ...], "weight": s | [s per channel] | null}, each > 0."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"inputs", "weight"}:
+        raise CalibrationError(f"{where}: expected {{'inputs': [...], 'weight': ...}}, got {shorten(value)}")
+    weight = value["weight"]
+    if isinstance(weight, (list, tuple)):
+        weight = list(_floats(weight, f"{where}['weight']", positive=True))
+    else:
+        weight = _optional_float(weight, f"{where}['weight']", positive=True)
+    return {"inputs": list(_floats(value["inputs"], f"{where}['inputs']", positive=True)), "weight": weight}
+
+
+def _histogram(value: Any, where: str) -> dict[str, Any]:
+    """{"range": R, "counts": [...]}: R finite and > 0 when there are counts, counts finite and >= 0."""
+    if not isinstance(value, dict) or set(value) != {"range", "counts"}:
+        raise CalibrationError(f"{where}: expected {{'range': R, 'counts': [...]}}, got {shorten(value)}")
+    counts = _floats(value["counts"], f"{where}['counts']")
+    hist_range = _optional_float(value["range"], f"{where}['range']", positive=bool(counts))
+    if hist_range is None:
+        raise CalibrationError(f"{where}['range']: expected a finite number, got null")
+    return {"range": hist_range, "counts": list(counts)}
+
+
+_LAYER_FIELDS = frozenset(f.name for f in fields(LayerStats))

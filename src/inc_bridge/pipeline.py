@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .calibrate import CalibData, calibrate
+from .calibrate import CalibData, calibrate, check_calib_data
 from .capture import capture_attention, captured_sites
 from .convert import check_not_quantized, conversion_result, convert
 from .coverage import float_matrices
@@ -139,6 +139,7 @@ def quantize(
     Example:
         >>> qmodel = quantize(model, calib_batches)   # doctest: +SKIP
     """
+    check_calib_data(calib_data)  # before _peek below iterates it
     recipe = resolve_recipe(recipe)
     check_not_quantized(model)
     if strict:

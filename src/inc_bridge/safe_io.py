@@ -108,14 +108,19 @@ def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return True
 
 
-def loads_json(text: str | bytes, *, origin: str, error: type[IncBridgeError], max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` that raises ``error`` for invalid JSON, NaN/Infinity literals and deep nesting."""
+def loads_json(text: str | bytes, *, origin: str, error: type[IncBridgeError], max_depth: int = MAX_JSON_DEPTH,
+               nonfinite: bool = False) -> Any:
+    """``json.loads`` that raises ``error`` for invalid JSON, NaN/Infinity literals and deep nesting.
+
+    ``nonfinite=True`` reads NaN/Infinity as floats, for files whose writer emits them (INC's dumps
+    of a layer that saw NaN) so that the caller can name the layer; the caller must check them.
+    """
 
     def _no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON number")
 
     try:
-        value = json.loads(text, parse_constant=_no_constants)
+        value = json.loads(text, parse_constant=float if nonfinite else _no_constants)
     except RecursionError:
         raise error(f"{origin}: JSON nested too deeply (limit {max_depth})") from None
     except (ValueError, UnicodeDecodeError) as exc:
