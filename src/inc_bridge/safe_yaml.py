@@ -100,6 +100,8 @@ def load_yaml(text: str, *, origin: str, error: type[IncBridgeError], max_depth:
         if why:
             raise error(f"{origin}: YAML refused: {why}")
         return loader.construct_document(node)
+    except IncBridgeError:
+        raise  # ours (a RecipeError is also a ValueError): not to be wrapped below
     except RecursionError:
         raise error(f"{origin}: YAML nested too deeply (limit {max_depth})") from None
     except yaml.YAMLError as exc:
