@@ -20,6 +20,11 @@ class FP8Format(str, Enum):
     def dtype(self) -> torch.dtype:
         return torch.float8_e4m3fn if self is FP8Format.E4M3 else torch.float8_e5m2
 
+    @property
+    def max(self) -> float:
+        """The dtype's largest finite value (448 or 57344): no FP8 range of this format exceeds it."""
+        return float(torch.finfo(self.dtype).max)
+
 
 class Target(str, Enum):
     CPU = "cpu"

@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,7 +29,10 @@ from pydantic import (
 )
 
 from .errors import RecipeError
-from .formats import FP8Format, Target
+from .formats import MIN_SCALE, FP8Format, Target
+from .safe_io import MiB, read_text, shorten, write_atomic
+from .safe_yaml import dump_yaml, load_yaml
+from .selectors import check_selector, matches
 
 RECIPE_VERSION = 1
 
@@ -70,6 +73,11 @@ class Op(str, Enum):
     def has_weight(self) -> bool:
         return self not in (Op.SDPA, Op.BMM)
 
+    @property
+    def n_inputs(self) -> int:
+        """How many inputs get a static scale: none (embedding ids), q/k/v, both matmul operands, else one."""
+        return {Op.EMBEDDING: 0, Op.SDPA: 3, Op.BMM: 2}.get(self, 1)
+
 
 class Form(str, Enum):
     SUBCLASS = "subclass"
@@ -85,7 +93,9 @@ class Backend(str, Enum):
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    # allow_inf_nan=False: a recipe number is a setting or a scale, and .nan / .inf in YAML is
+    # never a meaningful one (an infinite scale divides by zero, a NaN one poisons every output).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -137,38 +147,25 @@ class ActivationQuant(_Closed):
         return value
 
 
-def _check_pattern(pattern: str) -> str:
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError("a layer selector must be a non-empty string")
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression {pattern[3:]!r}: {exc}") from None
-    return pattern
-
+# An exact module name or "re:<pattern>", checked item by item (errors name the list index).
+Selector = Annotated[str, AfterValidator(check_selector)]
 
 _CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def _check_callable_ref(value: str | None) -> str | None:
     if value is not None and not _CALLABLE_RE.match(value):
-        raise ValueError(f"{value!r} is not a callable reference of the form 'package.module:function'")
+        raise ValueError(f"{shorten(value, 80)!r} is not a callable reference of the form 'package.module:function'")
     return value
 
 
 class LayerOverride(_Closed):
     """Settings for the layers ``match`` selects (exact name or ``re:``); the first match wins."""
 
-    match: str
+    match: Selector
     format: FP8Format | None = None
     weight: WeightQuant | None = None
     activation: ActivationQuant | None = None
-
-    @field_validator("match", mode="after")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        return _check_pattern(value)
 
 
 class Quantization(_Closed):
@@ -177,14 +174,9 @@ class Quantization(_Closed):
     weight: WeightQuant = Field(default_factory=WeightQuant)
     activation: ActivationQuant = Field(default_factory=ActivationQuant)
     ops: tuple[Op, ...] = (Op.LINEAR, Op.CONV2D)
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    include: tuple[Selector, ...] = ()
+    exclude: tuple[Selector, ...] = ()
     overrides: tuple[LayerOverride, ...] = ()
-
-    @field_validator("include", "exclude", mode="after")
-    @classmethod
-    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(_check_pattern(p) for p in value)
 
     @field_validator("ops", mode="after")
     @classmethod
@@ -277,13 +269,57 @@ class ReportConfig(_Closed):
     formats: tuple[ReportFormat, ...] = (ReportFormat.JSON, ReportFormat.MD, ReportFormat.HTML)
 
 
+# The largest scale a locked recipe may hold: bfloat16's maximum (a larger one becomes inf in a
+# bfloat16 model). The smallest is MIN_SCALE, the floor every computed scale already has.
+MAX_SCALE = 3.3895313892515355e38
+
+
+def _check_scale(value: float, what: str) -> float:
+    if not (MIN_SCALE <= value <= MAX_SCALE):  # also false for NaN
+        raise ValueError(f"{what} {shorten(value, 40)} is out of range; a scale is finite and in [{MIN_SCALE:.6g}, {MAX_SCALE:.6g}]")
+    return value
+
+
 class LockedLayer(_Closed):
+    """One layer's finished scales. ``input_scales`` has one scale per quantized input (see ``Op.n_inputs``);
+    ``weight_scale`` is one number (per tensor) or one per output channel, None for layers without a weight."""
+
     kind: Op
     format: FP8Format
     fp8_max: float
     hp_dtype: Literal["float32", "bfloat16"]
     input_scales: tuple[float, ...] = ()
     weight_scale: float | tuple[float, ...] | None = None
+
+    @field_validator("input_scales", mode="after")
+    @classmethod
+    def _inputs(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(_check_scale(v, f"input scale {i}") for i, v in enumerate(value))
+
+    @field_validator("weight_scale", mode="after")
+    @classmethod
+    def _weight(cls, value: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("a per-channel weight_scale needs one scale per output channel, got none")
+            return tuple(_check_scale(v, f"weight scale {i}") for i, v in enumerate(value))
+        return value if value is None else _check_scale(value, "weight scale")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LockedLayer:
+        # The kernels index input scales by position and divide by fp8_max: a wrong count or range
+        # must stop here, not as an IndexError or a NaN model later.
+        top = self.format.max
+        if not (0.0 < self.fp8_max <= top):
+            raise ValueError(f"fp8_max {shorten(self.fp8_max, 40)} is out of range for {self.format.value}; valid: 0 < fp8_max <= {top:g}")
+        if len(self.input_scales) != self.kind.n_inputs:
+            raise ValueError(
+                f"a {self.kind.value} layer has {self.kind.n_inputs} input scale(s), got {len(self.input_scales)}"
+            )
+        if (self.weight_scale is None) == self.kind.has_weight:
+            need = "needs a weight_scale" if self.kind.has_weight else "has no weight, so no weight_scale"
+            raise ValueError(f"a {self.kind.value} layer {need}")
+        return self
 
 
 class Locked(_Closed):
@@ -294,8 +330,9 @@ class Locked(_Closed):
     skipped: dict[str, str] = Field(default_factory=dict)
     captured_attention: bool = False
     trial: int | None = None
-    metric: float | None = None
-    baseline: float | None = None
+    # Informational (what autotune measured); autotune itself judges non-finite metrics.
+    metric: float | None = Field(default=None, allow_inf_nan=True)
+    baseline: float | None = Field(default=None, allow_inf_nan=True)
 
 
 class Recipe(_Closed):
@@ -330,23 +367,17 @@ class Recipe(_Closed):
 
     def to_yaml(self) -> str:
         """The recipe as YAML text that ``load_recipe`` reads back to an equal recipe."""
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        return dump_yaml(self.model_dump(mode="json", exclude_none=True))
 
     def save(self, path: Path | str) -> Path:
-        """Write the recipe as YAML (atomically: a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        """Write the recipe as YAML, atomically (a uniquely named sibling renamed into place, umask honoured)."""
+        return write_atomic(path, self.to_yaml())
 
     def layer_settings(self, name: str) -> tuple[FP8Format, WeightQuant, ActivationQuant]:
         """Format, weight and activation settings for layer ``name`` after per-layer overrides."""
-        from .select import matches
-
         q = self.quantization
-        for o in q.overrides:
-            if matches(name, o.match):
+        for i, o in enumerate(q.overrides):
+            if matches(name, o.match, where=f"quantization.overrides.{i}.match"):
                 return o.format or q.format, o.weight or q.weight, o.activation or q.activation
         return q.format, q.weight, q.activation
 
@@ -361,15 +392,20 @@ def resolve_callable(ref: str, key: str):
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise RecipeError(f"{key}: cannot load {ref!r}: {type(exc).__name__}: {exc}") from None
+        raise RecipeError(f"{key}: cannot load {shorten(ref, 120)!r}: {type(exc).__name__}: {shorten(str(exc))}") from None
     if not callable(obj):
-        raise RecipeError(f"{key}: {ref!r} is not callable")
+        raise RecipeError(f"{key}: {shorten(ref, 120)!r} is not callable")
     return obj
 
 
 def default_recipe() -> Recipe:
     """The recipe used when ``recipe=None``: E4M3, per-tensor, maxabs_arbitrary, linear + conv2d."""
     return Recipe()
+
+
+# A hand-written recipe is a few kilobytes; a locked one carries every scale (per-channel scales of
+# a BERT-base model are about 2.5 MB of YAML, read in about 2 s). The cap bounds time and memory.
+MAX_RECIPE_BYTES = 16 * MiB
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -380,17 +416,13 @@ def load_recipe(path: Path | str) -> Recipe:
     Returns:
         The validated Recipe.
     Raises:
-        RecipeError: the file is missing, not YAML, or does not match the schema.
+        RecipeError: the file is missing, not a regular file (a FIFO, a device), larger than
+            ``MAX_RECIPE_BYTES``, not UTF-8, not YAML (or nested too deeply, or an alias bomb: see
+            ``safe_yaml``), or does not match the schema.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    text = read_text(path, max_bytes=MAX_RECIPE_BYTES, error=RecipeError, what="recipe")
+    data = load_yaml(text, origin=str(path), error=RecipeError)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -422,17 +454,37 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+_MAX_ERRORS_SHOWN = 10
+
+
+def _brief(value: Any) -> str:
+    """A bounded repr: nested inputs are abbreviated *while* being printed (``repr`` of a shared,
+    alias-built structure would take exponential time before anything could cut it)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 2, 4, 6, 6, 6
+    r.maxstring, r.maxother, r.maxlong = 80, 80, 40
+    return shorten(r.repr(value))
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
+    # Every part that repeats the input (the value, the key path, a validator's message) is cut:
+    # a recipe error must stay a few lines whatever the recipe holds.
+    errors = exc.errors(include_url=False)
     lines = []
-    for err in exc.errors():
+    for err in errors[:_MAX_ERRORS_SHOWN]:
         loc = tuple(err.get("loc", ()))
-        where = ".".join(str(p) for p in loc) or "<root>"
+        where = shorten(".".join(shorten(str(p), 60) for p in loc) or "<root>")
+        msg = shorten(err["msg"], 300)
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc)
             valid = ", ".join(owner.model_fields) if owner else "?"
-            lines.append(f"{where}: unknown key {loc[-1]!r}; valid keys here: {valid}")
+            lines.append(f"{where}: unknown key {_brief(loc[-1])}; valid keys here: {valid}")
         elif err["type"] in ("enum", "literal_error"):
-            lines.append(f"{where}: {err['input']!r} is not valid; {err['msg'].lower()}")
+            lines.append(f"{where}: {_brief(err['input'])} is not valid; {msg.lower()}")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-    return f"{source}: invalid recipe:\n  " + "\n  ".join(lines)
+            lines.append(f"{where}: {msg} (got {_brief(err.get('input'))})")
+    if len(errors) > _MAX_ERRORS_SHOWN:
+        lines.append(f"... and {len(errors) - _MAX_ERRORS_SHOWN} more errors")
+    return f"{shorten(source)}: invalid recipe:\n  " + "\n  ".join(lines)

@@ -1,14 +1,14 @@
 """Layer selection: which modules a recipe quantizes, and why the others are left alone.
 
 A selector is an exact module name or ``re:<pattern>``; patterns match from the start of the
-name (``re.match``), the convention of llm-compressor and compressed-tensors. An exact name in
+name, the convention of llm-compressor and compressed-tensors, with a time bound (see
+``selectors``: a pattern that backtracks catastrophically raises RecipeError). An exact name in
 ``include`` must exist and be quantizable: naming a module we cannot convert is an error, not a
 silent no-op.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -16,12 +16,9 @@ from torch import nn
 from .converters import converter_for, describe_registered
 from .errors import ConversionError
 from .recipe import Op, Quantization
+from .selectors import matches
 
-
-def matches(name: str, selector: str) -> bool:
-    if selector.startswith("re:"):
-        return re.match(selector[3:], name) is not None
-    return name == selector
+__all__ = ["Selection", "matches", "select_layers"]
 
 
 @dataclass
@@ -38,6 +35,7 @@ def select_layers(model: nn.Module, q: Quantization) -> Selection:
     Raises:
         ConversionError: an exact name in ``include`` does not exist, or names a module whose type
             inc_bridge cannot quantize or whose op is not in ``ops``.
+        RecipeError: a ``re:`` pattern ran past its time bound on a module name.
     """
     modules = dict(model.named_modules())
     for selector in q.include:
@@ -63,9 +61,9 @@ def select_layers(model: nn.Module, q: Quantization) -> Selection:
             continue
         if conv.op not in q.ops:
             sel.skipped[name] = f"op {conv.op.value!r} not in quantization.ops"
-        elif q.include and not any(matches(name, s) for s in q.include):
+        elif q.include and not any(matches(name, s, where="quantization.include") for s in q.include):
             sel.skipped[name] = "not matched by quantization.include"
-        elif hit := next((s for s in q.exclude if matches(name, s)), None):
+        elif hit := next((s for s in q.exclude if matches(name, s, where="quantization.exclude")), None):
             sel.skipped[name] = f"excluded by {hit!r}"
         else:
             sel.selected[name] = conv.op
