@@ -14,6 +14,16 @@ def test_import_prints_nothing(tmp_path):
     assert done.stdout == "" and done.stderr == ""
 
 
+def test_quantize_prints_nothing(tmp_path):
+    from .conftest import REPO
+
+    script = ("import sys; sys.path.insert(0, {!r}); import inc_bridge as ib; from tests.models import ToyNet, toy_batches; "
+              "ib.quantize(ToyNet().eval(), toy_batches())").format(str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""  # INC's import-time warnings included
+
+
 def test_import_leaves_no_logging_filters_behind():
     import inc_bridge  # noqa: F401
 

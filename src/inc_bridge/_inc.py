@@ -122,33 +122,46 @@ def import_inc() -> None:
     first imported and appends every message to it. When inc_bridge is the first to import INC and
     the user has not set ``HABANA_LOGS``, the import runs with ``HABANA_LOGS`` pointed at a private
     directory (restored right after, under the INC lock), and that file handler is closed and
-    removed: INC's console output is unchanged. A user who set ``HABANA_LOGS``, or imported INC
-    first, keeps INC's log file as configured.
+    removed. INC's INFO/WARNING records from the importing thread are dropped as in a session
+    ("Auto detect accelerator" on import says nothing a user can act on). A user who set
+    ``HABANA_LOGS``, or imported INC first, keeps INC's log file as configured.
     """
     with _LOCK:
-        fresh = _LOGGER_MODULE not in sys.modules and "HABANA_LOGS" not in os.environ
-        if fresh:
-            with scratch.private_dir("log") as logs:
-                os.environ["HABANA_LOGS"] = str(logs)
-                try:
-                    import neural_compressor.torch.quantization  # noqa: F401
-                    from neural_compressor.common.utils.logger import Logger
-                finally:
-                    del os.environ["HABANA_LOGS"]
-                inc_logger = logging.getLogger("INC")
-                for handler in list(inc_logger.handlers):
-                    if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(logs):
-                        inc_logger.removeHandler(handler)
-                        handler.close()
-        else:
-            import neural_compressor.torch.quantization  # noqa: F401
+        thread = threading.get_ident()
+        nested = thread in _QUIET_THREADS
+        _QUIET_THREADS.add(thread)  # INC logs warnings while its modules import ("Auto detect accelerator")
+        try:
             from neural_compressor.common.utils.logger import Logger
-        Logger()  # INC sets up its common logger on first use; add our filter after it did
-        for name in ("neural_compressor", "INC"):
-            logger = logging.getLogger(name)
-            for target in (logger, *logger.handlers):
-                if _QUIET not in target.filters:
-                    target.addFilter(_QUIET)
+
+            Logger()  # INC sets up its console logger on first use; filter it before INC's torch parts import
+            _quiet_inc_loggers()
+            fresh = _LOGGER_MODULE not in sys.modules and "HABANA_LOGS" not in os.environ
+            if fresh:
+                with scratch.private_dir("log") as logs:
+                    os.environ["HABANA_LOGS"] = str(logs)
+                    try:
+                        import neural_compressor.torch.quantization  # noqa: F401
+                    finally:
+                        del os.environ["HABANA_LOGS"]
+                    inc_logger = logging.getLogger("INC")
+                    for handler in list(inc_logger.handlers):
+                        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(logs):
+                            inc_logger.removeHandler(handler)
+                            handler.close()
+            else:
+                import neural_compressor.torch.quantization  # noqa: F401
+            _quiet_inc_loggers()  # and the handlers INC's torch parts added
+        finally:
+            if not nested:
+                _QUIET_THREADS.discard(thread)
+
+
+def _quiet_inc_loggers() -> None:
+    for name in ("neural_compressor", "INC"):
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if _QUIET not in target.filters:
+                target.addFilter(_QUIET)
 
 
 class _ConfinedTempfile:
