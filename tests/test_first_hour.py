@@ -17,8 +17,8 @@ def test_import_prints_nothing(tmp_path):
 def test_quantize_prints_nothing(tmp_path):
     from .conftest import REPO
 
-    script = ("import sys; sys.path.insert(0, {!r}); import inc_bridge as ib; from tests.models import ToyNet, toy_batches; "
-              "ib.quantize(ToyNet().eval(), toy_batches())").format(str(REPO))
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import inc_bridge as ib; from tests.models import ToyNet, toy_batches; "
+              "ib.quantize(ToyNet().eval(), toy_batches())")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""  # INC's import-time warnings included
