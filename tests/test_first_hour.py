@@ -252,3 +252,13 @@ def test_torch_compile_prints_nothing(tmp_path):
                           timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "" and done.stderr == ""
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_a_layer_tied_to_a_float_layer_stays_float_and_tied(form):
+    q = ib.quantize(_Tied().eval(), _ids(), form=form)  # default ops: linear, conv2d (not embedding)
+    result = ib.conversion_result(q)
+    assert result.converted == {"mid": "linear"}
+    assert result.skipped["head"].startswith("weight tied to 'emb', which is not quantized")
+    assert q.emb.weight is q.head.weight and q.emb.weight.dtype == torch.float32
+    assert "kept emb (Embedding" in result.summary() and "head" not in {f.name for f in result.float_left}

@@ -17,6 +17,7 @@ from .converters import converter_for, describe_registered
 from .errors import ConversionError
 from .recipe import Op, Quantization
 from .selectors import matches
+from .ties import tied_groups
 
 __all__ = ["Selection", "matches", "select_layers"]
 
@@ -67,4 +68,23 @@ def select_layers(model: nn.Module, q: Quantization) -> Selection:
             sel.skipped[name] = f"excluded by {hit!r}"
         else:
             sel.selected[name] = conv.op
+    _keep_ties(modules, sel)
     return sel
+
+
+def _keep_ties(modules: dict[str, nn.Module], sel: Selection) -> None:
+    """A selected layer whose weight is tied to a layer that stays float stays float too.
+
+    Quantizing one side of a tie (an output head tied to an embedding that ``ops`` leaves out)
+    would untie them: a float copy and an FP8 copy of one matrix, more memory than before. Both
+    sides are quantized together (one FP8 weight, see ``ties``) or neither.
+    """
+    for group in tied_groups(modules, [n for n in modules if n]):
+        kept = [n for n in group if n not in sel.selected]
+        if not kept or len(kept) == len(group):
+            continue
+        for name in group:
+            if name in sel.selected:
+                del sel.selected[name]
+                sel.skipped[name] = (f"weight tied to {kept[0]!r}, which is not quantized (quantize both to keep the "
+                                     "tie in FP8, e.g. add its op to quantization.ops)")
