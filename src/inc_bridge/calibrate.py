@@ -70,9 +70,11 @@ def calibrate(
     recipe = resolve_recipe(recipe)
     selection = select_layers(model, recipe.quantization)
     if not selection.selected:
+        why = "; ".join(f"{name}: {reason}" for name, reason in list(selection.skipped.items())[:3])
         raise CalibrationError(
             "nothing to calibrate: the recipe selects no layer of this model "
-            f"({len(selection.skipped)} quantizable layers skipped)"
+            f"({len(selection.skipped)} quantizable layer{'' if len(selection.skipped) == 1 else 's'} skipped"
+            + (f": {why}{' ...' if len(selection.skipped) > 3 else ''}" if why else "") + ")"
         )
     modules = dict(model.named_modules())
     weighted = {n: op for n, op in selection.selected.items() if op.has_weight}
