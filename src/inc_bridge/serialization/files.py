@@ -135,8 +135,13 @@ def _check_target(path: Path, overwrite: bool) -> bool:
 
 
 def _commit(tmp: Path, path: Path, replacing: bool) -> None:
-    """Put the finished ``tmp`` at ``path``: the commit point of a save."""
+    """Put the finished ``tmp`` at ``path``: the commit point of a save.
+
+    SIGINT is held off meanwhile: one that arrives before the commit aborts the save (``path`` as it
+    was), one that arrives after it is dropped (the save is done).
+    """
     with publish.interrupts_deferred() as state:
+        old = None
         if not replacing:
             try:
                 path.rmdir()  # an empty directory (gone already, or filled by another save: not ours to take)
@@ -147,21 +152,22 @@ def _commit(tmp: Path, path: Path, replacing: bool) -> None:
                     raise SerializationError(f"{path}: already exists (another save got there first); "
                                              "pass overwrite=True to replace it") from None
                 raise
+            state.check()
             publish.rename_noreplace(tmp, path)
-            state.committed = True
-            old = None
-        elif publish.exchange(tmp, path):
-            state.committed = True
-            old = tmp  # the previous model, now under the hidden name
         else:
-            old = publish.hidden_name(path, publish.ASIDE)
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)  # put the previous model back
-                raise
-            state.committed = True
+            state.check()
+            if publish.exchange(tmp, path):
+                old = tmp  # the previous model, now under the hidden name
+            else:
+                old = publish.hidden_name(path, publish.ASIDE)
+                os.rename(path, old)
+                try:
+                    state.check()
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)  # put the previous model back
+                    raise
+        state.committed = True
         # the save is done: nothing below may turn it into an error
         with contextlib.suppress(OSError):
             _fsync_dir(path.parent)

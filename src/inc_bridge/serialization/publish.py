@@ -111,13 +111,20 @@ class _Deferred:
     pending = False
     committed = False
 
+    def check(self) -> None:
+        """Raise the KeyboardInterrupt held off so far (before the commit point only)."""
+        if self.pending and not self.committed:
+            self.pending = False
+            raise KeyboardInterrupt
+
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[_Deferred]:
     """Hold SIGINT off within the block (main thread only; elsewhere Python delivers none).
 
-    On leaving: an interrupt that arrived is raised as usual unless the block set ``committed``;
-    after the commit point it is dropped, so a finished save never reports KeyboardInterrupt.
+    ``check()`` raises one that arrived, at a point where the caller can still undo. On leaving, one
+    that arrived is raised as usual unless the block set ``committed``; after the commit point it is
+    dropped, so a finished save never reports KeyboardInterrupt.
     """
     state = _Deferred()
     if threading.current_thread() is not threading.main_thread():
