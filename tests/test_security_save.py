@@ -286,3 +286,91 @@ def test_saved_files_follow_the_umask(tmp_path, saved_models, umask):
     assert mode(tmp_path / "m.onnx") == 0o666 & ~umask
     assert onnx.load(str(tmp_path / "m.onnx")).graph.node[0].op_type == "Identity"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.onnx"]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _bad_inputs(tmp_path):
+    """The inputs that made ``inc-bridge inspect`` print a traceback or hang, and other bad ones."""
+    import os
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (bad / "list.json").write_text("[1, 2]")
+    (bad / "latin1.json").write_bytes(b'{"format_version": "caf\xe9"}')
+    (bad / "binary.json").write_bytes(bytes(range(256)))
+    (bad / "binary.npz").write_bytes(os.urandom(300))
+    (bad / "not_a_save").mkdir()
+    (bad / "not_a_save" / "notes.txt").write_text("x")
+    fake = bad / "fake_save"
+    fake.mkdir()
+    (fake / "inc_bridge.json").write_text('{"format": "inc_bridge.quantized_model", "format_version": 1, '
+                                          '"layers": {"fc": 1}, "tensors": {}, "aliases": {}, "versions": [1]}')
+    os.mkfifo(bad / "fifo.json")
+    return bad
+
+
+def _one_line_error(err: str, command: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"inc-bridge {command}: "), err
+    assert "Traceback" not in err
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    """Defect 12 (CLI): every subcommand given bad input prints ``inc-bridge <cmd>: <message>`` and exits 2."""
+    import inc_bridge.demo
+    from inc_bridge.cli import main
+
+    bad = _bad_inputs(tmp_path)
+    deep_yaml = bad / "deep.yaml"
+    deep_yaml.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    no_model = bad / "no_model.yaml"
+    no_model.write_text("quantization: {format: e4m3}\n")
+    before = _listing(tmp_path)
+    names = ["deep.json", "list.json", "latin1.json", "binary.json", "binary.npz", "not_a_save", "fake_save",
+             "fifo.json", "missing.json", "missing"]
+    for name in names:
+        code = main(["inspect", str(bad / name)])
+        captured = capsys.readouterr()
+        if name == "fake_save":  # a manifest with odd sections: summarised, not a traceback
+            assert code in (0, 2) and "Traceback" not in captured.err
+            continue
+        assert code == 2, name
+        _one_line_error(captured.err, "inspect")
+    not_a_file = str(bad / "fifo.json" / "x")
+    monkeypatch.setattr(inc_bridge.demo, "run", lambda out, quiet: (_ for _ in ()).throw(NotADirectoryError(20, "Not a directory", out)))
+    for argv in (["tune", str(deep_yaml), "--out", str(tmp_path / "run")],
+                 ["tune", str(bad / "missing.yaml")],
+                 ["apply", str(no_model), "--out", str(tmp_path / "m")],
+                 ["apply", str(bad / "latin1.json"), "--out", str(tmp_path / "m")],
+                 ["report", str(bad / "not_a_save")],
+                 ["report", str(bad)],
+                 ["export-onnx", str(bad / "not_a_save"), "--out", str(tmp_path / "m.onnx"), "--model", "no.such:thing",
+                  "--inputs", "no.such:thing"],
+                 ["export-onnx", str(bad / "fake_save"), "--out", str(tmp_path / "m.onnx"), "--model",
+                  "tests.models:LinearNet", "--inputs", "torch:randn"],
+                 ["demo", "--out", not_a_file, "--quiet"]):
+        assert main(argv) == 2, argv
+        _one_line_error(capsys.readouterr().err, argv[0])
+    assert _listing(tmp_path) == before
+
+
+def test_cli_subprocess_fifo_and_deep_json_exit_2(tmp_path):
+    """Defect 12 (CLI), as a user runs it: a FIFO does not hang ``inspect`` and deep JSON prints no
+    traceback; one line on stderr, exit status 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = _bad_inputs(tmp_path)
+    src = str(Path(ib.__file__).parents[1])
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from inc_bridge.cli import main; "
+            "sys.exit(max(main(['inspect', sys.argv[2]]), main(['inspect', sys.argv[3]])))")
+    proc = subprocess.run([sys.executable, "-c", code, src, str(bad / "fifo.json"), str(bad / "deep.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("inc-bridge inspect: ")]
+    assert len(errors) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "not a regular file" in errors[0] and "nested too deeply" in errors[1]
