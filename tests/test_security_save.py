@@ -184,11 +184,14 @@ ib.save(q, {str(tmp_path / "m")!r}, overwrite=True)
     os.utime(legacy, (day_ago, day_ago))
     unrelated = tmp_path / ".other.partial-1-0000"  # another name's: not ours to touch
     unrelated.mkdir()
+    live = tmp_path / f".m.partial-{os.getpid()}-ffff"  # a save in progress (its process is alive)
+    live.mkdir()
     with pytest.raises(ib.SerializationError, match="already exists"):
         ib.save(second, tmp_path / "m")  # the restored old model is there
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-1-0000", "m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other.partial-1-0000", live.name, "m"])
     assert _same_model(tmp_path / "m", first, x)
     unrelated.rmdir()
+    live.rmdir()
 
 
 @pytest.mark.parametrize("how", ["renameat2", "plain rename"])

@@ -167,14 +167,14 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-# What bad input (a file, a recipe, a path) can raise before the readers turn it into an
-# IncBridgeError: reported in one line like an IncBridgeError, never as a traceback.
-_BAD_INPUT = (OSError, ValueError, LookupError, TypeError, AttributeError, RecursionError, MemoryError, EOFError)
-
-
 def _run(args: argparse.Namespace) -> int:
     """Run a subcommand: an error becomes one line ``inc-bridge <cmd>: <message>`` on stderr and exit
-    status 2 (130 for Ctrl-C); ``--traceback`` shows where instead."""
+    status 2 (130 for Ctrl-C); ``--traceback`` shows where instead.
+
+    Besides IncBridgeError, any other exception is reported the same way (with its type): bad input
+    that a reader has not yet turned into an IncBridgeError, or an error in the user's code that a
+    recipe names (model factory, evaluation), is not a crash of the command.
+    """
     from .errors import IncBridgeError
     from .safe_io import shorten
 
@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         return args.fn(args)
     except IncBridgeError as exc:
         message = shorten(str(exc), 2000)
-    except _BAD_INPUT as exc:
+    except Exception as exc:  # noqa: BLE001 - the command line prints one line, never a traceback
         message = f"{type(exc).__name__}: {shorten(str(exc), 500)} (run with --traceback for details)"
     except KeyboardInterrupt:
         print(f"inc-bridge {args.command}: interrupted", file=sys.stderr)

@@ -110,12 +110,17 @@ def exchange(a: Path, b: Path) -> bool:
 class _Deferred:
     pending = False
     committed = False
+    previous: object = None  # the SIGINT handler held off
 
     def check(self) -> None:
-        """Raise the KeyboardInterrupt held off so far (before the commit point only)."""
+        """Deliver the interrupt held off so far (before the commit point only): the previous
+        handler runs, which by default raises KeyboardInterrupt."""
         if self.pending and not self.committed:
             self.pending = False
-            raise KeyboardInterrupt
+            if callable(self.previous):
+                self.previous(signal.SIGINT, None)
+            else:
+                raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -138,16 +143,13 @@ def interrupts_deferred() -> Iterator[_Deferred]:
     def record(signum, frame):  # noqa: ARG001 - signal handler signature
         state.pending = True
 
+    state.previous = previous
     signal.signal(signal.SIGINT, record)
     try:
         yield state
     finally:
         signal.signal(signal.SIGINT, previous)
-    if state.pending and not state.committed:
-        if callable(previous):
-            previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
-        else:
-            raise KeyboardInterrupt
+    state.check()
 
 
 # ---------------------------------------------------------------- stale hidden directories
