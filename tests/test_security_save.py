@@ -243,8 +243,13 @@ def test_overwrite_replaces_only_a_saved_model(tmp_path, saved_models, monkeypat
     (project / "README.md").write_text("notes\n")
     notes = tmp_path / "notes.txt"
     notes.write_text("keep me\n")
+    lookalike = tmp_path / "lookalike"  # the two file names, but another format
+    lookalike.mkdir()
+    (lookalike / "model.safetensors").write_bytes(b"x")
+    (lookalike / "inc_bridge.json").write_text('{"format": "someone_else", "note": "inc_bridge.quantized_model"}')
     before = _listing(tmp_path)
-    for target, match in ((project, "no inc_bridge save"), (notes, "is a file"), (notes / "m", "parent")):
+    for target, match in ((project, "no inc_bridge save"), (lookalike, "no inc_bridge save"), (notes, "is a file"),
+                          (notes / "m", "parent")):
         with pytest.raises(ib.SerializationError, match=match):
             ib.save(first, target, overwrite=True)
     monkeypatch.chdir(project)
@@ -257,7 +262,7 @@ def test_overwrite_replaces_only_a_saved_model(tmp_path, saved_models, monkeypat
     ib.save(first, tmp_path / "empty")
     ib.save(second, tmp_path / "empty", overwrite=True)  # a saved model is replaced
     assert _same_model(tmp_path / "empty", second, x)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new", "notes.txt", "project"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "lookalike", "new", "notes.txt", "project"]
 
 
 @pytest.mark.parametrize("umask", [0o002, 0o077])

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -88,19 +89,19 @@ def staging_dir(path: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def holds_save(directory: Path) -> bool:
-    """True when ``directory`` (not a link) holds ``inc_bridge.json`` naming this format and ``model.safetensors``."""
-    from ..safe_io import loads_json, read_bytes
+    """True when ``directory`` (not a link) holds ``model.safetensors`` and an ``inc_bridge.json`` that
+    begins with this format's name, as ``save`` writes it (a large model's manifest runs to hundreds
+    of MB: only its beginning is read)."""
+    from ..safe_io import read_head
 
     directory = Path(directory)
     if directory.is_symlink() or not directory.is_dir() or not (directory / TENSORS_FILE).is_file():
         return False
     try:
-        raw = read_bytes(directory / MANIFEST_FILE, max_bytes=64 << 20, error=SerializationError, what="manifest",
-                         within=directory)
-        manifest = loads_json(raw, origin=str(directory / MANIFEST_FILE), error=SerializationError)
+        head = read_head(directory / MANIFEST_FILE, 4096, error=SerializationError, what="manifest", within=directory)
     except SerializationError:
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+    return re.match(rb'\{\s*"format"\s*:\s*"' + re.escape(FORMAT_NAME.encode()) + rb'"', head) is not None
 
 
 def _check_target(path: Path, overwrite: bool) -> bool:
