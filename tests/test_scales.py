@@ -169,21 +169,26 @@ def test_per_layer_overrides():
 
 
 def test_remembered_scales_follow_the_weights_and_settings():
-    """Scales are remembered per layer statistics and weight (autotune's settings share them); a
-    weight changed in place, another granularity or another method gets its own."""
+    """Within a ``weight_memo()`` block (autotune's run, one quantize call) scales are remembered per
+    layer statistics and weight (autotune's settings share them); a weight changed in place, another
+    granularity or another method gets its own. Outside a block nothing is remembered."""
+    from inc_bridge.scales import weight_memo
+
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
     meas = ib.calibrate(model, [torch.randn(16, 8)])
     per_tensor = ib.Recipe.model_validate({})
     per_channel = ib.Recipe.model_validate({"quantization": {"weight": {"granularity": "per_channel"}}})
     pow2 = ib.Recipe.model_validate({"quantization": {"activation": {"scale_method": "maxabs_pow2"}}})
-    first = ib.compute_scales(meas, per_tensor, model=model)["0"]
-    assert ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale is first.weight_scale
-    assert ib.compute_scales(meas, per_channel, model=model)["0"].weight_scale.shape == (4,)
-    a = float(first.input_scale)
-    assert float(ib.compute_scales(meas, pow2, model=model)["0"].input_scale) == 2.0 ** math.ceil(math.log2(a))
-    with torch.no_grad():
-        model[0].weight.mul_(2)
-    assert torch.equal(ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale, first.weight_scale * 2)
+    with weight_memo():
+        first = ib.compute_scales(meas, per_tensor, model=model)["0"]
+        assert ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale is first.weight_scale
+        assert ib.compute_scales(meas, per_channel, model=model)["0"].weight_scale.shape == (4,)
+        a = float(first.input_scale)
+        assert float(ib.compute_scales(meas, pow2, model=model)["0"].input_scale) == 2.0 ** math.ceil(math.log2(a))
+        with torch.no_grad():
+            model[0].weight.mul_(2)
+        assert torch.equal(ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale, first.weight_scale * 2)
+    assert ib.compute_scales(meas, per_tensor, model=model)["0"].weight_scale is not first.weight_scale
 
 
 def test_converted_models_do_not_share_storage_with_remembered_scales():
@@ -203,14 +208,16 @@ def test_converted_models_own_their_fp8_weights():
     """Outside autotune's trials each conversion gets FP8 data of its own: one converted model's
     buffers can change (load_state_dict) without changing another's."""
     from inc_bridge.convert import structural_copy, swapped_in
+    from inc_bridge.scales import weight_memo
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
     scales = ib.compute_scales(ib.calibrate(model, [torch.randn(16, 8)]), model=model)
     scratch = structural_copy(model)
-    with swapped_in(scratch, scales, form="module") as trial:  # remembers the FP8 weight...
-        remembered = trial[0].weight
-    first = ib.convert(model, scales, form="module")  # ...and hands it over here
-    second = ib.convert(model, scales, form="module")
+    with weight_memo():  # as in autotune's run
+        with swapped_in(scratch, scales, form="module") as trial:  # remembers the FP8 weight...
+            remembered = trial[0].weight
+        first = ib.convert(model, scales, form="module")  # ...and hands it over here
+        second = ib.convert(model, scales, form="module")
     assert first[0].weight is remembered and second[0].weight.data_ptr() != first[0].weight.data_ptr()
     x = torch.randn(3, 8)
     expected = second(x)

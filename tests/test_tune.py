@@ -82,7 +82,7 @@ def test_tuning_holds_one_fp8_copy_of_the_weights(digits):
     ib.clear_caches()  # FP8 weights other tests' conversions of this model left memoised
 
     def counting(m):
-        memoised.append(len(scales_module._QUANTIZED_WEIGHTS))
+        memoised.append(len(scales_module.active_memo().quantized))
         return evaluate(m) + (1.0 if len(memoised) == 1 else 0.0)  # a baseline no trial reaches: all 4 run
 
     space = {"weight_granularity": ["per_tensor", "per_channel"], "activation_scale_method": ["maxabs_arbitrary", "mse"]}
@@ -96,7 +96,7 @@ def test_tuning_holds_one_fp8_copy_of_the_weights(digits):
     assert order == [("per_channel", "mse"), ("per_channel", "maxabs_arbitrary"), ("per_tensor", "maxabs_arbitrary"),
                      ("per_tensor", "mse")]
     assert memoised[1:] == [weighted] * 4  # not 2 x weighted after the switch
-    assert not scales_module._QUANTIZED_WEIGHTS
+    assert scales_module.active_memo() is None  # the run's memo ended with it
     with torch.no_grad():
         assert torch.equal(ib.apply_recipe(model, result.recipe)(x), result.model(x))
 

@@ -6,7 +6,6 @@ Each wraps the library calls of the same name.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,25 +37,20 @@ def _doctor(_: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .errors import IncBridgeError
     from .inc_files import load_inc_measurements
     from .measurements import Measurements
     from .recipe import load_recipe
 
     path = Path(args.path)
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            print(load_recipe(path).to_yaml(), end="")
-            return 0
-        if path.is_dir() and (path / "inc_bridge.json").exists():
-            return _inspect_saved(path)
-        if path.is_file() and path.suffix == ".json" and "format_version" in json.loads(path.read_text()):
-            meas = Measurements.load(path)
-        else:
-            meas = load_inc_measurements(path)
-    except (IncBridgeError, OSError, ValueError) as exc:
-        print(f"inc-bridge inspect: {exc}", file=sys.stderr)
-        return 2
+    if path.suffix in (".yaml", ".yml"):
+        print(load_recipe(path).to_yaml(), end="")
+        return 0
+    if path.is_dir() and (path / "inc_bridge.json").exists():
+        return _inspect_saved(path)
+    if path.suffix == ".json" and _is_measurements_file(path):
+        meas = Measurements.load(path)
+    else:
+        meas = load_inc_measurements(path)
     print(f"{len(meas)} layers; INC {meas.inc_version or '?'}; config {meas.inc_config}")
     for name, s in meas.layers.items():
         amax = ", ".join(f"{a:.6g}" for a in s.input_amax) or "-"
@@ -64,22 +58,41 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_measurements_file(path: Path) -> bool:
+    """Whether a JSON file is inc_bridge's Measurements (a JSON object with ``format_version``), read
+    as untrusted data: regular files only (a FIFO would hang ``read_text``), bounded size and depth."""
+    from .errors import SerializationError
+    from .safe_io import MiB, loads_json, read_text
+
+    if not path.exists() or path.is_dir():
+        return False  # load_inc_measurements says what it expected
+    text = read_text(path, max_bytes=1024 * MiB, error=SerializationError, what="JSON file")
+    value = loads_json(text, origin=str(path), error=SerializationError)
+    return isinstance(value, dict) and "format_version" in value
+
+
 def _inspect_saved(path: Path) -> int:
     """Summarise a directory written by ``ib.save``."""
     from .serialization.files import read_manifest
 
     manifest = read_manifest(path)
-    layers = manifest.get("layers", {})
-    versions = ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items())
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+    def section(key: str) -> dict:
+        value = manifest.get(key)
+        return value if isinstance(value, dict) else {}
+
+    layers = section("layers")
+    versions = ", ".join(f"{k} {v}" for k, v in section("versions").items())
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink())
     print(f"saved FP8 model: format version {manifest.get('format_version')}, form {manifest.get('form')}, "
           f"backend {manifest.get('backend')}, {len(layers)} quantized layers, {size} bytes on disk")
     print(f"written by: {versions}")
     kinds: dict[str, int] = {}
     for layer in layers.values():
-        kinds[layer.get("kind", "?")] = kinds.get(layer.get("kind", "?"), 0) + 1
+        kind = str(layer.get("kind", "?")) if isinstance(layer, dict) else "?"
+        kinds[kind] = kinds.get(kind, 0) + 1
     print("layers by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
-    for name, why in (manifest.get("skipped") or {}).items():
+    for name, why in section("skipped").items():
         print(f"  kept in high precision: {name}: {why}")
     return 0
 
@@ -142,25 +155,47 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from .errors import IncBridgeError
     from .onnx_export import export_onnx
     from .recipe import resolve_callable
     from .serialization import load
 
-    try:
-        build_model = resolve_callable(args.model, "--model")
-        build_inputs = resolve_callable(args.inputs, "--inputs")
-        qmodel = load(build_model(), Path(args.saved_dir), backend=args.backend)
-        out = export_onnx(qmodel, build_inputs(), Path(args.out), opset=args.opset)
-    except IncBridgeError as exc:
-        print(f"inc-bridge export-onnx: {exc}", file=sys.stderr)
-        return 2
+    build_model = resolve_callable(args.model, "--model")
+    build_inputs = resolve_callable(args.inputs, "--inputs")
+    qmodel = load(build_model(), Path(args.saved_dir), backend=args.backend)
+    out = export_onnx(qmodel, build_inputs(), Path(args.out), opset=args.opset)
     print(f"wrote {out}")
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Run a subcommand: an error becomes one line ``inc-bridge <cmd>: <message>`` on stderr and exit
+    status 2 (130 for Ctrl-C); ``--traceback`` shows where instead.
+
+    Besides IncBridgeError, any other exception is reported the same way (with its type): bad input
+    that a reader has not yet turned into an IncBridgeError, or an error in the user's code that a
+    recipe names (model factory, evaluation), is not a crash of the command.
+    """
+    from .errors import IncBridgeError
+    from .safe_io import shorten
+
+    if args.traceback:
+        return args.fn(args)
+    try:
+        return args.fn(args)
+    except IncBridgeError as exc:
+        message = shorten(str(exc), 2000)
+    except Exception as exc:  # noqa: BLE001 - the command line prints one line, never a traceback
+        message = f"{type(exc).__name__}: {shorten(str(exc), 500)} (run with --traceback for details)"
+    except KeyboardInterrupt:
+        print(f"inc-bridge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    print(f"inc-bridge {args.command}: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inc-bridge", description="INC FP8 measurements → torchao FP8 models.")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="autotune a digits CNN to FP8 (demo_digits.yaml) and print a summary")
     p.add_argument("--out", help="directory for the report and locked recipe (default: a new temporary one)")
@@ -198,13 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=None, help="kernel backend to load with (default: the saved one)")
     p.set_defaults(fn=_export_onnx)
     args = parser.parse_args(argv)
-    from .errors import IncBridgeError
-
-    try:
-        return args.fn(args)
-    except IncBridgeError as exc:
-        print(f"inc-bridge {args.command}: {exc}", file=sys.stderr)
-        return 2
+    return _run(args)
 
 
 if __name__ == "__main__":

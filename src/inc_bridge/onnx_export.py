@@ -426,12 +426,15 @@ def _check_fp8_graph(proto: Any, twins: list[nn.Module], path: Path) -> None:
 def _write_atomic(proto: Any, path: Path) -> None:
     import onnx
 
+    from .safe_io import current_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     os.close(fd)
     try:
         onnx.save_model(proto, tmp)
         with open(tmp, "rb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp made it 0600; follow the umask as open() does
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

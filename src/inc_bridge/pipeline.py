@@ -18,7 +18,7 @@ from .errors import CalibrationError, ConversionError
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
 from .measurements import LayerStats, Measurements
 from .recipe import Op, Recipe, resolve_recipe
-from .scales import LayerScales, ScaleSet, layer_scales
+from .scales import LayerScales, ScaleSet, layer_scales, weight_memo
 from .select import Selection, matches, select_layers
 
 
@@ -110,6 +110,7 @@ def _few(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "") if names else "none"
 
 
+@weight_memo()  # calibrate and compute_scales share the weights' amax within this call only
 def quantize(
     model: nn.Module,
     calib_data: CalibData,

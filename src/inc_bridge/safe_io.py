@@ -85,6 +85,27 @@ def read_bytes(path: Path | str, *, max_bytes: int, error: type[IncBridgeError],
         os.close(fd)
 
 
+def read_head(path: Path | str, n: int, *, error: type[IncBridgeError], what: str = "file",
+              within: Path | str | None = None) -> bytes:
+    """The first ``n`` bytes (or fewer) of a regular file of any size, under ``read_bytes``' rules
+    otherwise: to recognise a file by its beginning without reading all of it."""
+    path = Path(path)
+    if within is not None:
+        check_within(path, Path(within), error)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path}: {what} is not a regular file (a directory, FIFO or device); refusing to read it")
+        return os.read(fd, n)
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
 def read_text(path: Path | str, *, max_bytes: int, error: type[IncBridgeError], what: str = "file",
               within: Path | str | None = None) -> str:
     """``read_bytes`` decoded as UTF-8; ``error`` naming the byte offset when it is not UTF-8."""

@@ -9,13 +9,21 @@ The math is INC's, op for op, in INC's high-precision dtype (``hp_dtype`` = the 
 ``fullscale`` is the target's FP8 range (448 for E4M3, 240 for E4M3 on Gaudi2, 57344 for E5M2).
 Scales never go below ``MIN_SCALE`` (INC's own floor for per-channel scales), so an all-zero tensor
 gets a tiny positive scale instead of a zero one.
+
+Weight amax values, weight scales, FP8 weights and histogram clips are remembered only inside a
+``weight_memo()`` block (one ``autotune`` run, one ``quantize`` call), in a ``WeightMemo`` that the
+block owns and forgets when it ends. A memo outliving the call would be keyed by tensor identity,
+which a change through ``weight.data`` (``w.data.mul_(4)``, ``w.data = ...``) does not alter: the
+next quantization would silently reuse the old scales.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
+import contextvars
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,30 +49,37 @@ def maxabs_scale(amax: torch.Tensor, full: float, backoff: float, method: ScaleM
 
 def histogram_clip(hist: dict, method: ScaleMethod, percentile: float, amax: float, fp8_dtype: torch.dtype,
                    fp8_max: float) -> float:
-    """See ``_histogram_clip``; memoised, since autotune trials ask for the same clips repeatedly.
+    """See ``_histogram_clip``; memoised inside ``weight_memo()``, since autotune trials ask for the
+    same clips repeatedly.
 
     Keyed by the identity of the counts list (the entry holds it, so the id stays its own):
-    hashing 2048 counts on every call cost more than the lookup saved. Measurements are not
-    changed in place, so the same list means the same histogram.
+    hashing 2048 counts on every call cost more than the lookup saved. Within one run the
+    measurements are not changed in place, so the same list means the same histogram.
     """
     counts = hist["counts"]
+    memo = _ACTIVE.get()
+    if memo is None:
+        return _histogram_clip(counts_tensor(counts), float(hist["range"]), method, percentile, amax, fp8_dtype, fp8_max)
     key = (id(counts), float(hist["range"]), method, percentile, amax, fp8_dtype, fp8_max)
-    hit = _CLIPS.get(key)
+    hit = memo.clips.get(key)
     if hit is not None and hit[0] is counts:
         return hit[1]
     clip = _histogram_clip(counts_tensor(counts), float(hist["range"]), method, percentile, amax, fp8_dtype, fp8_max)
-    _remember(_CLIPS, key, (counts, clip), _CACHE_SIZE * 8)
+    _remember(memo.clips, key, (counts, clip), _CACHE_SIZE * 8)
     return clip
 
 
 def counts_tensor(counts: list) -> torch.Tensor:
-    """A histogram's counts as float64, converted once per list (clips and the report share it)."""
-    hit = _COUNTS.get(id(counts))
+    """A histogram's counts as float64, converted once per list inside ``weight_memo()`` (clips and
+    the report share it)."""
+    memo = _ACTIVE.get()
+    hit = memo.counts.get(id(counts)) if memo is not None else None
     if hit is not None and hit[0] is counts:
         return hit[1]
     # through array.array: 2.5x faster than torch.tensor(list) for 2048 floats
     tensor = torch.frombuffer(array.array("d", counts), dtype=torch.float64) if counts else torch.zeros(0, dtype=torch.float64)
-    _remember(_COUNTS, id(counts), (counts, tensor), _CACHE_SIZE * 4)
+    if memo is not None:
+        _remember(memo.counts, id(counts), (counts, tensor), _CACHE_SIZE * 4)
     return tensor
 
 
@@ -125,26 +140,91 @@ def weight_amax(weight: torch.Tensor, granularity: Granularity, hp_dtype: torch.
 def weight_amax_per_channel(weight: torch.Tensor) -> torch.Tensor:
     """``max(|W|)`` per output channel (dim 0), in the weight's dtype; its max is the per-tensor amax.
 
-    Memoised per live, unmodified weight: calibration records it and every trial's scales need it.
+    Memoised per live, unmodified weight inside ``weight_memo()``: calibration records it and every
+    trial's scales need it.
     """
     def compute() -> torch.Tensor:
         w = weight.detach().reshape(weight.shape[0], -1)
         return torch.maximum(w.amax(dim=1), w.amin(dim=1).neg())
 
-    return _memo(_WEIGHT_AMAX, weight, (), compute)
+    return _memo("weight_amax", weight, (), compute)
 
 
-# (id, version, format, range, scales) -> (weakref to the weight, FP8 data, dequant scale). The weak
-# reference makes a hit certain to be the same live tensor, not a reused id, and drops the entry
-# when the weight is freed. Filled and shared only under ``sharing_tensors()`` (autotune's trials).
-_QUANTIZED_WEIGHTS: dict[tuple, tuple] = {}
 _CACHE_SIZE = 512
-_WEIGHT_AMAX: dict[tuple, tuple] = {}  # (id, version) -> (weakref to the weight, per-channel amax)
-_CLIPS: dict[tuple, tuple] = {}  # (id of the counts, settings) -> (the counts list, clip)
-_COUNTS: dict[int, tuple] = {}  # id of the counts -> (the counts list, as a tensor)
-# (id of the LayerStats or weight, settings) -> (weakref to it, scale): autotune's settings share
-# activation scales across weight settings and weight scales across activation settings
-_SCALES: dict[tuple, tuple] = {}
+
+
+class WeightMemo:
+    """What one run remembers per weight and per histogram; owned by a ``weight_memo()`` block.
+
+    Entries for tensors hold a weak reference (a hit is certain to be the same live tensor, not a
+    reused id, and the entry goes when the tensor goes) and are keyed by the tensor's version and
+    data pointer, so an in-place change through the tensor itself, or a new ``.data``, is seen even
+    within the run. (A change through ``w.data.mul_()`` bumps no version counter; that is why the
+    memo ends with the run.)
+
+    Attributes:
+        quantized: (weight, format, range, scales) -> (weakref to the weight, FP8 data, dequant
+            scale); filled and shared only under ``sharing_tensors()`` (autotune's trials).
+        weight_amax: (weight) -> (weakref, per-channel amax).
+        scales: (LayerStats or weight, settings) -> (weakref, scale): autotune's settings share
+            activation scales across weight settings and weight scales across activation settings.
+        clips: (id of the counts list, settings) -> (the counts list, clip).
+        counts: id of the counts list -> (the counts list, as a tensor).
+    """
+
+    def __init__(self) -> None:
+        self.quantized: dict[tuple, tuple] = {}
+        self.weight_amax: dict[tuple, tuple] = {}
+        self.scales: dict[tuple, tuple] = {}
+        self.clips: dict[tuple, tuple] = {}
+        self.counts: dict[int, tuple] = {}
+
+    def clear(self) -> None:
+        for cache in (self.quantized, self.weight_amax, self.scales, self.clips, self.counts):
+            cache.clear()
+
+
+_ACTIVE: contextvars.ContextVar[WeightMemo | None] = contextvars.ContextVar("inc_bridge_weight_memo", default=None)
+
+
+@contextlib.contextmanager
+def weight_memo() -> Iterator[WeightMemo]:
+    """Remember weight amax values, scales, FP8 weights and clips within the block (or the decorated
+    call), and forget them when it ends. A nested block shares the outer one's memo; each thread
+    (context) has its own.
+
+    Example:
+        >>> with weight_memo():          # doctest: +SKIP
+        ...     scales = compute_scales(meas, recipe, model=model)
+    """
+    memo = _ACTIVE.get()
+    if memo is not None:
+        yield memo
+        return
+    memo = WeightMemo()
+    token = _ACTIVE.set(memo)
+    try:
+        yield memo
+    finally:
+        _ACTIVE.reset(token)
+        memo.clear()
+
+
+def active_memo() -> WeightMemo | None:
+    """The memo of the enclosing ``weight_memo()`` block, or None outside one."""
+    return _ACTIVE.get()
+
+
+def _tensor_key(t: object) -> tuple:
+    """What identifies a tensor's current values as far as cheaply knowable: the object, its version
+    counter and where its data lives (``w.data = other`` keeps the object and the version)."""
+    if not isinstance(t, torch.Tensor):
+        return (id(t),)
+    try:
+        where = t.data_ptr()
+    except RuntimeError:  # a wrapper tensor subclass has no data pointer of its own
+        where = None
+    return (id(t), t._version, where, t.dtype, tuple(t.shape))
 
 
 def _remember(cache: dict, key: object, value: object, limit: int) -> None:
@@ -161,14 +241,21 @@ def drop_quantized_weights() -> None:
     weights is kept besides the one in use: on a large model each setting's copy is half the
     bf16 model.
     """
-    _QUANTIZED_WEIGHTS.clear()
+    memo = _ACTIVE.get()
+    if memo is not None:
+        memo.quantized.clear()
 
 
-def _memo(cache: dict, owner: object, settings: tuple, compute, limit: int | None = None) -> torch.Tensor:
-    """``compute()`` remembered in ``cache`` for ``owner`` (alive, and unmodified if a tensor) and
-    ``settings``. The entry holds a weak reference: a hit is certain to be the same live object, not
-    a reused id, and the entry goes when the object goes. ``limit``: first-in-first-out bound."""
-    key = (id(owner), getattr(owner, "_version", None), *settings)
+def _memo(name: str, owner: object, settings: tuple, compute, limit: int | None = None) -> torch.Tensor:
+    """``compute()``, remembered in the active memo's ``name`` cache for ``owner`` (alive and
+    unmodified) and ``settings``; computed afresh outside ``weight_memo()``. The entry holds a weak
+    reference: a hit is certain to be the same live object, and the entry goes when the object
+    goes. ``limit``: first-in-first-out bound."""
+    memo = _ACTIVE.get()
+    if memo is None:
+        return compute()
+    cache: dict = getattr(memo, name)
+    key = (*_tensor_key(owner), *settings)
     hit = cache.get(key)
     if hit is not None and hit[0]() is owner:
         return hit[1]
@@ -182,17 +269,13 @@ def _memo(cache: dict, owner: object, settings: tuple, compute, limit: int | Non
 
 
 def clear_caches() -> None:
-    """Forget memoised FP8 weights, weight amax values and histogram clips.
+    """Forget what the enclosing ``weight_memo()`` block remembered (nothing is remembered outside one).
 
-    Entries already go when their float weight is freed, and autotune drops the FP8 weights its
-    trials made; this frees the weight amax values and clips of weights still alive, and lets
-    benchmarks time a run as a first one.
+    Lets benchmarks time a run as a first one.
     """
-    drop_quantized_weights()
-    _WEIGHT_AMAX.clear()
-    _CLIPS.clear()
-    _COUNTS.clear()
-    _SCALES.clear()
+    memo = _ACTIVE.get()
+    if memo is not None:
+        memo.clear()
 
 
 @dataclass(frozen=True)
@@ -250,28 +333,31 @@ class LayerScales:
         """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
 
         Per-channel scales come back shaped to broadcast over the weight: [N, 1] or [O, 1, 1, 1].
-        Under ``sharing_tensors()`` (autotune's trials) results are remembered and shared for the
-        same weight tensor (same object, unmodified) and the same scales, so trials that differ only
+        Inside ``weight_memo()`` and under ``sharing_tensors()`` (autotune's trials) results are
+        remembered and shared for the same weight tensor (same object, unmodified) and the same scales, so trials that differ only
         in activation settings do not quantize again. Otherwise the caller gets tensors of its own:
         a remembered result is handed over (taken out of the memo, not copied: autotune's final
         model) and a new one is not remembered, so a converted model shares no storage with another
         or with this memo.
         """
         self.check_weight(weight)
-        key = (id(weight), weight._version, self.format, self.fp8_max, self.weight_scale.dtype,
+        memo = _ACTIVE.get()
+        if memo is None:
+            return self._quantize_weight(weight)
+        key = (*_tensor_key(weight), self.format, self.fp8_max, self.weight_scale.dtype,
                self.weight_scale.float().numpy().tobytes())
-        hit = _QUANTIZED_WEIGHTS.get(key)
+        cache = memo.quantized
+        hit = cache.get(key)
         shared = tensors_shared()
         if hit is not None and hit[0]() is weight:
             if not shared:
-                del _QUANTIZED_WEIGHTS[key]
+                del cache[key]
             return hit[1], hit[2]
         qdata, scale = self._quantize_weight(weight)
         if not shared:
             return qdata, scale
         # the entry goes when the float weight goes, so the cache never keeps FP8 copies alive
-        _remember(_QUANTIZED_WEIGHTS, key,
-                  (weakref.ref(weight, lambda _, key=key: _QUANTIZED_WEIGHTS.pop(key, None)), qdata, scale), _CACHE_SIZE)
+        _remember(cache, key, (weakref.ref(weight, lambda _, key=key: cache.pop(key, None)), qdata, scale), _CACHE_SIZE)
         return qdata, scale
 
     def _quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,14 +423,14 @@ def layer_scales(
         if not stats.input_amax:
             raise CalibrationError(f"layer {stats.name!r}: no input statistics; was it run during calibration?")
         settings = (aq.scale_method, aq.percentile, fmt, full, hp_dtype)
-        input_scales = tuple(_memo(_SCALES, stats, (i, *settings), lambda i=i: _activation_scale(stats, i, aq, fmt, full, hp_dtype),
+        input_scales = tuple(_memo("scales", stats, (i, *settings), lambda i=i: _activation_scale(stats, i, aq, fmt, full, hp_dtype),
                                    _CACHE_SIZE * 8) for i in range(len(stats.input_amax)))
     if not kind.has_weight:
         return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, None)
     gran = wq.granularity
     if weight is not None:
         return LayerScales(stats.name, kind, fmt, full, hp_dtype, input_scales, _memo(
-            _SCALES, weight, (gran, wq.scale_method, full, hp_dtype),
+            "scales", weight, (gran, wq.scale_method, full, hp_dtype),
             lambda: maxabs_scale(weight_amax(weight, gran, hp_dtype), full, WEIGHT_BACKOFF, wq.scale_method), _CACHE_SIZE * 8))
     if gran is Granularity.PER_TENSOR and stats.weight_amax is not None:
         w_amax = torch.tensor(stats.weight_amax, dtype=hp_dtype)

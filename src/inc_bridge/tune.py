@@ -56,6 +56,7 @@ from .report import LayerRow, Report, TrialRecord
 from .run_fingerprint import calibration_digest, run_fingerprint
 from .safe_io import MiB, read_bytes, shorten
 from .scales import ScaleSet, counts_tensor, drop_quantized_weights
+from .scales import weight_memo as _weight_memo
 from .select import select_layers
 from .sensitivity import eval_mode, layer_sqnr
 from .trial_log import TrialLog, trial_key
@@ -73,6 +74,7 @@ class TuneResult:
     measurements: Measurements
 
 
+@_weight_memo()  # the run's memo of weight amax, scales and FP8 weights; forgotten when it returns
 def autotune(
     model: nn.Module,
     eval_fn: Callable[[nn.Module], float] | None = None,

@@ -10,14 +10,17 @@ finished directory atomically; it knows nothing about models.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import struct
-import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ import torch
 from ..errors import SerializationError
 from ..formats import dtype_from_name, dtype_name
 from ..safe_io import MiB, check_within, loads_json, read_text, shorten
+from . import publish
 from .manifest_schema import check_manifest_schema
 
 FORMAT_NAME = "inc_bridge.quantized_model"
@@ -57,40 +61,122 @@ def tensor_record(t: torch.Tensor) -> dict[str, Any]:
 
 
 @contextmanager
-def staging_dir(path: Path, overwrite: bool):
-    """Yield a fresh sibling directory of ``path``; on success it becomes ``path``, on error it is removed.
+def staging_dir(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh hidden sibling directory of ``path``; on success it becomes ``path``, on error
+    it is removed and ``path`` is as it was.
 
-    The rename is the commit point: until then ``path`` is untouched (or absent), so an exception
-    or a crash mid-save never leaves a loadable directory at ``path``. Replacing an existing
-    directory renames it aside first and removes it after the new one is in place.
+    ``path`` may be absent or an empty directory; with ``overwrite`` also a directory holding an
+    inc_bridge save. Anything else (a project folder, a file, a link, ``.``) is refused before
+    anything is written. The commit (``publish``) never leaves ``path`` absent, lets one of two
+    concurrent saves to a new path win, and is final: see ``publish`` for how.
     """
     path = Path(path)
-    if path.exists() and not overwrite and not (path.is_dir() and not any(path.iterdir())):
-        raise SerializationError(f"{path}: already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    if path.name in ("", ".", ".."):
+        raise SerializationError(f"{str(path) or repr('')}: not a directory name to save to; give one such as 'out/model'")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SerializationError(f"{path}: cannot create its parent directory: {exc.strerror or exc}") from None
+    publish.recover_and_clean(path, holds_save)
+    replacing = _check_target(path, overwrite)
+    tmp = publish.make_staging_dir(path)
     try:
         yield tmp
+        if not any(tmp.iterdir()):
+            raise SerializationError(f"{path}: nothing was written")
         _fsync_dir(tmp)
-        aside = None
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        elif path.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, aside / path.name)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if aside is not None:  # put the previous model back
-                os.replace(aside / path.name, path)
-                aside.rmdir()
-            raise
-        _fsync_dir(path.parent)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        _commit(tmp, path, replacing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def holds_save(directory: Path) -> bool:
+    """True when ``directory`` (not a link) holds ``model.safetensors`` and an ``inc_bridge.json`` that
+    begins with this format's name, as ``save`` writes it (a large model's manifest runs to hundreds
+    of MB: only its beginning is read)."""
+    from ..safe_io import read_head
+
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir() or not (directory / TENSORS_FILE).is_file():
+        return False
+    try:
+        head = read_head(directory / MANIFEST_FILE, 4096, error=SerializationError, what="manifest", within=directory)
+    except SerializationError:
+        return False
+    return re.match(rb'\{\s*"format"\s*:\s*"' + re.escape(FORMAT_NAME.encode()) + rb'"', head) is not None
+
+
+def _check_target(path: Path, overwrite: bool) -> bool:
+    """What is at ``path`` and whether saving may go there: True when it holds a save to replace."""
+    from ..safe_io import shorten
+
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise SerializationError(f"{path}: cannot look at it: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise SerializationError(f"{path}: is a symbolic link; refusing to save through or replace it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise SerializationError(f"{path}: is a file, not a directory; refusing to replace it (inc_bridge saves a directory)")
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise SerializationError(f"{path}: cannot list it: {exc.strerror or exc}") from None
+    if not names:
+        return False
+    if not overwrite:
+        raise SerializationError(f"{path}: already exists; pass overwrite=True to replace it")
+    if not holds_save(path):
+        raise SerializationError(
+            f"{path}: holds {len(names)} entries ({shorten(', '.join(names[:5]), 120)}) but no inc_bridge save "
+            f"({MANIFEST_FILE} with \"format\": \"{FORMAT_NAME}\" and {TENSORS_FILE}); overwrite=True replaces only "
+            "a saved model or an empty directory, so nothing was changed"
+        )
+    return True
+
+
+def _commit(tmp: Path, path: Path, replacing: bool) -> None:
+    """Put the finished ``tmp`` at ``path``: the commit point of a save.
+
+    SIGINT is held off meanwhile: one that arrives before the commit aborts the save (``path`` as it
+    was), one that arrives after it is dropped (the save is done).
+    """
+    with publish.interrupts_deferred() as state:
+        old = None
+        if not replacing:
+            try:
+                path.rmdir()  # an empty directory (gone already, or filled by another save: not ours to take)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise SerializationError(f"{path}: already exists (another save got there first); "
+                                             "pass overwrite=True to replace it") from None
+                raise
+            state.check()
+            publish.rename_noreplace(tmp, path)
+        else:
+            state.check()
+            if publish.exchange(tmp, path):
+                old = tmp  # the previous model, now under the hidden name
+            else:
+                old = publish.hidden_name(path, publish.ASIDE)
+                os.rename(path, old)
+                try:
+                    state.check()
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)  # put the previous model back
+                    raise
+        state.committed = True
+        # the save is done: nothing below may turn it into an error
+        with contextlib.suppress(OSError):
+            _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -108,8 +194,11 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     target = directory / TENSORS_FILE
+    from ..safe_io import current_umask
+
     save_file(tensors, str(target), metadata={"format": "pt", "inc_bridge_format_version": str(FORMAT_VERSION)})
     with open(target, "rb") as f:
+        os.fchmod(f.fileno(), 0o666 & ~current_umask())  # safetensors creates it 0600; follow the umask as open() does
         os.fsync(f.fileno())
 
 

@@ -25,19 +25,23 @@ def save(qmodel: nn.Module, path: Path | str, *, overwrite: bool = False) -> Pat
 
     Every parameter and buffer is saved (non-persistent buffers too, so that a skeleton built on
     the meta device can be filled completely); FP8 tensor subclasses are flattened into their
-    components. The directory appears at ``path`` only once complete: an error or a crash midway
-    leaves ``path`` as it was.
+    components. The directory appears at ``path`` only once complete: an error, Ctrl-C or a crash
+    midway leaves ``path`` as it was (``serialization.publish`` says how), and the directory and
+    files get the modes ``mkdir`` / ``open`` give under the umask.
 
     Args:
         qmodel: from ``inc_bridge.convert`` / ``quantize`` / ``load``. Its recipe, scales and skipped
             layers are recorded when ``conversion_result(qmodel)`` has them.
-        path: the directory to create.
-        overwrite: replace an existing non-empty ``path`` (still atomically).
+        path: the directory to create (missing parents are created); an empty directory is taken.
+        overwrite: replace a directory that holds an earlier inc_bridge save, in one atomic step.
+            Anything else at ``path`` (a folder with other files, a file, a link) is refused.
     Returns:
         ``path`` as a Path.
     Raises:
         SerializationError: a layer's class or tensor type cannot be saved, a tensor has no data
-            (meta device), or ``path`` exists and ``overwrite`` is False.
+            (meta device), ``path`` is not a directory name (``.``, ``""``), holds something other
+            than a save, or exists and ``overwrite`` is False (also when another save to it
+            finished first).
 
     Example:
         >>> ib.save(qmodel, "out/model")   # doctest: +SKIP
