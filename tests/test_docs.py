@@ -1,0 +1,21 @@
+"""Docs that name tests name tests that exist."""
+
+from __future__ import annotations
+
+import re
+
+from .conftest import REPO
+
+
+def test_security_page_names_existing_tests():
+    doc = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
+    current, named, missing = None, 0, []
+    for m in re.finditer(r"(tests/test_[a-z_]+\.py)(?:::([a-z_0-9]+))?|`::([a-z_0-9]+)`", doc):
+        if m.group(1):
+            current = m.group(1)
+        name = m.group(2) or m.group(3)
+        if name:
+            named += 1
+            if f"def {name}(" not in (REPO / current).read_text(encoding="utf-8"):
+                missing.append(f"{current}::{name}")
+    assert named >= 40 and missing == []
