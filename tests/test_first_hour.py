@@ -284,3 +284,29 @@ def test_gpt2_conv1d_layers_are_listed_as_left_in_float():
     assert "unsupported type: no converter for Conv1D" in result.summary()
     with pytest.raises(ib.ConversionError, match=r"strict=True: 8 module\(s\)"):
         ib.quantize(model, ids, both, strict=True)
+
+
+def test_autotune_says_which_budget_stopped_the_fallback_search():
+    model = LinearNet().eval()
+    x = linear_batches(1, seed=9)[0]
+    with torch.no_grad():
+        ref = model(x)
+
+    def exact(q):  # met only with every layer in high precision
+        with torch.no_grad():
+            return -float((q(x) - ref).abs().max())
+
+    recipe = ib.Recipe.model_validate({"tuning": {"max_trials": 2}})
+    result = ib.autotune(model, exact, calib_data=linear_batches(), recipe=recipe, tolerable_loss={"absolute": 0.0},
+                         progress=False)
+    assert any("stopped before any fallback met the tolerance: tuning.max_trials (2) reached" in n
+               for n in result.report.notes), result.report.notes
+    calls = []
+
+    def never(q):  # the baseline scores 1.0, every trial 0.0: nothing meets the tolerance
+        calls.append(q)
+        return 1.0 if len(calls) == 1 else 0.0
+
+    result = ib.autotune(model, never, calib_data=linear_batches(), tolerable_loss={"absolute": 0.0}, progress=False)
+    assert any("no fallback met the tolerance, not even all 3 layers in high precision" in n
+               for n in result.report.notes), result.report.notes

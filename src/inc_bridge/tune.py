@@ -512,8 +512,24 @@ def _layer_fallback(trial, budget_left, trials, log, work, swap, recipe, scales_
             hi = mid
         else:
             lo = mid
-    return [f"layer fallback ranked {len(order)} layers by {'own output SQNR' if method == 'sqnr' else 'leave-one-out metric gain'}; "
-            + (f"{hi} kept in high precision" if hi is not None else "no fallback met the tolerance")]
+    if hi is None and budget_left():
+        outcome = f"no fallback met the tolerance, not even all {len(order)} layers in high precision"
+    elif hi is None:
+        outcome = f"stopped before any fallback met the tolerance: {_stop_reason(recipe, trials)}"
+    elif hi - lo > 1:
+        outcome = (f"{hi} kept in high precision ({_stop_reason(recipe, trials)} before the bisection finished; "
+                   "fewer may suffice)")
+    else:
+        outcome = f"{hi} kept in high precision"
+    ranked_by = "own output SQNR" if method == "sqnr" else "leave-one-out metric gain"
+    return [f"layer fallback ranked {len(order)} layers by {ranked_by}; {outcome}"]
+
+
+def _stop_reason(recipe: Recipe, trials: list[TrialRecord]) -> str:
+    """Which budget ended the search (called once the budget is spent)."""
+    if len(trials) >= recipe.tuning.max_trials:
+        return f"tuning.max_trials ({recipe.tuning.max_trials}) reached"
+    return f"tuning.timeout_s ({recipe.tuning.timeout_s:g} s) reached"
 
 
 def _choose(trials: list[TrialRecord], hib: bool) -> TrialRecord | None:
