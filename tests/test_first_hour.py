@@ -310,3 +310,28 @@ def test_autotune_says_which_budget_stopped_the_fallback_search():
     result = ib.autotune(model, never, calib_data=linear_batches(), tolerable_loss={"absolute": 0.0}, progress=False)
     assert any("no fallback met the tolerance, not even all 3 layers in high precision" in n
                for n in result.report.notes), result.report.notes
+
+
+def test_inspect_columns_stay_apart(tmp_path, capsys):
+    from inc_bridge.cli import main
+
+    class LongNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding_layer_with_a_very_long_name_indeed = nn.Embedding(8, 16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(self.embedding_layer_with_a_very_long_name_indeed(ids))
+
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "embedding"]}})
+    ib.calibrate(LongNames().eval(), [torch.randint(0, 8, (2, 3))], recipe).save(tmp_path / "m.json")
+    assert main(["inspect", str(tmp_path / "m.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 layers; INC ")
+    header, emb, fc = lines[1:]
+    assert header.split() == ["layer", "kind", "source", "input", "amax", "weight", "amax"]
+    # every column starts at the same offset in every row, two spaces after the widest cell before it
+    assert emb.index("embedding ") == header.index("kind") == fc.index("linear ")
+    assert emb[: emb.index("embedding ")].endswith("indeed  ")
+    assert emb.index(" inc ") + 1 == header.index("source") == fc.index(" inc ") + 1

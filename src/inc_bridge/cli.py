@@ -51,11 +51,23 @@ def _inspect(args: argparse.Namespace) -> int:
         meas = Measurements.load(path)
     else:
         meas = load_inc_measurements(path)
-    print(f"{len(meas)} layers; INC {meas.inc_version or '?'}; config {meas.inc_config}")
-    for name, s in meas.layers.items():
-        amax = ", ".join(f"{a:.6g}" for a in s.input_amax) or "-"
-        print(f"  {name:<48}{s.kind:<9}{s.source.value:<10}input amax {amax}; weight amax {s.weight_amax}")
+    print(f"{len(meas)} layer{'' if len(meas) == 1 else 's'}; INC {meas.inc_version or '?'}; config {meas.inc_config}")
+    rows = [("layer", "kind", "source", "input amax", "weight amax")]
+    for name, st in meas.layers.items():
+        weight_text = "-" if st.weight_amax is None else f"{st.weight_amax:.6g}"
+        if st.weight_amax_per_channel:
+            weight_text += f" ({len(st.weight_amax_per_channel)} channels)"
+        rows.append((name, st.kind or "?", st.source.value, ", ".join(f"{a:.6g}" for a in st.input_amax) or "-",
+                     weight_text))
+    print(_table(rows))
     return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """Rows as left-aligned columns two spaces apart, each as wide as its widest cell."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
 
 
 def _is_measurements_file(path: Path) -> bool:
