@@ -542,3 +542,25 @@ def test_tiny_llama_export(tmp_path, form):
         print(f"tiny Llama {form} {shape}: ORT vs torch max abs error {err:.3g}, output scale {scale:.3g}, "
               f"FP8 rounding flips {flips}")
         assert err <= (1e-5 if flips == 0 else 5e-2) * scale
+
+
+def attention_example() -> torch.Tensor:
+    """Example inputs for the CLI test with captured attention."""
+    return torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_cli_export_onnx_of_a_model_saved_with_quantized_attention(tmp_path, capsys, form):
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa"]}})
+    qmodel = ib.quantize(FunctionalAttention().eval(), [attention_example()], recipe, form=form)
+    ib.save(qmodel, tmp_path / "saved")
+    out = tmp_path / "attn.onnx"
+    argv = ["export-onnx", str(tmp_path / "saved"), "--out", str(out), "--model",
+            "tests.attention_models:FunctionalAttention", "--inputs", "tests.test_onnx:attention_example"]
+    assert main(argv) == 0, capsys.readouterr().err  # the save's manifest says the skeleton needs capturing
+    proto = onnx.load(str(out))
+    _assert_attention_qdq(proto, qmodel)
+    x = attention_example()
+    with torch.no_grad():
+        ref = qmodel(x)
+    assert (_ort_run(_session(out), x) - ref).abs().max() <= 1e-4 * ref.abs().max()

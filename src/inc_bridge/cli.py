@@ -166,15 +166,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_with_attention(directory: Path) -> bool:
+    """Whether a saved model quantized captured attention (its manifest lists sdpa / bmm layers)."""
+    from .serialization.files import read_manifest
+
+    layers = read_manifest(directory)["layers"]
+    return any(isinstance(rec, dict) and rec.get("kind") in ("sdpa", "bmm") for rec in layers.values())
+
+
 def _export_onnx(args: argparse.Namespace) -> int:
+    from .capture import capture_attention
     from .onnx_export import export_onnx
     from .recipe import resolve_callable
     from .serialization import load
 
     build_model = resolve_callable(args.model, "--model")
     build_inputs = resolve_callable(args.inputs, "--inputs")
-    qmodel = load(build_model(), Path(args.saved_dir), backend=args.backend)
-    out = export_onnx(qmodel, build_inputs(), Path(args.out), opset=args.opset)
+    skeleton, example = build_model(), build_inputs()
+    if args.capture_attention or _saved_with_attention(Path(args.saved_dir)):
+        skeleton = capture_attention(skeleton, example)  # the skeleton needs the SDPA / Matmul modules the save has
+    qmodel = load(skeleton, Path(args.saved_dir), backend=args.backend)
+    out = export_onnx(qmodel, example, Path(args.out), opset=args.opset)
     print(f"wrote {out}")
     return 0
 
@@ -243,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="callable returning example inputs: a tensor, a tuple of arguments or a dict of keyword arguments")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset (at least 21; default 21)")
     p.add_argument("--backend", default=None, help="kernel backend to load with (default: the saved one)")
+    p.add_argument("--capture-attention", action="store_true",
+                   help="capture the model's attention call sites before loading (automatic when the save holds "
+                        "quantized attention)")
     p.set_defaults(fn=_export_onnx)
     args = parser.parse_args(argv)
     return _run(args)
