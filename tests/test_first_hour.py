@@ -335,3 +335,21 @@ def test_inspect_columns_stay_apart(tmp_path, capsys):
     assert emb.index("embedding ") == header.index("kind") == fc.index("linear ")
     assert emb[: emb.index("embedding ")].endswith("indeed  ")
     assert emb.index(" inc ") + 1 == header.index("source") == fc.index(" inc ") + 1
+
+
+def test_autotune_report_lists_modules_left_in_float(tmp_path):
+    from inc_bridge.report_render import render_html, render_markdown, render_plots
+
+    model = _Mixed().eval()
+    result = ib.autotune(model, lambda q: 1.0, calib_data=_ids(), progress=False)
+    left = {f["name"]: f for f in result.report.float_left}
+    assert set(left) == {"emb", "conv", "experts"}
+    assert left["conv"]["type"] == "Conv1d" and left["conv"]["bytes"] == 32 * 32 * 3 * 4
+    assert left["conv"]["reason"].startswith("unsupported type")
+    md = render_markdown(result.report)
+    total = sum(f["bytes"] for f in left.values())
+    assert f"## Left in high precision (3 modules with weight matrices, {total} bytes)" in md
+    assert "`experts`" in md and "unsupported type: no converter for Conv1d" in md
+    assert "Left in high precision (3 modules" in render_html(result.report, render_plots(result.report))
+    result.report.save(tmp_path)
+    assert ib.Report.load(tmp_path).float_left == result.report.float_left

@@ -205,9 +205,9 @@ def test_metrics_spanning_decades_use_a_log_axis():
 
 def test_newer_schema_version_is_rejected_and_version_1_still_reads(tmp_path):
     data = make_report().to_dict()
-    data["schema_version"] = 3
+    data["schema_version"] = 4
     (tmp_path / "report.json").write_text(json.dumps(data))
-    with pytest.raises(ib.SerializationError, match="schema_version 3"):
+    with pytest.raises(ib.SerializationError, match="schema_version 4"):
         Report.load(tmp_path)
     old = {k: v for k, v in make_report().to_dict().items() if k != "timings"}  # written before timings
     (tmp_path / "report.json").write_text(json.dumps({**old, "schema_version": 1}))

@@ -20,7 +20,7 @@ from .safe_io import MiB, loads_json, read_text, shorten, write_atomic
 MAX_REPORT_BYTES = 64 * MiB  # thousands of trials and layers fit in a few MB
 _T = TypeVar("_T")
 
-REPORT_SCHEMA_VERSION = 2  # 2 added ``timings``; version 1 reports read with none
+REPORT_SCHEMA_VERSION = 3  # 2 added ``timings``, 3 ``float_left``; older reports read with none
 
 
 @dataclass
@@ -75,6 +75,9 @@ class Report:
     # (conversions + evaluations), sensitivity (layer fallback's ranking), finish (final model,
     # per-layer SQNR, report); a resumed run counts only what it did itself
     timings: dict[str, float] = field(default_factory=dict)
+    # every module of the result still holding a float weight matrix (quantizable or not):
+    # {"name", "type", "reason", "bytes"}, as ``conversion_result(model).float_left``
+    float_left: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +90,7 @@ class Report:
         if not isinstance(data, dict):
             raise SerializationError(f"{origin}: malformed report: expected a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if version not in (1, REPORT_SCHEMA_VERSION) or isinstance(version, bool):
+        if version not in (1, 2, REPORT_SCHEMA_VERSION) or isinstance(version, bool):
             raise SerializationError(
                 f"{origin}: report schema_version {shorten(version)} is not supported (this inc_bridge reads "
                 f"{REPORT_SCHEMA_VERSION})"

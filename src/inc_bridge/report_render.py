@@ -185,6 +185,18 @@ def _layers_table(report: Report) -> _Table:
     return _Table(_LAYER_HEADERS, rows, frozenset({7, 8, 9, 10, 11, 12}), classes)
 
 
+def _float_left_table(report: Report) -> _Table:
+    rows = [[_Code(str(f.get("name", "?"))), str(f.get("type", "?")), _value(f.get("bytes")), str(f.get("reason", ""))]
+            for f in report.float_left]
+    return _Table(["Module", "Type", "Bytes", "Why it stays in float"], rows, frozenset({2}), [""] * len(rows))
+
+
+def _float_left_heading(report: Report) -> str:
+    total = sum(f.get("bytes", 0) for f in report.float_left if isinstance(f.get("bytes"), int))
+    n = len(report.float_left)
+    return f"Left in high precision ({n} module{'' if n == 1 else 's'} with weight matrices, {total} bytes)"
+
+
 def _environment(report: Report) -> list[tuple[str, str]]:
     return [(str(key), _value(value)) for key, value in report.environment.items()]
 
@@ -239,6 +251,8 @@ def render_markdown(report: Report) -> str:
     lines += [f"![{_md(title)}]({stem}.svg)" for stem, title in PLOT_TITLES.items()]
     lines += ["", "## Trials", "", *(_md_table(trials) if trials.rows else ["_No trials._"])]
     lines += ["", "## Layers", "", *(_md_table(layers) if layers.rows else ["_No layers._"])]
+    left = _float_left_table(report)
+    lines += ["", f"## {_float_left_heading(report)}", "", *(_md_table(left) if left.rows else ["_None._"])]
     lines += ["", "## Notes", "", *([f"- {_md(note)}" for note in report.notes] or ["_None._"])]
     lines += ["", "## Environment", "", *(_md_items(_environment(report)) or ["_Not recorded._"])]
     return "\n".join(lines) + "\n"
@@ -343,6 +357,7 @@ def render_html(report: Report, plots: dict[str, str]) -> str:
         "<h2>Plots</h2>", *(figures or ['<p class="empty">No plots.</p>']),
         "<h2>Trials</h2>", _html_table(_trials_table(report), "trials", "No trials."),
         "<h2>Layers</h2>", _html_table(_layers_table(report), "layers", "No layers."),
+        f"<h2>{_esc(_float_left_heading(report))}</h2>", _html_table(_float_left_table(report), "float-left", "None."),
         "<h2>Notes</h2>", f"<ul>{notes}</ul>" if notes else '<p class="empty">None.</p>',
         "<h2>Environment</h2>", _html_items(_environment(report), "Not recorded."),
     ]  # fmt: skip

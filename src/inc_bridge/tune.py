@@ -36,6 +36,7 @@ from torch import nn
 from .calibrate import CalibData, calibrate
 from .capture import capture_attention, captured_sites
 from .convert import conversion_result, convert, structural_copy, swapped_in
+from .coverage import float_matrices
 from .errors import CalibrationError, RecipeError
 from .formats import dtype_name
 from .measurements import Measurements
@@ -604,12 +605,14 @@ def _report(work, recipe, measurements, scales, trials, chosen, baseline, thresh
     }
     kind = "absolute" if tol.absolute is not None else "relative"
     value = tol.absolute if tol.absolute is not None else tol.relative
+    float_left = [{"name": f.name, "type": f.module_type, "reason": f.reason, "bytes": f.nbytes}
+                  for f in float_matrices(work, scales.layers, scales.skipped)]
     return Report(
         baseline_metric=baseline, higher_is_better=hib,
         tolerance={"kind": kind, "value": value, "threshold": threshold},
         goal_met=bool(chosen and chosen.within_tolerance), chosen_trial=None if chosen is None else chosen.index,
         trials=trials, layers=rows, environment=environment,
-        final_metric=None if chosen is None else chosen.metric, notes=notes,
+        final_metric=None if chosen is None else chosen.metric, notes=notes, float_left=float_left,
     )
 
 
