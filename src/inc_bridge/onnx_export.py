@@ -188,7 +188,7 @@ def _subclass_weight(module: nn.Module) -> Float8StaticTensor:
 
 @register_onnx_export(QuantizedLinear)
 def _export_quantized_linear(m: QuantizedLinear) -> nn.Module:
-    return OnnxFp8Linear(m.weight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype)
+    return OnnxFp8Linear(m.qweight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype)
 
 
 @register_onnx_export(nn.Linear)
@@ -199,7 +199,7 @@ def _export_subclass_linear(m: nn.Linear) -> nn.Module:
 
 @register_onnx_export(QConv2d)
 def _export_qconv2d(m: QConv2d) -> nn.Module:
-    return OnnxFp8Conv2d(m.weight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype, m)
+    return OnnxFp8Conv2d(m.qweight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype, m)
 
 
 @register_onnx_export(nn.Conv2d)
@@ -210,7 +210,7 @@ def _export_subclass_conv2d(m: nn.Conv2d) -> nn.Module:
 
 @register_onnx_export(QEmbedding)
 def _export_qembedding(m: QEmbedding) -> nn.Module:
-    return OnnxFp8Embedding(m.weight, m.weight_scale, m.dtype, m.padding_idx)
+    return OnnxFp8Embedding(m.qweight, m.weight_scale, m.dtype, m.padding_idx)
 
 
 @register_onnx_export(nn.Embedding)
