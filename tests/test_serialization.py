@@ -82,10 +82,10 @@ def test_round_trip_in_process_with_meta_and_real_skeletons(tmp_path, toy, form,
 
     # the file: FP8 as float8 safetensors dtypes, subclass weights flattened
     header = ser_files.read_header(path / "model.safetensors")
-    weight = "proj.weight.qdata" if form == "subclass" else "proj.weight"
-    assert header[weight]["dtype"] == "float8_e4m3fn"
+    weight = "proj.weight.qdata" if form == "subclass" else "proj.qweight"
+    assert header[weight]["dtype"] == "float8_e4m3fn" and "proj.weight" not in header
     if form == "subclass":
-        assert {"proj.weight.scale", "proj.weight.act_scale"} <= header.keys() and "proj.weight" not in header
+        assert {"proj.weight.scale", "proj.weight.act_scale"} <= header.keys()
     else:
         assert {"proj.weight_scale", "proj.input_scale"} <= header.keys()
     manifest = json.loads((path / "inc_bridge.json").read_text())
