@@ -300,9 +300,9 @@ def _deep(n: int) -> str:
 MANIFEST_CASES = {
     "layers fc is a number": lambda m: m["layers"].update(fc=3),
     "config is a list": lambda m: m["layers"]["fc"].update(config=[]),
-    "shape is a string": lambda m: m["tensors"]["fc.weight"].update(shape="64"),
+    "shape is a string": lambda m: m["tensors"]["fc.qweight"].update(shape="64"),
     "versions is a list": lambda m: m.update(versions=[]),
-    "tensors entry is a number": lambda m: m["tensors"].update({"fc.weight": 1}),
+    "tensors entry is a number": lambda m: m["tensors"].update({"fc.qweight": 1}),
     "aliases to a number": lambda m: m.update(aliases={"x": 1}),
     "fp8_max negative": lambda m: m["layers"]["fc"]["config"].update(fp8_max=-1.0),
     "fp8_max huge": lambda m: m["layers"]["fc"]["config"].update(fp8_max=1e400),

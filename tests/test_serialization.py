@@ -44,7 +44,7 @@ def _run(model: nn.Module, x) -> torch.Tensor:
 
 def _fresh_process(script: str, cwd: Path, timeout: int) -> str:
     """Run ``script`` in a new interpreter (repo importable, no bytecode written); return its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
