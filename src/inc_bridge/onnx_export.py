@@ -141,7 +141,7 @@ class OnnxFp8Conv2d(OnnxTwin):
         super().__init__()
         if input_scale is None:
             raise SerializationError("a conv2d layer without an activation scale cannot be exported")
-        self.register_buffer("weight", qweight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", weight_scale.reshape(-1) if weight_scale.dim() else weight_scale)
         self.register_buffer("input_scale", input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -150,13 +150,19 @@ class OnnxFp8Conv2d(OnnxTwin):
         self.padding_mode = conv.padding_mode
         self.pad = list(conv._reversed_padding_repeated_twice)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the model's dtype, for model code that reads ``.weight`` (ViT
+        casts its pixel values to its dtype); traced only where read."""
+        return dequantize_weight(self.qweight, self.weight_scale, 0, self.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":  # same two steps as nn.Conv2d._conv_forward
             x = F.pad(x, self.pad, mode=self.padding_mode)
             padding = (0, 0)
-        xq = qdq(x, self.input_scale, self.weight.dtype, self.fp8_max)
-        w = dequantize_weight(self.weight, self.weight_scale, 0, self.dtype)
+        xq = qdq(x, self.input_scale, self.qweight.dtype, self.fp8_max)
+        w = dequantize_weight(self.qweight, self.weight_scale, 0, self.dtype)
         return F.conv2d(xq, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
@@ -169,14 +175,19 @@ class OnnxFp8Embedding(OnnxTwin):
 
     def __init__(self, qweight, weight_scale, dtype: torch.dtype, padding_idx: int | None = None) -> None:
         super().__init__()
-        self.register_buffer("weight", qweight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", weight_scale.reshape(-1) if weight_scale.dim() else weight_scale)
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.padding_idx = padding_idx
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table in the model's dtype, for model code that reads ``.weight``."""
+        return dequantize_weight(self.qweight, self.weight_scale, 0, self.dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, dequantize_weight(self.weight, self.weight_scale, 0, self.dtype))
+        return F.embedding(ids, self.weight)
 
 
 def _subclass_weight(module: nn.Module) -> Float8StaticTensor:
