@@ -240,10 +240,10 @@ def test_corrupted_tensor_bytes_and_header(saved):
     data = bytearray(st.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    begin, _ = header["head.weight"]["data_offsets"]
+    begin, _ = header["head.qweight"]["data_offsets"]  # module form: the FP8 data
     data[8 + n + begin] ^= 0x5A
     st.write_bytes(bytes(data))
-    _assert_load_fails(ToyNet(), saved, str(st), "'head.weight'", "checksum mismatch")
+    _assert_load_fails(ToyNet(), saved, str(st), "'head.qweight'", "checksum mismatch")
     data[8:12] = b"@@@@"
     st.write_bytes(bytes(data))
     _assert_load_fails(ToyNet(), saved, str(st), "corrupted safetensors header")
