@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -68,7 +70,7 @@ class Fp8Module(nn.Module):
     _fixed_dtype_buffers: tuple[str, ...] = ("qweight", "weight_scale", "input_scale")
     # The float layer's tensors this layer holds under another name. State dicts and saved
     # directories written before the rename hold them under the float name; loading reads both.
-    renamed_tensors: dict[str, str] = {"weight": "qweight"}
+    renamed_tensors: Mapping[str, str] = MappingProxyType({"weight": "qweight"})
 
     @property
     def weight(self) -> Float8StaticTensor:
