@@ -29,8 +29,10 @@ def test_subclass_form_keeps_structure_and_module_form_swaps():
     assert qsub.proj.weight.qdata.dtype == torch.float8_e4m3fn and qsub.proj.weight.shape == model.proj.weight.shape
     assert type(qmod.proj) is QuantizedLinear and type(qmod.conv1) is QConv2d
     sd = qmod.state_dict()
-    assert {"proj.weight", "proj.weight_scale", "proj.input_scale", "proj.bias"} <= sd.keys()
-    assert sd["proj.weight"].dtype == torch.float8_e4m3fn
+    assert {"proj.qweight", "proj.weight_scale", "proj.input_scale", "proj.bias"} <= sd.keys()
+    assert "proj.weight" not in sd and sd["proj.qweight"].dtype == torch.float8_e4m3fn
+    # model code reading .weight sees the float layer's dtype and shape
+    assert qmod.proj.weight.dtype == torch.float32 and qmod.proj.weight.shape == model.proj.weight.shape
     assert "in_features=6, out_features=16" in repr(qmod.proj) and "input_scale=" in repr(qmod.proj)
     assert "groups=2" in repr(qmod.conv1)
     # the caller's model is a float model still
@@ -242,7 +244,7 @@ def test_formats_and_target_ranges(fmt, target, expected_max):
     batches = [torch.randn(4, 32) * 1000]
     qmodel = ib.quantize(model, batches, recipe, form="module")
     assert qmodel.fc1.fp8_max == expected_max
-    assert qmodel.fc1.weight.dtype == (torch.float8_e5m2 if fmt == "e5m2" else torch.float8_e4m3fn)
+    assert qmodel.fc1.qweight.dtype == (torch.float8_e5m2 if fmt == "e5m2" else torch.float8_e4m3fn)
     # activations far beyond the calibrated range saturate at the target's range instead of overflowing
     x = torch.randn(4, 32) * 1e6
     qsub = ib.quantize(model, batches, recipe)
@@ -255,7 +257,7 @@ def test_weight_bytes_are_one_byte():
     qmodel = ib.convert(model, _scales(model), form="module")
     for name in ("proj", "conv1"):
         q, f = getattr(qmodel, name), getattr(model, name)
-        assert q.weight.element_size() == 1 and q.weight.numel() == f.weight.numel()
+        assert q.qweight.element_size() == 1 and q.qweight.numel() == f.weight.numel()
 
 
 def test_unit_scale():
@@ -284,7 +286,7 @@ def test_embedding_weight_only(granularity, dtype):
     scales = ib.compute_scales(ib.calibrate(model, ids, recipe), recipe, model=model)
     assert scales["emb"].input_scale is None
     qsub, qmod = ib.convert(model, scales), ib.convert(model, scales, form="module")
-    assert type(qmod.emb).__name__ == "QEmbedding" and qmod.emb.weight.dtype == torch.float8_e4m3fn
+    assert type(qmod.emb).__name__ == "QEmbedding" and qmod.emb.qweight.dtype == torch.float8_e4m3fn
     # independent reference: dequantize the whole table, then look up
     w = model.emb.weight.detach()
     s = scales["emb"].weight_scale.float().reshape(-1, 1) if granularity == "per_channel" else scales["emb"].weight_scale.float()
@@ -316,16 +318,14 @@ def test_dtype_casts_keep_fp8_data(form):
     x = toy_batches(1, seed=4)[0]
     expected = qmodel(x)
     qmodel.float()  # a no-op cast: FP8 data, scales and outputs unchanged
-    weight = qmodel.proj.weight
-    data = weight.qdata if form == "subclass" else weight
+    data = qmodel.proj.weight.qdata if form == "subclass" else qmodel.proj.qweight
     assert data.dtype == torch.float8_e4m3fn and torch.equal(qmodel(x), expected)
     qmodel.to(torch.bfloat16)  # now computes in bf16, weights stay FP8
-    data = qmodel.proj.weight.qdata if form == "subclass" else qmodel.proj.weight
+    data = qmodel.proj.weight.qdata if form == "subclass" else qmodel.proj.qweight
     assert data.dtype == torch.float8_e4m3fn
     if form == "module":
         assert qmodel.proj.weight_scale.dtype == torch.float32 and qmodel.proj.dtype == torch.bfloat16
-    else:
-        assert qmodel.proj.weight.dtype == torch.bfloat16 and qmodel.proj.weight.scale.dtype == torch.float32
+    assert qmodel.proj.weight.dtype == torch.bfloat16 and qmodel.proj.weight.scale.dtype == torch.float32
     y = qmodel(x.to(torch.bfloat16))
     assert y.dtype == torch.bfloat16
     assert torch.nn.functional.cosine_similarity(y.float().flatten(), expected.flatten(), dim=0) > 0.99

@@ -51,7 +51,7 @@ def test_linear_weight_bytes_at_most_051_of_bf16(minilm):
     qmod = ib.convert(model, scales, form="module")
     qsub = ib.convert(model, scales, form="subclass")
     mod_bytes = sum(
-        m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * 4 + m.input_scale.numel() * 4
+        m.qweight.numel() * m.qweight.element_size() + m.weight_scale.numel() * 4 + m.input_scale.numel() * 4
         for m in qmod.modules() if isinstance(m, ib.nn.QuantizedLinear)
     )
     sub_bytes = sum(

@@ -432,7 +432,7 @@ def test_embedding_export(tmp_path, form, granularity):
     proto = onnx.load(str(path))
     _assert_qdq_structure(proto, n_layers=2, fp8_type=onnx.TensorProto.FLOAT8E4M3FN)
     # ONNX's Gather takes no FP8: the table is dequantized (per row: axis 0), then rows are gathered
-    (dq,) = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "emb.weight"]
+    (dq,) = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "emb.qweight"]
     axis = [a.i for a in dq.attribute if a.name == "axis"]
     assert axis == ([0] if granularity == "per_channel" else [])
     assert [n.op_type for n in proto.graph.node if dq.output[0] in n.input] == ["Gather"]
@@ -564,3 +564,26 @@ def test_cli_export_onnx_of_a_model_saved_with_quantized_attention(tmp_path, cap
     with torch.no_grad():
         ref = qmodel(x)
     assert (_ort_run(_session(out), x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_vit_export_casts_pixel_values_to_the_model_dtype(tmp_path, form):
+    """ViT casts its pixel values to ``projection.weight.dtype``: the export twin's ``.weight`` reads
+    in the model's dtype (an FP8 ``weight`` buffer made the export fail in the patch embedding)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                    image_size=32, patch_size=8)
+    vit = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    meas = ib.calibrate(vit, [{"pixel_values": torch.randn(2, 3, 32, 32)} for _ in range(2)])
+    qmodel = ib.convert(vit, ib.compute_scales(meas, model=vit), form=form, backend="emulated")
+    path = ib.export_onnx(qmodel, {"pixel_values": torch.randn(2, 3, 32, 32)}, tmp_path / "vit.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    probe = _Probe(path)
+    x = {"pixel_values": torch.randn(3, 3, 32, 32)}
+    out, values = probe.run(x)
+    probe.assert_fp8_ops_exact(values, torch.float8_e4m3fn, 448.0)
+    torch_inputs = _qdq_inputs(qmodel, x)
+    ref = torch_inputs["<output>"].last_hidden_state
+    flips = _rounding_flips(probe, values, torch_inputs, torch.float8_e4m3fn, 448.0)
+    err, scale = (out - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= (1e-5 if flips == 0 else 5e-2) * scale

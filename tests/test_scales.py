@@ -165,7 +165,7 @@ def test_per_layer_overrides():
     assert scales["2"].format.value == "e5m2" and scales["2"].weight_scale.shape == (2,)
     assert torch.equal(scales["2"].weight_scale, torch.exp2(torch.ceil(torch.log2(scales["2"].weight_scale))))
     qmodel = ib.convert(model, scales, form="module")
-    assert qmodel[2].weight.dtype == torch.float8_e5m2 and qmodel[0].weight.dtype == torch.float8_e4m3fn
+    assert qmodel[2].qweight.dtype == torch.float8_e5m2 and qmodel[0].qweight.dtype == torch.float8_e4m3fn
 
 
 def test_remembered_scales_follow_the_weights_and_settings():
@@ -215,11 +215,11 @@ def test_converted_models_own_their_fp8_weights():
     scratch = structural_copy(model)
     with weight_memo():  # as in autotune's run
         with swapped_in(scratch, scales, form="module") as trial:  # remembers the FP8 weight...
-            remembered = trial[0].weight
+            remembered = trial[0].qweight
         first = ib.convert(model, scales, form="module")  # ...and hands it over here
         second = ib.convert(model, scales, form="module")
-    assert first[0].weight is remembered and second[0].weight.data_ptr() != first[0].weight.data_ptr()
+    assert first[0].qweight is remembered and second[0].qweight.data_ptr() != first[0].qweight.data_ptr()
     x = torch.randn(3, 8)
     expected = second(x)
-    first.load_state_dict({**first.state_dict(), "0.weight": torch.zeros_like(first[0].weight)})
+    first.load_state_dict({**first.state_dict(), "0.qweight": torch.zeros_like(first[0].qweight)})
     assert torch.equal(second(x), expected)

@@ -240,8 +240,8 @@ def test_float8_static_tensor_refuses_parts_that_do_not_fit():
 @pytest.mark.parametrize("key,value", [
     ("fc.weight_scale", torch.tensor(1, dtype=torch.int32)),
     ("fc.weight_scale", torch.empty(0)),
-    ("fc.weight", torch.zeros(64, 8)),
-    ("fc.weight", torch.zeros(64, 8, dtype=torch.float8_e5m2)),
+    ("fc.qweight", torch.zeros(64, 8)),
+    ("fc.qweight", torch.zeros(64, 8, dtype=torch.float8_e5m2)),
     ("fc.input_scale", torch.tensor(float("nan"))),
     ("fc.input_scale", torch.tensor(-1.0)),
 ])
@@ -300,9 +300,9 @@ def _deep(n: int) -> str:
 MANIFEST_CASES = {
     "layers fc is a number": lambda m: m["layers"].update(fc=3),
     "config is a list": lambda m: m["layers"]["fc"].update(config=[]),
-    "shape is a string": lambda m: m["tensors"]["fc.weight"].update(shape="64"),
+    "shape is a string": lambda m: m["tensors"]["fc.qweight"].update(shape="64"),
     "versions is a list": lambda m: m.update(versions=[]),
-    "tensors entry is a number": lambda m: m["tensors"].update({"fc.weight": 1}),
+    "tensors entry is a number": lambda m: m["tensors"].update({"fc.qweight": 1}),
     "aliases to a number": lambda m: m.update(aliases={"x": 1}),
     "fp8_max negative": lambda m: m["layers"]["fc"]["config"].update(fp8_max=-1.0),
     "fp8_max huge": lambda m: m["layers"]["fc"]["config"].update(fp8_max=1e400),
@@ -368,7 +368,7 @@ def test_property_crafted_weights_through_torch_load_and_module_state_dict(qdata
     # module form: the same tensors as a QuantizedLinear's buffers
     q = ib.nn.QuantizedLinear(8, 64, False, fp8_dtype=E4M3, fp8_max=448.0, dtype=torch.float32, backend=CPU)
     before = _state(q)
-    sd = {"weight": qdata, "weight_scale": scale, "input_scale": torch.tensor(1.0) if act is None else act}
+    sd = {"qweight": qdata, "weight_scale": scale, "input_scale": torch.tensor(1.0) if act is None else act}
     try:
         q.load_state_dict(sd, assign=True)
     except IncBridgeError:

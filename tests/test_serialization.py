@@ -44,7 +44,7 @@ def _run(model: nn.Module, x) -> torch.Tensor:
 
 def _fresh_process(script: str, cwd: Path, timeout: int) -> str:
     """Run ``script`` in a new interpreter (repo importable, no bytecode written); return its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -82,10 +82,10 @@ def test_round_trip_in_process_with_meta_and_real_skeletons(tmp_path, toy, form,
 
     # the file: FP8 as float8 safetensors dtypes, subclass weights flattened
     header = ser_files.read_header(path / "model.safetensors")
-    weight = "proj.weight.qdata" if form == "subclass" else "proj.weight"
-    assert header[weight]["dtype"] == "float8_e4m3fn"
+    weight = "proj.weight.qdata" if form == "subclass" else "proj.qweight"
+    assert header[weight]["dtype"] == "float8_e4m3fn" and "proj.weight" not in header
     if form == "subclass":
-        assert {"proj.weight.scale", "proj.weight.act_scale"} <= header.keys() and "proj.weight" not in header
+        assert {"proj.weight.scale", "proj.weight.act_scale"} <= header.keys()
     else:
         assert {"proj.weight_scale", "proj.input_scale"} <= header.keys()
     manifest = json.loads((path / "inc_bridge.json").read_text())
@@ -240,10 +240,10 @@ def test_corrupted_tensor_bytes_and_header(saved):
     data = bytearray(st.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    begin, _ = header["head.weight"]["data_offsets"]
+    begin, _ = header["head.qweight"]["data_offsets"]  # module form: the FP8 data
     data[8 + n + begin] ^= 0x5A
     st.write_bytes(bytes(data))
-    _assert_load_fails(ToyNet(), saved, str(st), "'head.weight'", "checksum mismatch")
+    _assert_load_fails(ToyNet(), saved, str(st), "'head.qweight'", "checksum mismatch")
     data[8:12] = b"@@@@"
     st.write_bytes(bytes(data))
     _assert_load_fails(ToyNet(), saved, str(st), "corrupted safetensors header")

@@ -141,7 +141,7 @@ class OnnxFp8Conv2d(OnnxTwin):
         super().__init__()
         if input_scale is None:
             raise SerializationError("a conv2d layer without an activation scale cannot be exported")
-        self.register_buffer("weight", qweight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", weight_scale.reshape(-1) if weight_scale.dim() else weight_scale)
         self.register_buffer("input_scale", input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -150,13 +150,19 @@ class OnnxFp8Conv2d(OnnxTwin):
         self.padding_mode = conv.padding_mode
         self.pad = list(conv._reversed_padding_repeated_twice)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the model's dtype, for model code that reads ``.weight`` (ViT
+        casts its pixel values to its dtype); traced only where read."""
+        return dequantize_weight(self.qweight, self.weight_scale, 0, self.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":  # same two steps as nn.Conv2d._conv_forward
             x = F.pad(x, self.pad, mode=self.padding_mode)
             padding = (0, 0)
-        xq = qdq(x, self.input_scale, self.weight.dtype, self.fp8_max)
-        w = dequantize_weight(self.weight, self.weight_scale, 0, self.dtype)
+        xq = qdq(x, self.input_scale, self.qweight.dtype, self.fp8_max)
+        w = dequantize_weight(self.qweight, self.weight_scale, 0, self.dtype)
         return F.conv2d(xq, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
@@ -169,14 +175,19 @@ class OnnxFp8Embedding(OnnxTwin):
 
     def __init__(self, qweight, weight_scale, dtype: torch.dtype, padding_idx: int | None = None) -> None:
         super().__init__()
-        self.register_buffer("weight", qweight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", weight_scale.reshape(-1) if weight_scale.dim() else weight_scale)
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.padding_idx = padding_idx
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table in the model's dtype, for model code that reads ``.weight``."""
+        return dequantize_weight(self.qweight, self.weight_scale, 0, self.dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, dequantize_weight(self.weight, self.weight_scale, 0, self.dtype))
+        return F.embedding(ids, self.weight)
 
 
 def _subclass_weight(module: nn.Module) -> Float8StaticTensor:
@@ -188,7 +199,7 @@ def _subclass_weight(module: nn.Module) -> Float8StaticTensor:
 
 @register_onnx_export(QuantizedLinear)
 def _export_quantized_linear(m: QuantizedLinear) -> nn.Module:
-    return OnnxFp8Linear(m.weight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype)
+    return OnnxFp8Linear(m.qweight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype)
 
 
 @register_onnx_export(nn.Linear)
@@ -199,7 +210,7 @@ def _export_subclass_linear(m: nn.Linear) -> nn.Module:
 
 @register_onnx_export(QConv2d)
 def _export_qconv2d(m: QConv2d) -> nn.Module:
-    return OnnxFp8Conv2d(m.weight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype, m)
+    return OnnxFp8Conv2d(m.qweight, m.weight_scale, m.input_scale, m.bias, m.fp8_max, m.dtype, m)
 
 
 @register_onnx_export(nn.Conv2d)
@@ -210,7 +221,7 @@ def _export_subclass_conv2d(m: nn.Conv2d) -> nn.Module:
 
 @register_onnx_export(QEmbedding)
 def _export_qembedding(m: QEmbedding) -> nn.Module:
-    return OnnxFp8Embedding(m.weight, m.weight_scale, m.dtype, m.padding_idx)
+    return OnnxFp8Embedding(m.qweight, m.weight_scale, m.dtype, m.padding_idx)
 
 
 @register_onnx_export(nn.Embedding)

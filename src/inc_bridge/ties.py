@@ -6,7 +6,7 @@ copies (twice the memory, and a model that is no longer tied for anyone who save
 it). The weight's FP8 data and scale depend only on the weight and the weight settings, so the
 copies are equal and one of them can serve every layer:
 
-* module form: the layers' ``weight`` and ``weight_scale`` buffers become the same tensors (each
+* module form: the layers' ``qweight`` and ``weight_scale`` buffers become the same tensors (each
   layer keeps its own ``input_scale``);
 * subclass form: the layers hold the same ``Float8StaticTensor`` parameter. It carries the static
   activation scale of the layer that quantizes its input (a weight-only embedding ignores it); two
@@ -50,10 +50,10 @@ def retie(groups: list[list[str]], get: Callable[[str], nn.Module]) -> None:
     """
     for group in groups:
         layers = [get(name) for name in group]
-        if all(isinstance(m.weight, Float8StaticTensor) for m in layers):
-            _retie_subclass(group, layers)
-        elif all(isinstance(m._buffers.get("weight"), torch.Tensor) for m in layers):
+        if all(isinstance(m._buffers.get("qweight"), torch.Tensor) for m in layers):
             _retie_module(group, layers)
+        elif all(isinstance(m._parameters.get("weight"), Float8StaticTensor) for m in layers):
+            _retie_subclass(group, layers)
         else:
             raise ConversionError(f"layers {group} share one weight but were converted to different forms")
 
@@ -69,10 +69,10 @@ def _check_same(group: list[str], pieces: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def _retie_module(group: list[str], layers: list[nn.Module]) -> None:
-    _check_same(group, [(m.weight, m.weight_scale) for m in layers])
+    _check_same(group, [(m.qweight, m.weight_scale) for m in layers])
     first = layers[0]
     for m in layers[1:]:
-        m._buffers["weight"] = first.weight
+        m._buffers["qweight"] = first.qweight
         m._buffers["weight_scale"] = first.weight_scale
 
 

@@ -1,7 +1,10 @@
-"""Behaviour every quantized module shares: dtype casts never touch FP8 data or scales."""
+"""Behaviour every quantized module shares: dtype casts never touch FP8 data or scales, and
+``.weight`` reads as the model's dtype while the FP8 data lives in ``qweight``."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -12,6 +15,7 @@ from ..formats import dtype_from_name
 from ..fp8_checks import FP8_FORMATS, check_fp8_max, check_hp_dtype, check_scale_values
 from ..safe_io import shorten
 from ..sharing import tensors_shared
+from ..tensor import Float8StaticTensor
 
 # What each constructor argument found in a saved config must be (a file can hold any JSON).
 _COUNTS = ("in_features", "out_features", "in_channels", "out_channels", "num_embeddings", "embedding_dim")
@@ -52,12 +56,38 @@ class Fp8Module(nn.Module):
     which would silently turn an FP8 weight into a float one. Here the FP8 buffers and the fp32
     scales keep their dtype (they still move with ``.to(device)``); the cast changes only the
     dtype the layer computes in (``self.dtype``) and its bias.
+
+    Model code reads ``layer.weight`` for its dtype (ViT and T5 cast their inputs to it) or hands
+    it to fused kernels (``nn.TransformerEncoderLayer``'s fast path). So the FP8 data is stored as
+    ``qweight`` and ``weight`` is a read-only ``Float8StaticTensor`` view of this layer's own
+    tensors: its dtype is the model's, ops on it run this layer's kernels, and as a tensor
+    subclass it makes PyTorch's fused fast paths step aside.
     """
 
     dtype: torch.dtype
-    _fixed_dtype_buffers: tuple[str, ...] = ("weight", "weight_scale", "input_scale")
+    fp8_max: float
+    backend: str
+    _fixed_dtype_buffers: tuple[str, ...] = ("qweight", "weight_scale", "input_scale")
+    # The float layer's tensors this layer holds under another name. State dicts and saved
+    # directories written before the rename hold them under the float name; loading reads both.
+    renamed_tensors: Mapping[str, str] = MappingProxyType({"weight": "qweight"})
+
+    @property
+    def weight(self) -> Float8StaticTensor:
+        """This layer's weight as model code expects it (built on access, sharing the buffers)."""
+        qweight = self._buffers.get("qweight")
+        if qweight is None:
+            raise AttributeError(f"{type(self).__name__} has no weight")
+        return Float8StaticTensor(qweight, self.weight_scale, self.fp8_max, self.backend, self.dtype,
+                                  act_scale=self._buffers.get("input_scale"))
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight" and "qweight" in self.__dict__.get("_buffers", {}):
+            # Re-tying (``head.weight = emb.weight``) or replacing the weight would bypass the scales.
+            raise ConversionError(
+                f"{type(self).__name__}.weight is read-only (a view of qweight, weight_scale and input_scale); "
+                "assign qweight and weight_scale, or build a new layer with from_float"
+            )
         # A scale or FP8 weight replaced by one of another dtype or shape would reach the kernels
         # (and the C code behind the cpu backend) with sizes they do not expect.
         old = self.__dict__.get("_buffers", {}).get(name)
@@ -72,7 +102,16 @@ class Fp8Module(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
         """``load_state_dict``: FP8 weights and scales must match this layer's dtype and shape, scales
-        must be finite and positive; checked before torch assigns or copies anything of this layer."""
+        must be finite and positive; checked before torch assigns or copies anything of this layer.
+
+        A state_dict saved before the FP8 data moved to ``qweight`` holds it under ``weight``; that
+        key is read as ``qweight`` (torch hands each module a copy of the caller's dict).
+        """
+        given = {name: prefix + name for name in self._fixed_dtype_buffers}
+        for old_name, name in self.renamed_tensors.items():
+            if name in self._buffers and prefix + old_name in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + old_name)
+                given[name] = prefix + old_name  # errors name the key the caller gave
         for name in self._fixed_dtype_buffers:
             key, old = prefix + name, self._buffers.get(name)
             if key not in state_dict or old is None:
@@ -81,16 +120,17 @@ class Fp8Module(nn.Module):
             if not isinstance(value, torch.Tensor) or value.dtype != old.dtype or value.shape != old.shape:
                 got = f"{value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
                 raise SerializationError(
-                    f"state_dict[{key!r}]: {got} does not fit {type(self).__name__}.{name} ({old.dtype}{list(old.shape)})"
+                    f"state_dict[{given[name]!r}]: {got} does not fit {type(self).__name__}.{name} "
+                    f"({old.dtype}{list(old.shape)})"
                 )
-            if name != "weight":
+            if name != "qweight":
                 check_scale_values(value, where=f"state_dict[{key!r}]", error=SerializationError)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def scale_buffers(self) -> dict[str, torch.Tensor]:
         """This layer's fp32 scale buffers by name (everything fixed-dtype but the FP8 weight)."""
-        return {n: self._buffers[n] for n in self._fixed_dtype_buffers if n != "weight" and self._buffers.get(n) is not None}
+        return {n: self._buffers[n] for n in self._fixed_dtype_buffers if n != "qweight" and self._buffers.get(n) is not None}
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         fixed = {n: b for n, b in self._buffers.items() if n in self._fixed_dtype_buffers and b is not None}
@@ -106,9 +146,9 @@ class Fp8Module(nn.Module):
 
     def _register_fp8_weight(self, shape: tuple[int, ...], fp8_dtype: torch.dtype, per_channel: bool,
                              device: torch.device | str | None) -> None:
-        """Zero FP8 ``weight`` and a unit fp32 ``weight_scale``: 0-d, or one per output row shaped
+        """Zero FP8 ``qweight`` and a unit fp32 ``weight_scale``: 0-d, or one per output row shaped
         to broadcast over the weight ([rows, 1, ...])."""
-        self.register_buffer("weight", torch.zeros(shape, dtype=fp8_dtype, device=device))
+        self.register_buffer("qweight", torch.zeros(shape, dtype=fp8_dtype, device=device))
         scale_shape = (shape[0],) + (1,) * (len(shape) - 1) if per_channel else ()
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
 

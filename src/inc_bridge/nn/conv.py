@@ -17,8 +17,9 @@ from ._fp8_module import Fp8Module
 class QConv2d(Fp8Module):
     """A Conv2d layer with an FP8 weight and a static FP8 activation scale.
 
-    Buffers: ``weight`` (FP8, [out, in/groups, kh, kw]), ``weight_scale`` (fp32, 0-d or
-    [out, 1, 1, 1]), ``input_scale`` (fp32, 0-d); ``bias`` stays in the model's dtype. Stride,
+    Buffers: ``qweight`` (FP8, [out, in/groups, kh, kw]), ``weight_scale`` (fp32, 0-d or
+    [out, 1, 1, 1]), ``input_scale`` (fp32, 0-d); ``bias`` stays in the model's dtype; ``weight``
+    reads as a ``Float8StaticTensor`` in the model's dtype (see ``Fp8Module``). Stride,
     padding (including string padding and non-zero padding modes), dilation and groups follow
     ``nn.Conv2d``.
     """
@@ -84,7 +85,7 @@ class QConv2d(Fp8Module):
             device="meta",
         )
         q._reversed_padding_repeated_twice = list(module._reversed_padding_repeated_twice)
-        q.weight = qweight
+        q.qweight = qweight
         q.weight_scale = weight_scale
         q.input_scale = scales.activation_scale().to(qweight.device)
         if module.bias is not None:
@@ -103,7 +104,7 @@ class QConv2d(Fp8Module):
             "groups": self.groups,
             "bias": self.bias is not None,
             "padding_mode": self.padding_mode,
-            "fp8_dtype": dtype_name(self.weight.dtype),
+            "fp8_dtype": dtype_name(self.qweight.dtype),
             "fp8_max": self.fp8_max,
             "dtype": dtype_name(self.dtype),
             "per_channel": self.weight_scale.dim() > 0,
@@ -112,7 +113,7 @@ class QConv2d(Fp8Module):
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: torch.device | str | None = None) -> QConv2d:
-        """An empty module (zero weight, unit scales) shaped by ``quant_config()``'s output.
+        """An empty module (zero FP8 data, unit scales) shaped by ``quant_config()``'s output.
 
         ``device="meta"`` allocates nothing; ``inc_bridge.load`` fills the tensors afterwards.
         """
@@ -127,13 +128,13 @@ class QConv2d(Fp8Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = get_kernel("conv2d", self.backend)
-        params = Fp8Params(self.weight.dtype, self.fp8_max, self.dtype)
+        params = Fp8Params(self.qweight.dtype, self.fp8_max, self.dtype)
         padding: tuple[int, int] | str = self.padding
         if self.padding_mode != "zeros":  # same two steps as nn.Conv2d._conv_forward
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
         return kernel(
-            x, self.weight, self.weight_scale, self.input_scale, self.bias, params,
+            x, self.qweight, self.weight_scale, self.input_scale, self.bias, params,
             self.stride, padding, self.dilation, self.groups,
         )
 
@@ -146,6 +147,6 @@ class QConv2d(Fp8Module):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
         return (
-            f"{s}, fp8={dtype_name(self.weight.dtype)}, weight={gran}, input_scale={float(self.input_scale):.6g}, "
+            f"{s}, fp8={dtype_name(self.qweight.dtype)}, weight={gran}, input_scale={float(self.input_scale):.6g}, "
             f"dtype={dtype_name(self.dtype)}, backend={self.backend}"
         )

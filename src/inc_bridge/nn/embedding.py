@@ -17,8 +17,9 @@ from ._fp8_module import Fp8Module
 class QEmbedding(Fp8Module):
     """An embedding table stored in FP8; looked-up rows are dequantized to the model's dtype.
 
-    Buffers: ``weight`` (FP8, [num_embeddings, embedding_dim]) and ``weight_scale`` (fp32, 0-d or
+    Buffers: ``qweight`` (FP8, [num_embeddings, embedding_dim]) and ``weight_scale`` (fp32, 0-d or
     [num_embeddings, 1], one scale per row). There is no activation scale: the input is integer ids.
+    ``weight`` reads as a weight-only ``Float8StaticTensor`` in the model's dtype (see ``Fp8Module``).
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class QEmbedding(Fp8Module):
             backend=backend,
             device="meta",
         )
-        q.weight = qweight
+        q.qweight = qweight
         q.weight_scale = weight_scale
         return q
 
@@ -69,7 +70,7 @@ class QEmbedding(Fp8Module):
             "num_embeddings": self.num_embeddings,
             "embedding_dim": self.embedding_dim,
             "padding_idx": self.padding_idx,
-            "fp8_dtype": dtype_name(self.weight.dtype),
+            "fp8_dtype": dtype_name(self.qweight.dtype),
             "fp8_max": self.fp8_max,
             "dtype": dtype_name(self.dtype),
             "per_channel": self.weight_scale.dim() > 0,
@@ -79,12 +80,12 @@ class QEmbedding(Fp8Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         kernel = get_kernel("embedding", self.backend)
-        return kernel(ids, self.weight, self.weight_scale, Fp8Params(self.weight.dtype, self.fp8_max, self.dtype))
+        return kernel(ids, self.qweight, self.weight_scale, Fp8Params(self.qweight.dtype, self.fp8_max, self.dtype))
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.weight_scale.dim() else "per_tensor"
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return (
-            f"{self.num_embeddings}, {self.embedding_dim}{pad}, fp8={dtype_name(self.weight.dtype)}, "
+            f"{self.num_embeddings}, {self.embedding_dim}{pad}, fp8={dtype_name(self.qweight.dtype)}, "
             f"weight={gran}, dtype={dtype_name(self.dtype)}, backend={self.backend}"
         )

@@ -16,8 +16,9 @@ from ._fp8_module import Fp8Module
 class QuantizedLinear(Fp8Module):
     """A Linear layer with an FP8 weight and a static FP8 activation scale.
 
-    Buffers (all in ``state_dict()``): ``weight`` (FP8, [out, in]), ``weight_scale`` (fp32, 0-d or
-    [out, 1]), ``input_scale`` (fp32, 0-d). ``bias`` stays in the model's dtype.
+    Buffers (all in ``state_dict()``): ``qweight`` (FP8, [out, in]), ``weight_scale`` (fp32, 0-d or
+    [out, 1]), ``input_scale`` (fp32, 0-d). ``bias`` stays in the model's dtype. ``weight`` reads
+    as a ``Float8StaticTensor`` in the model's dtype (see ``Fp8Module``).
 
     Example:
         >>> q = QuantizedLinear.from_float(nn.Linear(4, 8), layer_scales)   # doctest: +SKIP
@@ -63,7 +64,7 @@ class QuantizedLinear(Fp8Module):
             backend=backend,
             device="meta",
         )
-        q.weight = qweight
+        q.qweight = qweight
         q.weight_scale = weight_scale
         q.input_scale = scales.activation_scale().to(qweight.device)
         if module.bias is not None:
@@ -76,7 +77,7 @@ class QuantizedLinear(Fp8Module):
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.bias is not None,
-            "fp8_dtype": dtype_name(self.weight.dtype),
+            "fp8_dtype": dtype_name(self.qweight.dtype),
             "fp8_max": self.fp8_max,
             "dtype": dtype_name(self.dtype),
             "per_channel": self.weight_scale.dim() > 0,
@@ -86,13 +87,13 @@ class QuantizedLinear(Fp8Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = get_kernel("linear", self.backend)
-        params = Fp8Params(self.weight.dtype, self.fp8_max, self.dtype)
-        return kernel(x, self.weight, self.weight_scale, self.input_scale, self.bias, params)
+        params = Fp8Params(self.qweight.dtype, self.fp8_max, self.dtype)
+        return kernel(x, self.qweight, self.weight_scale, self.input_scale, self.bias, params)
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.weight_scale.dim() else "per_tensor"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"fp8={dtype_name(self.weight.dtype)}, weight={gran}, input_scale={float(self.input_scale):.6g}, "
+            f"fp8={dtype_name(self.qweight.dtype)}, weight={gran}, input_scale={float(self.input_scale):.6g}, "
             f"dtype={dtype_name(self.dtype)}, backend={self.backend}"
         )

@@ -179,6 +179,7 @@ class _Plan:
                 new = cls.from_config(config, device="meta")
             except Exception as exc:  # a config this version cannot build is a file problem
                 raise SerializationError(f"{self.manifest_path}: layer {name!r}: cannot build {cls.__name__} from {config}: {exc}") from None
+            self._read_renamed(name, new)
             self._check_replaces(name, target, new, cls.__name__)
             extra = self._fill(name, new, allow_extra=False)
             for local, t in (new.scale_buffers() if isinstance(new, Fp8Module) else {}).items():
@@ -224,12 +225,22 @@ class _Plan:
         self.consumed |= {prefix + n for n in extra}
         return extra
 
+    def _read_renamed(self, name: str, new: nn.Module) -> None:
+        """A directory saved before a module-form layer renamed a tensor (FP8 ``weight`` → ``qweight``)
+        holds it under the old name: read it under the new one. The format version is unchanged, as
+        both spellings load."""
+        for old_local, local in getattr(new, "renamed_tensors", {}).items():
+            old_full, full = f"{name}.{old_local}", f"{name}.{local}"
+            if old_full in self.tensors and full not in self.tensors:
+                self.tensors[full] = self.tensors.pop(old_full)
+
     def _check_replaces(self, name: str, target: nn.Module, new: nn.Module, cls_name: str) -> None:
         """The skeleton's float module must have the saved layer's tensors, shape for shape."""
         new_slots = _slots(new)
+        renamed = getattr(new, "renamed_tensors", {})
         for local, (_, _, old) in _slots(target).items():
             full = f"{name}.{local}"
-            got = new_slots.get(local)
+            got = new_slots.get(renamed.get(local, local))
             if got is None:
                 raise SerializationError(
                     f"{self.tensors_path}: layer {name!r}: the skeleton's {type(target).__name__} has tensor {full!r}, "
