@@ -19,3 +19,12 @@ def test_security_page_names_existing_tests():
             if f"def {name}(" not in (REPO / current).read_text(encoding="utf-8"):
                 missing.append(f"{current}::{name}")
     assert named >= 40 and missing == []
+
+
+def test_quickstart_runs_as_written(tmp_path, monkeypatch):
+    """docs/quickstart.md's code blocks form one script; its asserts are the page's claims."""
+    doc = (REPO / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    script = "\n".join(re.findall(r"```python\n(.*?)```", doc, flags=re.S))
+    assert "ib.quantize" in script
+    monkeypatch.chdir(tmp_path)
+    exec(compile(script, "docs/quickstart.md", "exec"), {"__name__": "quickstart"})
