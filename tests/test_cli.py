@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -33,7 +35,8 @@ def test_inspect_recipe_measurements_and_dump(tmp_path, capsys):
     for target in (tmp_path / "meas.json", tmp_path / "dump"):
         assert main(["inspect", str(target)]) == 0
         out = capsys.readouterr().out
-        assert "1 layers" in out and "input amax 1" in out
+        assert out.startswith("1 layer; ") and "input amax" in out
+        assert re.search(r"^  0 +linear +\S+ +1 +", out, re.M), out  # layer 0's input amax is 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("nope: 1\n")
     assert main(["inspect", str(bad)]) == 2
