@@ -358,3 +358,20 @@ def test_autotune_report_lists_modules_left_in_float(tmp_path):
     assert "Left in high precision (3 modules" in render_html(result.report, render_plots(result.report))
     result.report.save(tmp_path)
     assert ib.Report.load(tmp_path).float_left == result.report.float_left
+
+
+@pytest.mark.parametrize("form", ["subclass", "module"])
+def test_tied_weights_export_once_to_onnx(tmp_path, form):
+    onnx = pytest.importorskip("onnx")
+    q = ib.quantize(_Tied().eval(), _ids(), ib.Recipe.model_validate(_BOTH), form=form)
+    path = ib.export_onnx(q, _ids(1)[0], tmp_path / "tied.onnx")
+    proto = onnx.load(str(path))
+    fp8 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    # one FP8 table for emb and head (plus mid's weight), not two copies of the tied matrix
+    assert sorted(tuple(t.dims) for t in fp8) == sorted([(16, 32), (32, 32)])
+    ort = pytest.importorskip("onnxruntime")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "Transpose" not in ops and ops.count("DequantizeLinear") >= 3  # the weight's transpose is folded

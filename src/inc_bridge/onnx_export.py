@@ -109,13 +109,14 @@ class OnnxTwin(nn.Module):
 
 
 class OnnxFp8Linear(OnnxTwin):
-    """``y = DQ(Q(x)) @ DQ(Wᵀ) + b``; the FP8 weight is stored transposed, [K, N], as the kernel uses it."""
+    """``y = DQ(Q(x)) @ DQ(W)ᵀ + b``; the FP8 weight is the layer's own [out, in] tensor, not a
+    transposed copy, so layers that share it (tied weights) export one initializer."""
 
     def __init__(self, qweight, weight_scale, input_scale, bias, fp8_max: float, dtype: torch.dtype) -> None:
         super().__init__()
         if input_scale is None:
             raise SerializationError("a linear layer without an activation scale cannot be exported")
-        self.register_buffer("weight_t", qweight.t().contiguous())
+        self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", weight_scale.reshape(-1) if weight_scale.dim() else weight_scale)
         self.register_buffer("input_scale", input_scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -126,11 +127,11 @@ class OnnxFp8Linear(OnnxTwin):
     def weight(self) -> torch.Tensor:
         """The dequantized [out, in] weight in the model's dtype, for model code that reads ``.weight``
         (its dtype or shape); traced only where read."""
-        return dequantize_weight(self.weight_t, self.weight_scale, 1, self.dtype).t()
+        return dequantize_weight(self.qweight, self.weight_scale, 0, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = qdq(x, self.input_scale, self.weight_t.dtype, self.fp8_max)
-        y = torch.matmul(xq, dequantize_weight(self.weight_t, self.weight_scale, 1, self.dtype))
+        xq = qdq(x, self.input_scale, self.qweight.dtype, self.fp8_max)
+        y = torch.matmul(xq, self.weight.t())
         return y + self.bias if self.bias is not None else y
 
 
