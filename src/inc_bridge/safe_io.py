@@ -18,8 +18,10 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import IncBridgeError
 
@@ -41,6 +43,36 @@ def check_within(path: Path, root: Path, error: type[IncBridgeError]) -> None:
         raise error(f"{path}: a link to {real}, outside {root}; refusing to follow it")
 
 
+@contextmanager
+def open_regular(path: Path | str, *, error: type[IncBridgeError], what: str = "file",
+                 within: Path | str | None = None) -> Iterator[BinaryIO]:
+    """``path`` opened for binary reading without blocking; ``error`` unless it is a regular file.
+
+    The open is non-blocking, so a FIFO or device is refused instead of hanging; the file stays
+    open while the caller reads, so what is read is the file that was checked, not whatever the
+    name points to a moment later. With ``within``, a symlink that leaves that directory is refused.
+    """
+    path = Path(path)
+    if within is not None:
+        check_within(path, Path(within), error)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path}: {what} is not a regular file (a directory, FIFO or device); refusing to read it")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        try:
+            yield f
+        except OSError as exc:
+            raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+
+
 def read_bytes(path: Path | str, *, max_bytes: int, error: type[IncBridgeError], what: str = "file",
                within: Path | str | None = None) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; ``error`` for anything else.
@@ -56,54 +88,22 @@ def read_bytes(path: Path | str, *, max_bytes: int, error: type[IncBridgeError],
         error: missing, unreadable, not a regular file (FIFO, device, directory), too large, or a
             link out of ``within``.
     """
-    path = Path(path)
-    if within is not None:
-        check_within(path, Path(within), error)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{path}: {what} is not a regular file (a directory, FIFO or device); refusing to read it")
-        if info.st_size > max_bytes:
-            raise error(f"{path}: {what} of {info.st_size} bytes is larger than the {max_bytes}-byte limit")
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, min(MiB, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:
-                raise error(f"{path}: {what} grew past the {max_bytes}-byte limit while being read")
-        return b"".join(chunks)
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+    with open_regular(path, error=error, what=what, within=within) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise error(f"{path}: {what} of {size} bytes is larger than the {max_bytes}-byte limit")
+        data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise error(f"{path}: {what} grew past the {max_bytes}-byte limit while being read")
+        return data
 
 
 def read_head(path: Path | str, n: int, *, error: type[IncBridgeError], what: str = "file",
               within: Path | str | None = None) -> bytes:
     """The first ``n`` bytes (or fewer) of a regular file of any size, under ``read_bytes``' rules
     otherwise: to recognise a file by its beginning without reading all of it."""
-    path = Path(path)
-    if within is not None:
-        check_within(path, Path(within), error)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise error(f"{path}: {what} is not a regular file (a directory, FIFO or device); refusing to read it")
-        return os.read(fd, n)
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+    with open_regular(path, error=error, what=what, within=within) as f:
+        return f.read(n)
 
 
 def read_text(path: Path | str, *, max_bytes: int, error: type[IncBridgeError], what: str = "file",

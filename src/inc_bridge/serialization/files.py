@@ -29,7 +29,7 @@ import torch
 
 from ..errors import SerializationError
 from ..formats import dtype_from_name, dtype_name
-from ..safe_io import MiB, check_within, loads_json, read_text, shorten
+from ..safe_io import MiB, loads_json, open_regular, read_text, shorten
 from . import publish
 from .manifest_schema import check_manifest_schema
 
@@ -249,7 +249,7 @@ def read_header(path: Path, directory: Path | None = None) -> dict[str, dict[str
     Done by hand (the format is an 8-byte length and a JSON header) so that a truncated file names
     the first tensor whose bytes are missing. ``directory``: the file must lie inside it.
     """
-    with _open_regular(path, directory) as f:
+    with open_regular(path, error=SerializationError, what="model file", within=directory) as f:
         size = os.fstat(f.fileno()).st_size
         header, n = _parse_header(f, path, size)
     return header
@@ -304,31 +304,6 @@ def _nonneg_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-@contextmanager
-def _open_regular(path: Path, directory: Path | None):
-    """``path`` opened for reading without blocking: a regular file (no FIFO or device), inside
-    ``directory`` when given. Kept open: the same file is then read, not whatever the name points
-    to a moment later."""
-    if directory is not None:
-        check_within(path, directory, SerializationError)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SerializationError(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it")
-        f = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with f:
-        try:
-            yield f
-        except OSError as exc:
-            raise SerializationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
 def read_tensors(directory: Path, manifest: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
     """Every tensor of the file, after checking names, dtypes, shapes and checksums against the manifest.
 
@@ -338,7 +313,7 @@ def read_tensors(directory: Path, manifest: dict[str, Any], device: torch.device
     path = Path(directory) / TENSORS_FILE
     expected: dict[str, dict[str, Any]] = manifest["tensors"]
     tensors: dict[str, torch.Tensor] = {}
-    with _open_regular(path, directory) as f:
+    with open_regular(path, error=SerializationError, what="model file", within=directory) as f:
         size = os.fstat(f.fileno()).st_size
         header, n = _parse_header(f, path, size)
         missing = sorted(set(expected) - set(header))
