@@ -22,6 +22,7 @@ from .errors import (
     SerializationError,
 )
 from .formats import FP8Format, Target
+from .inc_export import export_inc_measurements
 from .inc_files import load_inc_measurements
 from .measurements import LayerStats, Measurements
 from .onnx_export import export_onnx
@@ -64,6 +65,7 @@ __all__ = [
     "conversion_result",
     "convert",
     "default_recipe",
+    "export_inc_measurements",
     "export_onnx",
     "load",
     "load_inc_measurements",

@@ -303,3 +303,43 @@ def convert_qdq(model: nn.Module, config: Any) -> nn.Module:
 
     with _global_state_restored():
         return convert(model, config)
+
+
+def quantize_from_dump(model: nn.Module, dump_stats_path: Path, hp_dtype: torch.dtype,
+                       scale_method: str = MEASURE_SCALE_METHOD) -> nn.Module:
+    """INC's QUANTIZE mode on a deep copy of ``model`` (E4M3, CPU QDQ): no calibration, the scales
+    come from the measurement file INC finds for ``dump_stats_path`` (its ``.npz``). INC writes its
+    computed scales next to it (``..._hooks_maxabs_<METHOD>.json/.npz``)."""
+    from neural_compressor.torch.quantization import FP8Config, convert
+
+    if hp_dtype not in _HP_DTYPE:
+        raise ValueError(f"INC supports hp_dtype float32 or bfloat16, got {hp_dtype}")
+    model = copy.deepcopy(model)
+    with inc_session() as private:
+        config = FP8Config(
+            mode="QUANTIZE",
+            use_qdq=True,
+            measure_on_hpu=False,
+            scale_method=scale_method,
+            dump_stats_path=str(dump_stats_path),
+            hp_dtype=_HP_DTYPE[hp_dtype],
+            fp8_config=_FORMAT[FP8Format.E4M3],
+        )
+        fd, json_file = tempfile.mkstemp(dir=private, prefix="fp8_config_", suffix=".json")
+        os.close(fd)
+        config.to_json_file(json_file)
+        config.json_file = json_file
+        with _global_state_restored():
+            return convert(model, config)
+
+
+def npz_from_json_dump(json_dir: Path, out_dir: Path) -> None:
+    """INC's own script turning measurement JSON files into the ``.npz`` twins its QUANTIZE mode loads
+    (``fp8_quant/scripts/postprocessing_vllm_measurements.py``; it pickles, which is why inc_bridge
+    leaves this step to INC). Writes every measurement JSON of ``json_dir`` and its npz to ``out_dir``."""
+    with inc_session():
+        from neural_compressor.torch.algorithms.fp8_quant.scripts import (
+            postprocessing_vllm_measurements as script,
+        )
+
+        script.main(["--measurements", str(json_dir), "--out", str(out_dir), "--keep-orig"])
