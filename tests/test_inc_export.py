@@ -1,8 +1,8 @@
 """export_inc_measurements: INC's QUANTIZE mode quantizes from inc_bridge's measurements, bit for bit.
 
-INC 3.10's QUANTIZE mode loads only the ``.npz`` twin of the measurement JSON (a pickle). inc_bridge
-writes the JSON; INC's own script makes the npz from it (``_inc.npz_from_json_dump``), then INC
-converts a fresh copy of the model with ``FP8Config(mode="QUANTIZE", dump_stats_path=...)``.
+INC 3.10's QUANTIZE mode loads only the ``.npz`` twin of the measurement JSON (a pickle); inc_bridge
+writes both, and INC converts a fresh copy of the model with ``FP8Config(mode="QUANTIZE",
+dump_stats_path=...)`` straight from the export.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ CASES = [(m, s) for m in MODELS for s in METHODS if not (m == "toynet" and s.sta
 
 
 def _inc_quantize(model, exported_dir, tmp_path, dtype, method):
-    """INC's npz from our JSON (INC's script), then INC's QUANTIZE-mode convert of a fresh copy."""
-    inc_dir = tmp_path / "inc"
-    _inc.npz_from_json_dump(exported_dir, inc_dir)
-    return _inc.quantize_from_dump(model, inc_dir / "measure", dtype, method)
+    """INC's QUANTIZE-mode convert of a fresh copy, reading the export as it is."""
+    return _inc.quantize_from_dump(model, exported_dir / "measure", dtype, method)
 
 
 def _assert_same_outputs(a, b, batches):
@@ -51,8 +49,9 @@ def test_inc_quantizes_from_export_like_ib_convert(tmp_path, model_name, method,
     recipe = ib.Recipe.model_validate({"quantization": METHODS[method]})
     meas = ib.calibrate(model, batches, recipe)
     written = ib.export_inc_measurements(meas, tmp_path / "exp" / "measure")
-    assert [p.name for p in written] == ["measure_hooks_maxabs.json", "measure_hooks_maxabs_mod_list.json"]
-    assert json.loads(written[1].read_text()) == meas.names
+    assert [p.name for p in written] == ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz",
+                                         "measure_hooks_maxabs_mod_list.json"]
+    assert json.loads(written[2].read_text()) == meas.names
 
     from_export = _inc_quantize(model, tmp_path / "exp", tmp_path, dtype, method)
     ours = ib.convert(model, ib.compute_scales(meas, recipe, model=model), form="module")
@@ -138,11 +137,32 @@ def test_refuses_empty_measurements_and_a_stale_npz(tmp_path):
         ib.export_inc_measurements(Measurements(layers={}), tmp_path / "measure")
     meas = Measurements(layers={"fc": _stats()})
     (tmp_path / "measure_hooks_maxabs_MAXABS_ARBITRARY.npz").write_bytes(b"")
-    with pytest.raises(ib.SerializationError, match=r"would read them instead"):
+    with pytest.raises(ib.SerializationError, match=r"would reuse them instead"):
         ib.export_inc_measurements(meas, tmp_path / "measure")
     # another prefix in the same folder is fine, and a second export replaces the first
     ib.export_inc_measurements(meas, tmp_path / "other")
     written = ib.export_inc_measurements(Measurements(layers={"fc": _stats(input_amax=(2.0,))}), tmp_path / "other")
     assert json.loads(written[0].read_text())["Nodes"] == {"fc": {"inputs": [[[2.0]]], "params": {"weight": [[0.5]]}}}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "measure_hooks_maxabs_MAXABS_ARBITRARY.npz", "other_hooks_maxabs.json", "other_hooks_maxabs_mod_list.json"]
+        "measure_hooks_maxabs_MAXABS_ARBITRARY.npz", "other_hooks_maxabs.json", "other_hooks_maxabs.npz",
+        "other_hooks_maxabs_mod_list.json"]
+
+
+def test_the_npz_is_what_incs_own_script_makes_from_the_json(tmp_path):
+    """INC's postprocessing script turns a measurement JSON into the npz its QUANTIZE mode loads; the
+    npz inc_bridge writes holds the same data (read here with numpy's pickle loader, as INC does)."""
+    import numpy as np
+
+    model = ToyNet().eval()
+    written = ib.export_inc_measurements(ib.calibrate(model, toy_batches()), tmp_path / "exp" / "measure")
+    _inc.npz_from_json_dump(tmp_path / "exp", tmp_path / "inc")
+    ours = np.load(written[1], allow_pickle=True)["arr_0"].item()
+    incs = np.load(tmp_path / "inc" / "measure_hooks_maxabs.npz", allow_pickle=True)["arr_0"].item()
+    assert ours.keys() == incs.keys() and {k: ours[k] for k in ours if k != "Nodes"} == {
+        k: incs[k] for k in incs if k != "Nodes"}
+    assert ours["Nodes"].keys() == incs["Nodes"].keys()
+    for name, node in ours["Nodes"].items():
+        theirs = incs["Nodes"][name]
+        # float32 here (as INC's own calibration writes them), float64 from the script: the same values
+        assert all(np.array_equal(a, b) for a, b in zip(node["inputs"], theirs["inputs"], strict=True))
+        assert np.array_equal(node["params"]["weight"], theirs["params"]["weight"])

@@ -335,8 +335,9 @@ def quantize_from_dump(model: nn.Module, dump_stats_path: Path, hp_dtype: torch.
 
 def npz_from_json_dump(json_dir: Path, out_dir: Path) -> None:
     """INC's own script turning measurement JSON files into the ``.npz`` twins its QUANTIZE mode loads
-    (``fp8_quant/scripts/postprocessing_vllm_measurements.py``; it pickles, which is why inc_bridge
-    leaves this step to INC). Writes every measurement JSON of ``json_dir`` and its npz to ``out_dir``."""
+    (``fp8_quant/scripts/postprocessing_vllm_measurements.py``): the reference the tests hold
+    ``export_inc_measurements``' own npz against. Writes every measurement JSON of ``json_dir`` and
+    its npz to ``out_dir``."""
     with inc_session():
         from neural_compressor.torch.algorithms.fp8_quant.scripts import (
             postprocessing_vllm_measurements as script,

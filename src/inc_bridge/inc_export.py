@@ -1,14 +1,13 @@
-"""Writing Measurements as INC's own DynamicRange measurement file, for INC's QUANTIZE mode.
+"""Writing Measurements as INC's own DynamicRange measurement files, for INC's QUANTIZE mode.
 
 INC 3.10 names its files after ``dump_stats_path`` (a folder plus a file prefix):
 ``<dump_stats_path>_hooks_maxabs.json`` / ``.npz`` hold the raw amax per node (Mode
 "DynamicRange": ``inputs`` as ``[[amax]]`` per input, ``params.weight`` as ``[[amax]]``) and
 ``<dump_stats_path>_hooks_maxabs_mod_list.json`` lists the patched modules. In QUANTIZE mode INC
-loads **only the .npz twin** (``_core/measure.py: load_measurements``), through
-``np.load(allow_pickle=True)``: an npz INC reads is a pickle by construction. inc_bridge writes
-the JSON file (plain data) and the module list; INC's own script
-``neural_compressor.torch.algorithms.fp8_quant.scripts.postprocessing_vllm_measurements`` turns
-the JSON into the npz INC loads (docs/inc_interop.md shows the command).
+loads **only the .npz twin** (``_core/measure.py: load_measurements``, ``np.load(allow_pickle=True)``),
+so inc_bridge writes it too, as INC does (``np.savez`` of the same dictionary with float32 arrays).
+Writing that pickle is safe; reading one is INC's choice (inc_bridge's own reader, ``inc_npz``,
+never builds objects from it). The JSON twin is the same data in plain text.
 
 INC computes weight scales from the weight itself at convert time; the weight amax in the file is
 what INC's own measurement records, and inc_bridge writes it so the file reads back completely.
@@ -16,6 +15,7 @@ what INC's own measurement records, and inc_bridge writes it so the file reads b
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -43,8 +43,8 @@ def export_inc_measurements(measurements: Measurements, dump_stats_path: Path | 
         dump_stats_path: the value INC's ``FP8Config(dump_stats_path=...)`` gets: a folder (created
             if missing) and a file prefix, e.g. ``"out/measure"``.
     Returns:
-        The files written: ``<dump_stats_path>_hooks_maxabs.json`` and
-        ``<dump_stats_path>_hooks_maxabs_mod_list.json``. One file set without a rank suffix and
+        The files written: ``<dump_stats_path>_hooks_maxabs.json``, its ``.npz`` twin (what INC's
+        QUANTIZE mode reads) and ``<dump_stats_path>_hooks_maxabs_mod_list.json``. One file set without a rank suffix and
         with ``GlobalRank``/``LocalRank`` null: the statistics are already merged over ranks and
         every rank quantizes with the same scales (INC processes with a world size above one then
         need ``seperate_measure_files: False``; see docs/inc_interop.md).
@@ -54,13 +54,13 @@ def export_inc_measurements(measurements: Measurements, dump_stats_path: Path | 
             finished scales from an INC "Scale" dump (no amax), a weighted layer without a
             per-tensor weight amax, a layer without input statistics or with the wrong number of
             inputs, NaN/Inf values; or no layers at all.
-        SerializationError: an INC ``.npz`` measurement or scale file for this prefix already
-            exists (INC would read it instead of the new JSON), or a file cannot be written.
+        SerializationError: INC scale files for this prefix already exist (``<prefix>_hooks_maxabs_<METHOD>``:
+            INC would reuse them instead of the new statistics), or a file cannot be written.
 
     Example:
         >>> meas = ib.calibrate(model, batches)                                  # doctest: +SKIP
         >>> ib.export_inc_measurements(meas, "hqt_output/measure")               # doctest: +SKIP
-        [PosixPath('hqt_output/measure_hooks_maxabs.json'), PosixPath('hqt_output/measure_hooks_maxabs_mod_list.json')]
+        [PosixPath('hqt_output/measure_hooks_maxabs.json'), PosixPath('hqt_output/measure_hooks_maxabs.npz'), PosixPath('hqt_output/measure_hooks_maxabs_mod_list.json')]
     """
     if not measurements.layers:
         raise CalibrationError("export_inc_measurements: the measurements have no layers")
@@ -77,6 +77,7 @@ def export_inc_measurements(measurements: Measurements, dump_stats_path: Path | 
         folder.mkdir(parents=True, exist_ok=True)
         written = [
             safe_io.write_atomic(folder / f"{base}.json", json.dumps(document, indent=4, allow_nan=False)),
+            safe_io.write_atomic(folder / f"{base}.npz", _npz_bytes(document)),
             safe_io.write_atomic(folder / f"{base}_mod_list.json", json.dumps(list(nodes), indent=4)),
         ]
     except OSError as exc:
@@ -123,16 +124,34 @@ def _node(stats: LayerStats) -> dict:
     return node
 
 
+def _npz_bytes(document: dict) -> bytes:
+    """The ``.npz`` INC's ``save_npz`` writes for ``document``: ``np.savez`` of the dictionary, every
+    value list as a float32 array (INC's list-to-numpy format function, from fp32 tensors)."""
+    import numpy as np
+
+    def arrays(value):
+        if isinstance(value, dict):
+            return {k: arrays(v) for k, v in value.items()}
+        return np.array(value, dtype=np.float32)
+
+    nodes = {name: {"inputs": [arrays(i) for i in node["inputs"]], **({"params": arrays(node["params"])}
+                                                                        if "params" in node else {})}
+             for name, node in document["Nodes"].items()}
+    buffer = io.BytesIO()
+    np.savez(buffer, {**document, "Nodes": nodes})
+    return buffer.getvalue()
+
+
 def _refuse_stale_npz(folder: Path, base: str) -> None:
-    """INC's QUANTIZE mode reads ``<base>.npz`` (not the JSON) and reuses ``<base>_<METHOD>.npz`` scales
-    when present: either one next to a new export would silently replace inc_bridge's statistics."""
+    """INC's QUANTIZE mode reuses ``<base>_<METHOD>.json/.npz`` scale files when present: one next to a
+    new export would silently replace inc_bridge's statistics with an earlier run's scales."""
     if not folder.is_dir():
         return
     stale = sorted(p.name for p in folder.iterdir()
-                   if p.suffix == ".npz" and (p.stem == base or p.stem.startswith(f"{base}_")))
+                   if p.suffix in (".npz", ".json") and p.stem.startswith(f"{base}_") and p.stem != f"{base}_mod_list")
     if stale:
         raise SerializationError(
-            f"export_inc_measurements: {folder} already holds INC file(s) {stale[:3]} for this prefix; INC's "
-            "QUANTIZE mode would read them instead of the exported statistics. Export to an empty folder or "
+            f"export_inc_measurements: {folder} already holds INC scale file(s) {stale[:3]} for this prefix; INC's "
+            "QUANTIZE mode would reuse them instead of the exported statistics. Export to an empty folder or "
             "remove them"
         )
