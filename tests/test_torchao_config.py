@@ -197,3 +197,30 @@ def test_captured_attention_equals_convert():
     assert torch.equal(_run(target, x), _run(reference, x))
     assert not torch.equal(_run(target, x), _run(model, x))  # it did quantize
     assert ib.conversion_result(target).converted["1.sdpa"] == "sdpa"
+
+
+class TiedTokens(nn.Module):
+    """The output head holds the input embedding's weight (a language-model shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def test_tied_weights_stay_tied():
+    model = TiedTokens().eval()
+    _, batches, x, ops_extra = _tokens(torch.float32)
+    scales = _scales(model, batches, ops_extra)
+    assert {"emb", "head"} <= scales.layers.keys()
+    reference = ib.convert(model, scales, form="subclass")
+    target = copy.deepcopy(model)
+    quantize_(target, ib.IncFp8Config(scales), filter_fn=WHOLE)
+    assert isinstance(target.emb.weight, ib.Float8StaticTensor) and target.emb.weight is target.head.weight
+    _assert_same_model(target, reference)
+    assert torch.equal(_run(target, x), _run(reference, x))
