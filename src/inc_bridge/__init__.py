@@ -32,6 +32,7 @@ from .report import Report
 from .scales import LayerScales, ScaleSet, clear_caches
 from .serialization import load, save
 from .tensor import Float8StaticTensor
+from .torchao_config import IncFp8Config
 from .tune import TuneResult, apply_recipe, autotune
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "FP8Format",
     "Float8StaticTensor",
     "IncBridgeError",
+    "IncFp8Config",
     "LayerScales",
     "LayerStats",
     "Measurements",
