@@ -20,8 +20,7 @@ from torchao.utils import TorchAOBaseTensor
 from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError
 from .fp8_checks import FP8_FORMATS, check_fp8_max
-from .kernels.cpu import native_dequantize, native_quantize
-from .quant import dequantize_fp8, quantize_fp8
+from .kernels import ops as kernel_ops
 
 __all__ = ["Float8ActivationTensor", "attach_input_quant", "quantized_positions"]
 
@@ -45,12 +44,12 @@ class Float8ActivationTensor(TorchAOBaseTensor):
 
     @classmethod
     def from_hp(cls, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Float8ActivationTensor:
-        qdata = native_quantize(x, scale, fp8_dtype, fp8_max)
-        return cls(quantize_fp8(x, scale, fp8_dtype, fp8_max) if qdata is None else qdata, scale, x.dtype)
+        """Quantize ``x`` with its static ``scale`` (op ``inc_bridge::quantize``, backend from the device)."""
+        return cls(kernel_ops.quantize(x, scale, fp8_dtype, float(fp8_max), "auto"), scale, x.dtype)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = native_dequantize(self.qdata, self.scale, output_dtype or self.dtype)
-        return dequantize_fp8(self.qdata, self.scale, output_dtype or self.dtype) if out is None else out
+        """The high-precision value (op ``inc_bridge::dequantize``, backend from the device)."""
+        return kernel_ops.dequantize(self.qdata, self.scale, output_dtype or self.dtype, "auto")
 
     def __repr__(self) -> str:
         return f"Float8ActivationTensor(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, scale={float(self.scale):.6g}, dtype={self.dtype})"
