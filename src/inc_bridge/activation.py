@@ -21,6 +21,7 @@ from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError
 from .fp8_checks import FP8_FORMATS, check_fp8_max
 from .kernels import ops as kernel_ops
+from .tensor import scale_text
 
 __all__ = ["Float8ActivationTensor", "attach_input_quant", "quantized_positions"]
 
@@ -52,7 +53,7 @@ class Float8ActivationTensor(TorchAOBaseTensor):
         return kernel_ops.dequantize(self.qdata, self.scale, output_dtype or self.dtype, "auto")
 
     def __repr__(self) -> str:
-        return f"Float8ActivationTensor(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, scale={float(self.scale):.6g}, dtype={self.dtype})"
+        return f"Float8ActivationTensor(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, scale={scale_text(self.scale)}, dtype={self.dtype})"
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

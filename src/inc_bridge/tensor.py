@@ -62,7 +62,7 @@ class Float8StaticTensor(TorchAOBaseTensor):
         gran = "per_tensor" if self.scale.dim() == 0 else "per_channel"
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, weight={gran}, "
-            f"act_scale={'none' if self.act_scale is None else f'{float(self.act_scale):.6g}'}, "
+            f"act_scale={'none' if self.act_scale is None else scale_text(self.act_scale)}, "
             f"dtype={self.dtype}, backend={self.backend!r})"
         )
 
@@ -72,6 +72,14 @@ class Float8StaticTensor(TorchAOBaseTensor):
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.qdata.to(torch.float32) * self.scale).to(output_dtype or self.dtype)
+
+
+def scale_text(t: torch.Tensor) -> str:
+    """A 0-d scale's value for a repr; "traced" for a fake or meta tensor, whose value cannot be read
+    (torch.compile's structured logs repr the subclass while tracing)."""
+    if type(t) is not torch.Tensor or t.is_meta:
+        return "traced"
+    return f"{float(t):.6g}"
 
 
 _STATE_KEYS = frozenset({"qdata", "scale", "act_scale", "fp8_max", "backend", "_is_param"})
