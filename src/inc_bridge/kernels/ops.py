@@ -26,7 +26,8 @@ from torch import Tensor
 from . import emulated
 from .registry import Fp8Params, KernelFn, get_kernel, resolve_backend
 
-__all__ = ["conv2d", "dequantize", "embedding", "kernel_for", "linear", "quantize"]
+__all__ = ["conv2d", "conv2d_args", "dequantize", "embedding", "kernel_for", "linear", "matmul", "matmul_args",
+           "quantize", "sdpa"]
 
 LIBRARY = "inc_bridge"
 
@@ -145,6 +146,67 @@ def _dequantize_fake(q, scale, out_dtype, backend):
     return emulated.dequantize_emulated(q, scale, out_dtype)
 
 
+# ------------------------------------------------------------------ attention: sdpa, matmul / bmm / baddbmm
+
+
+@torch.library.custom_op(f"{LIBRARY}::sdpa", mutates_args=())
+def sdpa(query: Tensor, key: Tensor, value: Tensor, input_scales: Tensor, attn_mask: Tensor | None, dropout_p: float,
+         is_causal: bool, scale: float | None, enable_gqa: bool, fp8_dtype: torch.dtype, fp8_max: float,
+         hp_dtype: torch.dtype, backend: str) -> Tensor:
+    """``F.scaled_dot_product_attention`` of q, k, v quantize-dequantized with their static scales."""
+    kernel = kernel_for("sdpa", backend, query.device)
+    return kernel(query, key, value, input_scales, _params(fp8_dtype, fp8_max, hp_dtype), attn_mask=attn_mask,
+                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+@sdpa.register_fake
+def _sdpa_fake(query, key, value, input_scales, attn_mask, dropout_p, is_causal, scale, enable_gqa, fp8_dtype, fp8_max,
+               hp_dtype, backend):
+    return emulated.sdpa_emulated(query, key, value, input_scales, _params(fp8_dtype, fp8_max, hp_dtype),
+                                  attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                  enable_gqa=enable_gqa)
+
+
+# ``fn`` names the torch function; ``addend``, ``beta`` and ``alpha`` are baddbmm's (``addend`` None otherwise).
+@torch.library.custom_op(f"{LIBRARY}::matmul", mutates_args=())
+def matmul(fn: str, a: Tensor, b: Tensor, input_scales: Tensor, addend: Tensor | None, beta: float, alpha: float,
+           fp8_dtype: torch.dtype, fp8_max: float, hp_dtype: torch.dtype, backend: str) -> Tensor:
+    """``torch.matmul`` / ``bmm`` / ``baddbmm`` with both operands quantize-dequantized (static scales)."""
+    kernel = kernel_for("matmul", backend, a.device)
+    args, kwargs = _matmul_call(fn, a, b, addend, beta, alpha)
+    return kernel(fn, args, kwargs, input_scales, _params(fp8_dtype, fp8_max, hp_dtype))
+
+
+@matmul.register_fake
+def _matmul_fake(fn, a, b, input_scales, addend, beta, alpha, fp8_dtype, fp8_max, hp_dtype, backend):
+    args, kwargs = _matmul_call(fn, a, b, addend, beta, alpha)
+    return emulated.matmul_emulated(fn, args, kwargs, input_scales, _params(fp8_dtype, fp8_max, hp_dtype))
+
+
+def _matmul_call(fn: str, a, b, addend, beta: float, alpha: float) -> tuple[tuple, dict]:
+    if fn == "baddbmm":
+        return (addend, a, b), ({} if (beta, alpha) == (1.0, 1.0) else {"beta": beta, "alpha": alpha})
+    return (a, b), {}
+
+
+def matmul_args(fn: str, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
+    """A captured ``torch.matmul`` / ``bmm`` / ``baddbmm`` call as the op's ``a, b, addend, beta, alpha``.
+
+    Raises:
+        NotImplementedError: an argument the op does not carry (``out=``, extra positionals).
+    """
+    kwargs = dict(kwargs)
+    beta, alpha = float(kwargs.pop("beta", 1.0)), float(kwargs.pop("alpha", 1.0))
+    names = ("input", "batch1", "batch2") if fn == "baddbmm" else ("input", "mat2" if fn == "bmm" else "other")
+    values = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
+    if kwargs or len(values) != len(names):
+        raise NotImplementedError(f"quantized {fn}: takes {', '.join(names)} (and beta, alpha for baddbmm); "
+                                  f"got {len(values)} operands and {sorted(kwargs) or 'no'} other keywords")
+    if fn == "baddbmm":
+        return values[1], values[2], values[0], beta, alpha
+    return values[0], values[1], None, beta, alpha
+
+
 # ------------------------------------------------------------------ gradients
 #
 # A quantized model is for inference, but its ops must not stop autograd from tracing: torch.compile
@@ -229,3 +291,46 @@ def _dequantize_setup(ctx, inputs, output) -> None:
 
 quantize.register_autograd(_quantize_backward, setup_context=_quantize_setup)
 dequantize.register_autograd(_dequantize_backward, setup_context=_dequantize_setup)
+
+
+def _vjp_backward(fn, tensors, grad):
+    """Straight-through gradients of ``fn(*tensors)`` (the quantize-dequantize taken as identity)."""
+    _, vjp = torch.func.vjp(fn, *tensors)
+    return vjp(grad)
+
+
+def _sdpa_setup(ctx, inputs, output) -> None:
+    query, key, value, _scales, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs[:9]
+    ctx.save_for_backward(query, key, value, attn_mask)
+    ctx.kwargs = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
+
+
+def _sdpa_backward(ctx, grad):
+    query, key, value, attn_mask = ctx.saved_tensors
+    if ctx.kwargs["dropout_p"]:
+        raise NotImplementedError("inc_bridge::sdpa: no gradient with dropout (the op does not return its mask)")
+    grads = _vjp_backward(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, **ctx.kwargs), (query, key, value), grad)
+    return (*grads,) + (None,) * 10
+
+
+sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+
+
+def _matmul_setup(ctx, inputs, output) -> None:
+    fn, a, b, _scales, addend, beta, alpha = inputs[:7]
+    ctx.save_for_backward(a, b, addend)
+    ctx.fn, ctx.beta, ctx.alpha = fn, beta, alpha
+
+
+def _matmul_backward(ctx, grad):
+    a, b, addend = ctx.saved_tensors
+    if ctx.fn == "baddbmm":
+        ga, gb, gadd = _vjp_backward(lambda x, y, z: torch.baddbmm(z, x, y, beta=ctx.beta, alpha=ctx.alpha),
+                                     (a, b, addend), grad)
+    else:
+        (ga, gb), gadd = _vjp_backward(torch.matmul if ctx.fn == "matmul" else torch.bmm, (a, b), grad), None
+    return None, ga, gb, None, gadd, None, None, None, None, None, None
+
+
+matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
