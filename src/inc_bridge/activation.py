@@ -5,9 +5,10 @@ In the subclass form attention keeps its module structure: a forward pre-hook on
 ``F.scaled_dot_product_attention``, ``torch.matmul`` (any rank), ``torch.bmm`` and ``torch.baddbmm``
 accept them. No FP8 attention kernel exists on CPU, so they dequantize first and run in high
 precision; any other op that meets a Float8ActivationTensor also dequantizes it first. Quantizing
-and dequantizing go through the cpu backend's native conversions where they can run on real CPU
-tensors (the same FP8 bytes and the same values as the torch ops, which stay the reference; only
-NaN payloads may differ; several times faster).
+and dequantizing are the custom ops ``inc_bridge::quantize`` / ``dequantize`` with backend "auto":
+the cpu backend's native conversions where the library is built (the same FP8 bytes and the same
+values as the torch ops, which stay the reference; only NaN payloads may differ; several times
+faster), one opaque node each under ``torch.compile`` / ``torch.export``.
 """
 
 from __future__ import annotations
