@@ -5,9 +5,10 @@ In the subclass form attention keeps its module structure: a forward pre-hook on
 ``F.scaled_dot_product_attention``, ``torch.matmul`` (any rank), ``torch.bmm`` and ``torch.baddbmm``
 accept them. No FP8 attention kernel exists on CPU, so they dequantize first and run in high
 precision; any other op that meets a Float8ActivationTensor also dequantizes it first. Quantizing
-and dequantizing go through the cpu backend's native conversions where they can run on real CPU
-tensors (the same FP8 bytes and the same values as the torch ops, which stay the reference; only
-NaN payloads may differ; several times faster).
+and dequantizing are the custom ops ``inc_bridge::quantize`` / ``dequantize`` with backend "auto":
+the cpu backend's native conversions where the library is built (the same FP8 bytes and the same
+values as the torch ops, which stay the reference; only NaN payloads may differ; several times
+faster), one opaque node each under ``torch.compile`` / ``torch.export``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from torchao.utils import TorchAOBaseTensor
 from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError
 from .fp8_checks import FP8_FORMATS, check_fp8_max
-from .kernels.cpu import native_dequantize, native_quantize
-from .quant import dequantize_fp8, quantize_fp8
+from .kernels import ops as kernel_ops
+from .tensor import scale_text
 
 __all__ = ["Float8ActivationTensor", "attach_input_quant", "quantized_positions"]
 
@@ -45,15 +46,15 @@ class Float8ActivationTensor(TorchAOBaseTensor):
 
     @classmethod
     def from_hp(cls, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Float8ActivationTensor:
-        qdata = native_quantize(x, scale, fp8_dtype, fp8_max)
-        return cls(quantize_fp8(x, scale, fp8_dtype, fp8_max) if qdata is None else qdata, scale, x.dtype)
+        """Quantize ``x`` with its static ``scale`` (op ``inc_bridge::quantize``, backend from the device)."""
+        return cls(kernel_ops.quantize(x, scale, fp8_dtype, float(fp8_max), "auto"), scale, x.dtype)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = native_dequantize(self.qdata, self.scale, output_dtype or self.dtype)
-        return dequantize_fp8(self.qdata, self.scale, output_dtype or self.dtype) if out is None else out
+        """The high-precision value (op ``inc_bridge::dequantize``, backend from the device)."""
+        return kernel_ops.dequantize(self.qdata, self.scale, output_dtype or self.dtype, "auto")
 
     def __repr__(self) -> str:
-        return f"Float8ActivationTensor(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, scale={float(self.scale):.6g}, dtype={self.dtype})"
+        return f"Float8ActivationTensor(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, scale={scale_text(self.scale)}, dtype={self.dtype})"
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

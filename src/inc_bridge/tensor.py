@@ -16,7 +16,8 @@ from torchao.utils import TorchAOBaseTensor
 from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError, SerializationError
 from .fp8_checks import check_scale_values, check_weight_parts
-from .kernels import Fp8Params, get_kernel
+from .kernels import Fp8Params
+from .kernels import ops as kernel_ops
 
 __all__ = ["Float8StaticTensor"]
 
@@ -61,7 +62,7 @@ class Float8StaticTensor(TorchAOBaseTensor):
         gran = "per_tensor" if self.scale.dim() == 0 else "per_channel"
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, fp8={self.qdata.dtype}, weight={gran}, "
-            f"act_scale={'none' if self.act_scale is None else f'{float(self.act_scale):.6g}'}, "
+            f"act_scale={'none' if self.act_scale is None else scale_text(self.act_scale)}, "
             f"dtype={self.dtype}, backend={self.backend!r})"
         )
 
@@ -71,6 +72,14 @@ class Float8StaticTensor(TorchAOBaseTensor):
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.qdata.to(torch.float32) * self.scale).to(output_dtype or self.dtype)
+
+
+def scale_text(t: torch.Tensor) -> str:
+    """A 0-d scale's value for a repr; "traced" for a fake or meta tensor, whose value cannot be read
+    (torch.compile's structured logs repr the subclass while tracing)."""
+    if type(t) is not torch.Tensor or t.is_meta:
+        return "traced"
+    return f"{float(t):.6g}"
 
 
 _STATE_KEYS = frozenset({"qdata", "scale", "act_scale", "fp8_max", "backend", "_is_param"})
@@ -145,31 +154,25 @@ def _need_act_scale(w: Float8StaticTensor, op: str) -> None:
                               "(only embedding weights are weight-only)")
 
 
+# The table unwraps the weight into plain tensors and scalars and calls the layer's custom op: a
+# custom op cannot take a tensor subclass, and the op is what torch.compile / torch.export see.
+
+
 @implements_torch_function(F.linear)
 def _linear(func, types, args, kwargs):
     x, w, bias = args[0], args[1], _arg(args, kwargs, 2, "bias")
     _need_act_scale(w, "linear")
-    kernel = get_kernel("linear", w.backend)
-    return kernel(x, w.qdata, w.scale, w.act_scale, bias, w.params)
+    return kernel_ops.linear(x, w.qdata, w.scale, w.act_scale, bias, w.fp8_max, w.dtype, w.backend)
 
 
 @implements_torch_function(F.conv2d)
 def _conv2d(func, types, args, kwargs):
     x, w = args[0], args[1]
     _need_act_scale(w, "conv2d")
-    kernel = get_kernel("conv2d", w.backend)
-    return kernel(
-        x,
-        w.qdata,
-        w.scale,
-        w.act_scale,
-        _arg(args, kwargs, 2, "bias"),
-        w.params,
-        _arg(args, kwargs, 3, "stride", 1),
-        _arg(args, kwargs, 4, "padding", 0),
-        _arg(args, kwargs, 5, "dilation", 1),
-        _arg(args, kwargs, 6, "groups", 1),
-    )
+    stride, padding, padding_mode, dilation = kernel_ops.conv2d_args(
+        _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0), _arg(args, kwargs, 5, "dilation", 1))
+    return kernel_ops.conv2d(x, w.qdata, w.scale, w.act_scale, _arg(args, kwargs, 2, "bias"), w.fp8_max, w.dtype,
+                             w.backend, stride, padding, padding_mode, dilation, _arg(args, kwargs, 6, "groups", 1))
 
 
 @implements_torch_function(F.embedding)
@@ -177,7 +180,7 @@ def _embedding(func, types, args, kwargs):
     ids, w = args[0], args[1]
     if _arg(args, kwargs, 3, "max_norm") is not None:
         raise NotImplementedError("F.embedding with max_norm renormalises the weight in place; FP8 weights cannot")
-    return get_kernel("embedding", w.backend)(ids, w.qdata, w.scale, w.params)
+    return kernel_ops.embedding(ids, w.qdata, w.scale, w.fp8_max, w.dtype, w.backend)
 
 
 # weights_only=True loading of a state_dict holding this tensor needs it allow-listed; registering

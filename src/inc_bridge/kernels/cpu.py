@@ -41,7 +41,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConversionError
-from .emulated import conv2d_emulated, embedding_emulated, linear_emulated, matmul_emulated, sdpa_emulated
+from .emulated import (
+    conv2d_emulated,
+    dequantize_emulated,
+    embedding_emulated,
+    linear_emulated,
+    matmul_emulated,
+    quantize_emulated,
+    sdpa_emulated,
+)
 from .registry import Availability, Fp8Params, register_backend, register_kernel
 
 CPU = "cpu"
@@ -61,13 +69,6 @@ TILE_BYTES = 8 << 20
 
 _DTYPE = {torch.float32: 0, torch.bfloat16: 1}
 _FORMAT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
-
-
-def _outside_compile(fn):
-    """Run ``fn`` eagerly even inside ``torch.compile``: its ctypes calls cannot be traced, and dynamo
-    tracing into them printed a page of warnings per compile. The compiled graph breaks around the
-    call (as it would anyway), silently."""
-    return functools.wraps(fn)(torch.compiler.disable(fn, recursive=True))
 
 
 def _require(ok: bool, what: str) -> None:
@@ -276,7 +277,6 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-@_outside_compile
 def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor | None:
     """``quant.quantize_fp8`` by native code for a 0-d fp32 scale or one per row shaped to broadcast
     over ``x`` ([rows, 1, ...]); None where it cannot run (torch's broadcasting rules then apply)."""
@@ -292,7 +292,6 @@ def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
     return None
 
 
-@_outside_compile
 def native_dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
     """``quant.dequantize_fp8`` by native code for a dense ``q`` (any dim order; the result keeps
     it) and a 0-d fp32 scale; None where it cannot run."""
@@ -308,7 +307,6 @@ def _plain_cpu(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
 
 
-@_outside_compile
 def native_clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dtype: torch.dtype,
                        fp8_max: float) -> torch.Tensor | None:
     """``scales.clip_errors`` by native code (same bits); None where it cannot run."""
@@ -344,7 +342,6 @@ def _qdq(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params, out_d
 
 @register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows: native FP8 GEMV; else native qdq/dequant + oneDNN GEMM "
                  "(exact below 4M weights)")
-@_outside_compile
 def linear_cpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -382,7 +379,6 @@ def linear_cpu(
 
 
 @register_kernel("conv2d", CPU, "native qdq(x) and dequant(W), then torch conv2d (exact)")
-@_outside_compile
 def conv2d_cpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -406,7 +402,6 @@ def conv2d_cpu(
 
 
 @register_kernel("embedding", CPU, "gather FP8 rows, native dequant (exact)")
-@_outside_compile
 def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
     """``embedding_emulated`` with a native dequantization of the gathered rows."""
     _check_layer("embedding", qweight, weight_scale, None, p, 2, act=False)
@@ -420,7 +415,6 @@ def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.
 
 
 @register_kernel("sdpa", CPU, "native qdq(q, k, v), then torch SDPA (exact)")
-@_outside_compile
 def sdpa_cpu(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
     """``sdpa_emulated`` with native quantize-dequantize."""
     _require(input_scales.numel() == 3, f"sdpa: {input_scales.numel()} input scales, expected 3 (q, k, v)")
@@ -432,7 +426,6 @@ def sdpa_cpu(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -
 
 
 @register_kernel("matmul", CPU, "native qdq of both operands, then the torch matmul (exact)")
-@_outside_compile
 def matmul_cpu(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
     """``matmul_emulated`` with native quantize-dequantize."""
     from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
@@ -446,3 +439,17 @@ def matmul_cpu(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p
     for i, pos in enumerate(MATMUL_OPERANDS[fn]):
         args[pos] = _qdq(lib, args[pos], input_scales[i], p, args[pos].dtype)
     return MATMUL_FUNCTIONS[fn](*args, **kwargs)
+
+
+@register_kernel("quantize", CPU, "native quantize (exact)")
+def quantize_cpu(x: torch.Tensor, scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
+    """``quantize_emulated`` by native code where it covers the tensors (same FP8 bytes)."""
+    q = native_quantize(x, scale, p.fp8_dtype, p.fp8_max)
+    return quantize_emulated(x, scale, p) if q is None else q
+
+
+@register_kernel("dequantize", CPU, "native dequantize (exact)")
+def dequantize_cpu(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_emulated`` by native code where it covers the tensors (same values)."""
+    out = native_dequantize(q, scale, out_dtype)
+    return dequantize_emulated(q, scale, out_dtype) if out is None else out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import quantize_fp8
-from .emulated import conv2d_emulated, embedding_emulated, linear_emulated, matmul_emulated, sdpa_emulated
+from .emulated import linear_emulated
 from .registry import Availability, Fp8Params, register_backend, register_kernel
 
 CUDA = "cuda"
@@ -115,8 +115,5 @@ def linear_cuda(
     return linear_emulated(x, qweight, weight_scale, input_scale, bias, p)
 
 
-# No FP8 conv / attention kernel is wired up for CUDA: the emulated math, run on the GPU.
-register_kernel("conv2d", CUDA, "emulated math on the GPU")(conv2d_emulated)
-register_kernel("embedding", CUDA, "emulated math on the GPU")(embedding_emulated)
-register_kernel("sdpa", CUDA, "emulated math on the GPU")(sdpa_emulated)
-register_kernel("matmul", CUDA, "emulated math on the GPU")(matmul_emulated)
+# No FP8 conv / attention kernel is wired up for CUDA: the other ops run the emulated math on the GPU
+# (``registry.get_kernel`` falls back to it).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import dequantize_fp8, quant_dequant
+from ..quant import dequantize_fp8, quant_dequant, quantize_fp8
 from .registry import EMULATED, Availability, Fp8Params, register_backend, register_kernel
 
 register_backend(
@@ -85,3 +85,15 @@ def matmul_emulated(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tens
     for i, pos in enumerate(MATMUL_OPERANDS[fn]):
         args[pos] = quant_dequant(args[pos], input_scales[i], p.fp8_dtype, p.fp8_max, args[pos].dtype)
     return MATMUL_FUNCTIONS[fn](*args, **kwargs)
+
+
+@register_kernel("quantize", EMULATED, "clamp(x / scale) cast to FP8, in fp32 (INC's quantize)")
+def quantize_emulated(x: torch.Tensor, scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
+    """Quantize an activation with its static scale (``p.hp_dtype`` is unused: the output is FP8)."""
+    return quantize_fp8(x, scale, p.fp8_dtype, p.fp8_max)
+
+
+@register_kernel("dequantize", EMULATED, "q * scale in fp32, cast to the model dtype (INC's dequantize)")
+def dequantize_emulated(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize FP8 data with its scale into ``out_dtype``."""
+    return dequantize_fp8(q, scale, out_dtype)

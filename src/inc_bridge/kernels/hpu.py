@@ -27,7 +27,7 @@ import importlib.util
 
 import torch
 
-from .emulated import conv2d_emulated, embedding_emulated, linear_emulated, matmul_emulated, sdpa_emulated
+from .emulated import linear_emulated
 from .registry import Availability, Fp8Params, register_backend, register_kernel
 
 HPU = "hpu"
@@ -89,7 +89,3 @@ def linear_hpu(
 
 
 # INC's Gaudi path also has conv2d_fp8 and fp8_fused_sdpa; they are not wired up here yet.
-register_kernel("conv2d", HPU, "emulated math on the HPU")(conv2d_emulated)
-register_kernel("embedding", HPU, "emulated math on the HPU")(embedding_emulated)
-register_kernel("sdpa", HPU, "emulated math on the HPU")(sdpa_emulated)
-register_kernel("matmul", HPU, "emulated math on the HPU")(matmul_emulated)

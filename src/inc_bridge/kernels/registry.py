@@ -3,9 +3,10 @@
 Both conversion forms call kernels through this table, so the subclass form and the module form
 run the same code and agree bit for bit. Each backend lives in its own module of this package: it
 registers itself with ``register_backend`` (the device type its kernels serve, an availability
-check) and its kernels with ``@register_kernel(op, backend)``. Every backend registers every op in
-``OPS``, reusing the emulated kernel where it has nothing faster, so a lookup never misses for a
-registered backend.
+check) and its kernels with ``@register_kernel(op, backend)``, only for the ops it has something
+faster for. ``get_kernel`` is the one place a backend without a kernel for an op falls back to the
+``emulated`` kernel, so a lookup never misses for a registered backend. Models call the kernels
+through the custom ops of ``ops.py`` (``torch.ops.inc_bridge.<op>``), which do this lookup.
 
 ``resolve_backend("auto", device)`` picks the first *available* backend for the device's type and
 falls back to ``emulated``; an explicit backend that cannot run here raises
@@ -25,7 +26,7 @@ from ..errors import BackendUnavailableError
 KernelFn = Callable[..., torch.Tensor]
 
 EMULATED = "emulated"
-OPS = ("linear", "conv2d", "embedding", "sdpa", "matmul")
+OPS = ("linear", "conv2d", "embedding", "sdpa", "matmul", "quantize", "dequantize")
 
 
 class Availability(NamedTuple):
@@ -87,8 +88,15 @@ def registered_backends(op: str | None = None) -> list[str]:
 
 
 def kernel_note(op: str, backend: str) -> str:
-    """What the kernel for (op, backend) runs, in a few words ("" when none is registered)."""
-    return _NOTES.get((op, backend), "")
+    """What the kernel for (op, backend) runs, in a few words ("" for an unknown backend or op).
+
+    A registered backend without its own kernel for ``op`` runs the emulated one, and says so.
+    """
+    if (op, backend) in _NOTES:
+        return _NOTES[(op, backend)]
+    if backend in _BACKENDS and (op, EMULATED) in _NOTES:
+        return f"emulated math on the backend's device ({_NOTES[(op, EMULATED)]})"
+    return ""
 
 
 def backend_availability(backend: str) -> Availability:
@@ -150,12 +158,33 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
 
 
 def get_kernel(op: str, backend: str) -> KernelFn:
-    try:
-        return _KERNELS[(op, backend)]
-    except KeyError:
-        raise BackendUnavailableError(
-            f"no {op!r} kernel for backend {backend!r}; registered for {op!r}: {', '.join(registered_backends(op))}"
-        ) from None
+    """The kernel for ``op`` on ``backend``; the emulated kernel where the backend has none.
+
+    This is the one place that fallback happens: a backend registers only the ops it runs
+    differently, and its other ops run the emulated math (on whatever device the tensors are).
+
+    Args:
+        op: one of ``OPS``.
+        backend: a registered backend name ("auto" is resolved by the caller, see ``ops.kernel_for``).
+    Returns:
+        The kernel function (its arguments are those of the emulated kernel for ``op``).
+    Raises:
+        BackendUnavailableError: ``backend`` is not registered, or ``op`` has no kernel at all; the
+            message names what is registered.
+
+    Example:
+        >>> get_kernel("conv2d", "cuda") is get_kernel("conv2d", "emulated")  # doctest: +SKIP
+        True
+    """
+    kernel = _KERNELS.get((op, backend))
+    if kernel is not None:
+        return kernel
+    if backend in _BACKENDS and (op, EMULATED) in _KERNELS:
+        return _KERNELS[(op, EMULATED)]
+    raise BackendUnavailableError(
+        f"no {op!r} kernel for backend {backend!r}; registered for {op!r}: {', '.join(registered_backends(op))}; "
+        f"registered backends: {', '.join(sorted(_BACKENDS))}"
+    )
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

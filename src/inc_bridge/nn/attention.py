@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import dtype_name
-from ..kernels import Fp8Params, get_kernel
+from ..kernels import ops as kernel_ops
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
 
@@ -89,11 +89,9 @@ class QSDPA(Fp8Module):
 
 
     def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        kernel = get_kernel("sdpa", self.backend)
-        return kernel(
-            query, key, value, self.input_scales, Fp8Params(self.fp8_dtype, self.fp8_max, self.dtype),
-            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-        )
+        return kernel_ops.sdpa(query, key, value, self.input_scales, attn_mask, float(dropout_p), bool(is_causal),
+                               None if scale is None else float(scale), bool(enable_gqa), self.fp8_dtype, self.fp8_max,
+                               self.dtype, self.backend)
 
     def extra_repr(self) -> str:
         s = ", ".join(f"{float(v):.6g}" for v in self.input_scales)
@@ -130,8 +128,9 @@ class QMatmul(Fp8Module):
 
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        kernel = get_kernel("matmul", self.backend)
-        return kernel(self.fn, args, kwargs, self.input_scales, Fp8Params(self.fp8_dtype, self.fp8_max, self.dtype))
+        a, b, addend, beta, alpha = kernel_ops.matmul_args(self.fn, args, kwargs)
+        return kernel_ops.matmul(self.fn, a, b, self.input_scales, addend, beta, alpha, self.fp8_dtype, self.fp8_max,
+                                 self.dtype, self.backend)
 
     def extra_repr(self) -> str:
         s = ", ".join(f"{float(v):.6g}" for v in self.input_scales)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import dtype_name
-from ..kernels import Fp8Params, get_kernel
+from ..kernels import ops as kernel_ops
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
 
@@ -127,16 +127,13 @@ class QConv2d(Fp8Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = get_kernel("conv2d", self.backend)
-        params = Fp8Params(self.qweight.dtype, self.fp8_max, self.dtype)
         padding: tuple[int, int] | str = self.padding
         if self.padding_mode != "zeros":  # same two steps as nn.Conv2d._conv_forward
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
-        return kernel(
-            x, self.qweight, self.weight_scale, self.input_scale, self.bias, params,
-            self.stride, padding, self.dilation, self.groups,
-        )
+        stride, padding, padding_mode, dilation = kernel_ops.conv2d_args(self.stride, padding, self.dilation)
+        return kernel_ops.conv2d(x, self.qweight, self.weight_scale, self.input_scale, self.bias, self.fp8_max,
+                                 self.dtype, self.backend, stride, padding, padding_mode, dilation, self.groups)
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.weight_scale.dim() else "per_tensor"

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConversionError
 from ..formats import dtype_name
-from ..kernels import Fp8Params, get_kernel
+from ..kernels import ops as kernel_ops
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
 
@@ -79,8 +79,7 @@ class QEmbedding(Fp8Module):
 
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        kernel = get_kernel("embedding", self.backend)
-        return kernel(ids, self.qweight, self.weight_scale, Fp8Params(self.qweight.dtype, self.fp8_max, self.dtype))
+        return kernel_ops.embedding(ids, self.qweight, self.weight_scale, self.fp8_max, self.dtype, self.backend)
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.weight_scale.dim() else "per_tensor"

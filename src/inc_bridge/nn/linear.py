@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..formats import dtype_name
-from ..kernels import Fp8Params, get_kernel
+from ..kernels import ops as kernel_ops
 from ..scales import LayerScales
 from ._fp8_module import Fp8Module
 
@@ -86,9 +86,8 @@ class QuantizedLinear(Fp8Module):
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = get_kernel("linear", self.backend)
-        params = Fp8Params(self.qweight.dtype, self.fp8_max, self.dtype)
-        return kernel(x, self.qweight, self.weight_scale, self.input_scale, self.bias, params)
+        return kernel_ops.linear(x, self.qweight, self.weight_scale, self.input_scale, self.bias, self.fp8_max,
+                                 self.dtype, self.backend)
 
     def extra_repr(self) -> str:
         gran = "per_channel" if self.weight_scale.dim() else "per_tensor"

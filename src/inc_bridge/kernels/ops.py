@@ -1,0 +1,336 @@
+"""The kernels as ``torch.library`` custom ops: ``torch.ops.inc_bridge.<op>``.
+
+Every quantized layer (both forms) calls one of these ops with plain tensors and plain scalars;
+the op body picks the backend's kernel (``kernel_for``: "auto" resolves from the tensors' device,
+a backend without a kernel for the op runs ``emulated``) and runs it. To ``torch.compile`` and
+``torch.export`` an op is one opaque node: dynamo does not trace into the kernels (the ``cpu``
+backend's ctypes calls, ``data_ptr()`` and ``float(scale)`` happen only inside the op), so a model
+compiles without graph breaks and exports to one graph. Shapes, dtypes and strides while tracing
+come from each op's fake implementation, which runs the ``emulated`` kernel on fake tensors: every
+backend returns what the emulated math returns (same shape, dtype and layout).
+
+Arguments are tensors plus what the schema language has: ``float`` (the FP8 clamp bound),
+``torch.dtype`` (the compute dtype, the FP8 format of a quantize) and ``str`` (the backend name).
+The FP8 format of a weight is its ``qweight``'s dtype.
+
+Example:
+    >>> y = torch.ops.inc_bridge.linear(x, qweight, weight_scale, input_scale, None, 448.0,
+    ...                                 torch.float32, "auto")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import emulated
+from .registry import Fp8Params, KernelFn, get_kernel, resolve_backend
+
+__all__ = ["conv2d", "conv2d_args", "dequantize", "embedding", "kernel_for", "linear", "matmul", "matmul_args",
+           "quantize", "sdpa"]
+
+LIBRARY = "inc_bridge"
+
+
+def kernel_for(op: str, backend: str, device: torch.device) -> KernelFn:
+    """The kernel an op runs: "auto" resolves from ``device``; see ``registry.get_kernel``.
+
+    Args:
+        op: one of ``registry.OPS``.
+        backend: "auto" or a registered backend name (what the layer was converted with).
+        device: the device of the op's main input.
+    Returns:
+        The backend's kernel, or the emulated one where the backend registers none for ``op``.
+    Raises:
+        BackendUnavailableError: ``backend`` is not a registered backend.
+    """
+    if backend == "auto":
+        backend = resolve_backend("auto", device)
+    return get_kernel(op, backend)
+
+
+def _params(qdtype: torch.dtype, fp8_max: float, hp_dtype: torch.dtype) -> Fp8Params:
+    return Fp8Params(qdtype, float(fp8_max), hp_dtype)
+
+
+# ------------------------------------------------------------------ linear
+
+
+@torch.library.custom_op(f"{LIBRARY}::linear", mutates_args=())
+def linear(x: Tensor, qweight: Tensor, weight_scale: Tensor, input_scale: Tensor, bias: Tensor | None,
+           fp8_max: float, hp_dtype: torch.dtype, backend: str) -> Tensor:
+    """Static FP8 linear: ``qdq(x) @ dequant(qweight)ᵀ + bias`` by the backend's kernel."""
+    kernel = kernel_for("linear", backend, x.device)
+    return kernel(x, qweight, weight_scale, input_scale, bias, _params(qweight.dtype, fp8_max, hp_dtype))
+
+
+@linear.register_fake
+def _linear_fake(x, qweight, weight_scale, input_scale, bias, fp8_max, hp_dtype, backend):
+    return emulated.linear_emulated(x, qweight, weight_scale, input_scale, bias, _params(qweight.dtype, fp8_max, hp_dtype))
+
+
+# ------------------------------------------------------------------ conv2d
+
+
+@torch.library.custom_op(f"{LIBRARY}::conv2d", mutates_args=())
+def conv2d(x: Tensor, qweight: Tensor, weight_scale: Tensor, input_scale: Tensor, bias: Tensor | None,
+           fp8_max: float, hp_dtype: torch.dtype, backend: str, stride: list[int], padding: list[int],
+           padding_mode: str, dilation: list[int], groups: int) -> Tensor:
+    """Static FP8 conv2d: ``conv2d(qdq(x), dequant(qweight), bias, ...)`` by the backend's kernel.
+
+    ``padding_mode`` is "" for numeric ``padding``, or F.conv2d's string padding ("same" /
+    "valid"; ``padding`` is then ignored): the schema has no int-or-string type.
+    """
+    kernel = kernel_for("conv2d", backend, x.device)
+    return kernel(x, qweight, weight_scale, input_scale, bias, _params(qweight.dtype, fp8_max, hp_dtype),
+                  stride, padding_mode or padding, dilation, groups)
+
+
+@conv2d.register_fake
+def _conv2d_fake(x, qweight, weight_scale, input_scale, bias, fp8_max, hp_dtype, backend, stride, padding,
+                 padding_mode, dilation, groups):
+    return emulated.conv2d_emulated(x, qweight, weight_scale, input_scale, bias,
+                                    _params(qweight.dtype, fp8_max, hp_dtype), stride, padding_mode or padding,
+                                    dilation, groups)
+
+
+def conv2d_args(stride, padding, dilation) -> tuple[list[int], list[int], str, list[int]]:
+    """F.conv2d's ``stride, padding, dilation`` (ints, pairs or a padding string) as the op's arguments."""
+
+    def pair(v) -> list[int]:
+        return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+    if isinstance(padding, str):
+        return pair(stride), [0, 0], padding, pair(dilation)
+    return pair(stride), pair(padding), "", pair(dilation)
+
+
+# ------------------------------------------------------------------ embedding
+
+
+@torch.library.custom_op(f"{LIBRARY}::embedding", mutates_args=())
+def embedding(ids: Tensor, qweight: Tensor, weight_scale: Tensor, fp8_max: float, hp_dtype: torch.dtype,
+              backend: str) -> Tensor:
+    """Weight-only FP8 embedding: gather FP8 rows, dequantize them."""
+    kernel = kernel_for("embedding", backend, qweight.device)
+    return kernel(ids, qweight, weight_scale, _params(qweight.dtype, fp8_max, hp_dtype))
+
+
+@embedding.register_fake
+def _embedding_fake(ids, qweight, weight_scale, fp8_max, hp_dtype, backend):
+    return emulated.embedding_emulated(ids, qweight, weight_scale, _params(qweight.dtype, fp8_max, hp_dtype))
+
+
+# ------------------------------------------------------------------ activation quantize / dequantize
+
+
+@torch.library.custom_op(f"{LIBRARY}::quantize", mutates_args=())
+def quantize(x: Tensor, scale: Tensor, fp8_dtype: torch.dtype, fp8_max: float, backend: str) -> Tensor:
+    """``clamp(x / scale, ±fp8_max)`` cast to ``fp8_dtype``: an activation with its static scale."""
+    return kernel_for("quantize", backend, x.device)(x, scale, _params(fp8_dtype, fp8_max, x.dtype))
+
+
+@quantize.register_fake
+def _quantize_fake(x, scale, fp8_dtype, fp8_max, backend):
+    return emulated.quantize_emulated(x, scale, _params(fp8_dtype, fp8_max, x.dtype))
+
+
+@torch.library.custom_op(f"{LIBRARY}::dequantize", mutates_args=())
+def dequantize(q: Tensor, scale: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
+    """``q * scale`` computed in fp32, cast to ``out_dtype``."""
+    return kernel_for("dequantize", backend, q.device)(q, scale, out_dtype)
+
+
+@dequantize.register_fake
+def _dequantize_fake(q, scale, out_dtype, backend):
+    return emulated.dequantize_emulated(q, scale, out_dtype)
+
+
+# ------------------------------------------------------------------ attention: sdpa, matmul / bmm / baddbmm
+
+
+@torch.library.custom_op(f"{LIBRARY}::sdpa", mutates_args=())
+def sdpa(query: Tensor, key: Tensor, value: Tensor, input_scales: Tensor, attn_mask: Tensor | None, dropout_p: float,
+         is_causal: bool, scale: float | None, enable_gqa: bool, fp8_dtype: torch.dtype, fp8_max: float,
+         hp_dtype: torch.dtype, backend: str) -> Tensor:
+    """``F.scaled_dot_product_attention`` of q, k, v quantize-dequantized with their static scales."""
+    kernel = kernel_for("sdpa", backend, query.device)
+    return kernel(query, key, value, input_scales, _params(fp8_dtype, fp8_max, hp_dtype), attn_mask=attn_mask,
+                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+@sdpa.register_fake
+def _sdpa_fake(query, key, value, input_scales, attn_mask, dropout_p, is_causal, scale, enable_gqa, fp8_dtype, fp8_max,
+               hp_dtype, backend):
+    return emulated.sdpa_emulated(query, key, value, input_scales, _params(fp8_dtype, fp8_max, hp_dtype),
+                                  attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                  enable_gqa=enable_gqa)
+
+
+# ``fn`` names the torch function; ``addend``, ``beta`` and ``alpha`` are baddbmm's (``addend`` None otherwise).
+@torch.library.custom_op(f"{LIBRARY}::matmul", mutates_args=())
+def matmul(fn: str, a: Tensor, b: Tensor, input_scales: Tensor, addend: Tensor | None, beta: float, alpha: float,
+           fp8_dtype: torch.dtype, fp8_max: float, hp_dtype: torch.dtype, backend: str) -> Tensor:
+    """``torch.matmul`` / ``bmm`` / ``baddbmm`` with both operands quantize-dequantized (static scales)."""
+    kernel = kernel_for("matmul", backend, a.device)
+    args, kwargs = _matmul_call(fn, a, b, addend, beta, alpha)
+    return kernel(fn, args, kwargs, input_scales, _params(fp8_dtype, fp8_max, hp_dtype))
+
+
+@matmul.register_fake
+def _matmul_fake(fn, a, b, input_scales, addend, beta, alpha, fp8_dtype, fp8_max, hp_dtype, backend):
+    args, kwargs = _matmul_call(fn, a, b, addend, beta, alpha)
+    return emulated.matmul_emulated(fn, args, kwargs, input_scales, _params(fp8_dtype, fp8_max, hp_dtype))
+
+
+def _matmul_call(fn: str, a, b, addend, beta: float, alpha: float) -> tuple[tuple, dict]:
+    if fn == "baddbmm":
+        return (addend, a, b), ({} if (beta, alpha) == (1.0, 1.0) else {"beta": beta, "alpha": alpha})
+    return (a, b), {}
+
+
+def matmul_args(fn: str, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
+    """A captured ``torch.matmul`` / ``bmm`` / ``baddbmm`` call as the op's ``a, b, addend, beta, alpha``.
+
+    Raises:
+        NotImplementedError: an argument the op does not carry (``out=``, extra positionals).
+    """
+    kwargs = dict(kwargs)
+    beta, alpha = float(kwargs.pop("beta", 1.0)), float(kwargs.pop("alpha", 1.0))
+    names = ("input", "batch1", "batch2") if fn == "baddbmm" else ("input", "mat2" if fn == "bmm" else "other")
+    values = list(args) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
+    if kwargs or len(values) != len(names):
+        raise NotImplementedError(f"quantized {fn}: takes {', '.join(names)} (and beta, alpha for baddbmm); "
+                                  f"got {len(values)} operands and {sorted(kwargs) or 'no'} other keywords")
+    if fn == "baddbmm":
+        return values[1], values[2], values[0], beta, alpha
+    return values[0], values[1], None, beta, alpha
+
+
+# ------------------------------------------------------------------ gradients
+#
+# A quantized model is for inference, but its ops must not stop autograd from tracing: torch.compile
+# builds a joint forward/backward graph whenever an input requires grad (a float embedding's output,
+# a bias left as a trainable Parameter), and an op without a formula fails there. The formulas are
+# the usual straight-through ones: the activation's quantize-dequantize passes gradients unchanged,
+# the FP8 weight is used dequantized and gets no gradient, and the bias gets its ordinary one.
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, qweight, weight_scale, _input_scale, bias, _fp8_max, hp_dtype, _backend = inputs
+    ctx.save_for_backward(qweight, weight_scale)
+    ctx.hp_dtype, ctx.x_dtype = hp_dtype, x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad):
+    qweight, weight_scale = ctx.saved_tensors
+    w = emulated.dequantize_emulated(qweight, weight_scale, ctx.hp_dtype)  # [N, K]
+    grad_x = torch.matmul(grad.to(ctx.hp_dtype), w).to(ctx.x_dtype)
+    grad_bias = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _conv2d_setup(ctx, inputs, output) -> None:
+    x, qweight, weight_scale, _input_scale, bias, _fp8_max, hp_dtype, _backend, stride, padding, padding_mode, \
+        dilation, groups = inputs
+    if padding_mode == "valid":
+        padding = [0, 0]
+    elif padding_mode == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, qweight.shape[2:], strict=True)]
+        padding = [t // 2 for t in total]
+        ctx.asymmetric = any(t % 2 for t in total)
+    ctx.save_for_backward(x, qweight, weight_scale)
+    ctx.hp_dtype, ctx.has_bias = hp_dtype, bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.asymmetric = getattr(ctx, "asymmetric", False)
+
+
+def _conv2d_backward(ctx, grad):
+    x, qweight, weight_scale = ctx.saved_tensors
+    if ctx.asymmetric:
+        raise NotImplementedError("inc_bridge::conv2d: no gradient for padding='same' with an even kernel extent")
+    stride, padding, dilation, groups = ctx.conv
+    w = emulated.dequantize_emulated(qweight, weight_scale, ctx.hp_dtype)
+    batched = x.dim() == 4
+    xb, gb = (x, grad) if batched else (x.unsqueeze(0), grad.unsqueeze(0))
+    grad_x, _, _ = torch.ops.aten.convolution_backward(
+        gb.to(ctx.hp_dtype), xb.to(ctx.hp_dtype), w, None, stride, padding, dilation, False, [0, 0], groups,
+        [True, False, False])
+    grad_x = (grad_x if batched else grad_x.squeeze(0)).to(x.dtype)
+    grad_bias = None
+    if ctx.has_bias:
+        grad_bias = gb.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
+    return grad_x, None, None, None, grad_bias, None, None, None, None, None, None, None, None
+
+
+conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
+
+
+
+def _quantize_backward(ctx, grad):
+    """Straight through: d(quantize)/dx taken as 1 (the FP8 output's gradient, as the input's dtype)."""
+    return (grad.to(ctx.x_dtype),) + (None,) * 4
+
+
+def _quantize_setup(ctx, inputs, output) -> None:
+    ctx.x_dtype = inputs[0].dtype
+
+
+def _dequantize_backward(ctx, grad):
+    return (grad.to(ctx.q_dtype),) + (None,) * 3
+
+
+def _dequantize_setup(ctx, inputs, output) -> None:
+    ctx.q_dtype = inputs[0].dtype
+
+
+quantize.register_autograd(_quantize_backward, setup_context=_quantize_setup)
+dequantize.register_autograd(_dequantize_backward, setup_context=_dequantize_setup)
+
+
+def _vjp_backward(fn, tensors, grad):
+    """Straight-through gradients of ``fn(*tensors)`` (the quantize-dequantize taken as identity)."""
+    _, vjp = torch.func.vjp(fn, *tensors)
+    return vjp(grad)
+
+
+def _sdpa_setup(ctx, inputs, output) -> None:
+    query, key, value, _scales, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs[:9]
+    ctx.save_for_backward(query, key, value, attn_mask)
+    ctx.kwargs = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
+
+
+def _sdpa_backward(ctx, grad):
+    query, key, value, attn_mask = ctx.saved_tensors
+    if ctx.kwargs["dropout_p"]:
+        raise NotImplementedError("inc_bridge::sdpa: no gradient with dropout (the op does not return its mask)")
+    grads = _vjp_backward(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, **ctx.kwargs), (query, key, value), grad)
+    return (*grads,) + (None,) * 10
+
+
+sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
+
+
+def _matmul_setup(ctx, inputs, output) -> None:
+    fn, a, b, _scales, addend, beta, alpha = inputs[:7]
+    ctx.save_for_backward(a, b, addend)
+    ctx.fn, ctx.beta, ctx.alpha = fn, beta, alpha
+
+
+def _matmul_backward(ctx, grad):
+    a, b, addend = ctx.saved_tensors
+    if ctx.fn == "baddbmm":
+        ga, gb, gadd = _vjp_backward(lambda x, y, z: torch.baddbmm(z, x, y, beta=ctx.beta, alpha=ctx.alpha),
+                                     (a, b, addend), grad)
+    else:
+        (ga, gb), gadd = _vjp_backward(torch.matmul if ctx.fn == "matmul" else torch.bmm, (a, b), grad), None
+    return None, ga, gb, None, gadd, None, None, None, None, None, None
+
+
+matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)
