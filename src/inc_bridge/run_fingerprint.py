@@ -5,7 +5,7 @@ with another model (or another tolerance) would silently mix two runs. The first
 records a fingerprint of each; a resumed run recomputes them and refuses a log whose fingerprint
 differs. These are digests for telling runs apart, not signatures: a log is data anyone can edit.
 
-- model: sha256 over the state dict (every name, dtype, shape and the bytes of every tensor; a
+- model: sha256 over the state dict (every name, dtype, shape and the CRC-32 of the bytes of every tensor; a
   tensor of more than 64 MiB contributes 64 evenly spaced 1 MiB windows, first and last included,
   so fingerprinting a large model stays cheap — a change confined between two windows is missed).
 - recipe: sha256 of the recipe's canonical JSON without what may change between an interrupted
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -50,10 +52,26 @@ def run_fingerprint(model: nn.Module, recipe: Recipe, calibration: str) -> dict[
 
 
 def model_digest(model: nn.Module) -> str:
+    """sha256 over every tensor's name, dtype, shape and the CRC-32 of its bytes.
+
+    Why CRC-32 per tensor: the fingerprint tells runs apart (it is no signature), and it is paid by
+    every autotune run: on all-MiniLM-L6-v2's 90 MB of fp32 weights sha256 took 0.055 s, CRC-32
+    0.023 s, and the per-tensor checksums run on two threads (zlib releases the GIL on large
+    buffers). A changed tensor keeping its CRC-32 has a 2^-32 chance.
+    """
+    tensors = list(model.state_dict(keep_vars=False).items())
+
+    def digest(tensor: torch.Tensor) -> bytes:
+        crc = _Crc32()
+        _feed_tensor(crc, tensor)
+        return crc.value.to_bytes(4, "little")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        digests = list(pool.map(digest, [t for _, t in tensors]))
     h = hashlib.sha256()
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    for (name, tensor), d in zip(tensors, digests, strict=True):
         h.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        _feed_tensor(h, tensor)
+        h.update(d)
     return h.hexdigest()
 
 
@@ -110,6 +128,16 @@ def _feed(h: Any, obj: Any, depth: int) -> None:
         h.update(repr(obj).encode())
     else:
         h.update(f"<{type(obj).__qualname__}>".encode())
+
+
+class _Crc32:
+    """``update``-compatible CRC-32 (zlib), so ``_feed_tensor`` serves both digests."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: Any) -> None:
+        self.value = zlib.crc32(data, self.value)
 
 
 def _feed_tensor(h: Any, tensor: torch.Tensor) -> None:

@@ -288,7 +288,10 @@ def _eval_view(model: nn.Module) -> nn.Module:
 
     Nothing autotune runs touches the user's modules, so their training flags never change (not
     even for a moment, which another thread would see), and no forward updates BatchNorm statistics.
+    A model already entirely in eval mode is its own view (nothing to protect; no copy to pay for).
     """
+    if not any(m.training for m in model.modules()):
+        return model
     return structural_copy(model).eval()
 
 
