@@ -16,7 +16,6 @@ from torchao.utils import TorchAOBaseTensor
 from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError, SerializationError
 from .fp8_checks import check_scale_values, check_weight_parts
-from .kernels import Fp8Params
 from .kernels import ops as kernel_ops
 
 __all__ = ["Float8StaticTensor"]
@@ -65,10 +64,6 @@ class Float8StaticTensor(TorchAOBaseTensor):
             f"act_scale={'none' if self.act_scale is None else scale_text(self.act_scale)}, "
             f"dtype={self.dtype}, backend={self.backend!r})"
         )
-
-    @property
-    def params(self) -> Fp8Params:
-        return Fp8Params(self.qdata.dtype, self.fp8_max, self.dtype)
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.qdata.to(torch.float32) * self.scale).to(output_dtype or self.dtype)
