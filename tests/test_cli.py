@@ -91,3 +91,13 @@ def test_inspect_saved_model_and_apply(tmp_path, capsys, monkeypatch):
     assert main(["inspect", str(tmp_path / "model")]) == 0
     out = capsys.readouterr().out
     assert "saved FP8 model: format version 1, form module" in out and "conv2d 2, linear 2" in out
+
+
+def test_failed_tune_without_out_leaves_no_directory(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the run's default --out would go
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantization:\n  format: e4m3\n")  # no model.factory: tune fails
+    assert main(["tune", str(recipe)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

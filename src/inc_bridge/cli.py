@@ -132,7 +132,13 @@ def _tune(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(Path(args.recipe))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="inc_bridge_tune_"))
-    result = autotune(_model_from(recipe), recipe=recipe, output_dir=out, resume=args.resume, progress=not args.quiet)
+    try:
+        result = autotune(_model_from(recipe), recipe=recipe, output_dir=out, resume=args.resume,
+                          progress=not args.quiet)
+    except BaseException:
+        if not args.out and not any(out.iterdir()):
+            out.rmdir()  # a directory we made for a run that wrote nothing: leave no trace
+        raise
     r = result.report
     kept = [row.name for row in r.layers if not row.quantized]
     print(f"baseline {r.baseline_metric:.6g}, FP8 {r.final_metric if r.final_metric is not None else float('nan'):.6g}, "
