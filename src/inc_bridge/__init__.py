@@ -8,7 +8,8 @@ Example:
 """
 
 # _torchao_import first: it imports torchao with its import-time log lines muted, before any module below does.
-from . import _torchao_import, nn  # noqa: F401  (_torchao_import: imported for its effect)
+# hf_layers registers the converters of transformers' Conv1D and fused MoE experts.
+from . import _torchao_import, hf_layers, nn  # noqa: F401  (imported for their effect)
 from .activation import Float8ActivationTensor
 from .calibrate import calibrate
 from .capture import capture_attention, captured_sites

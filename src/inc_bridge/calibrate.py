@@ -27,6 +27,7 @@ from . import _inc, scratch
 from .activation import quantized_positions
 from .batches import run_batch
 from .convert import structural_copy
+from .converters import Converter, converter_for
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_name
 from .inc_files import read_local_dump
@@ -77,18 +78,25 @@ def calibrate(
             + (f": {why}{' ...' if len(selection.skipped) > 3 else ''}" if why else "") + ")"
         )
     modules = dict(model.named_modules())
+    converters = {n: converter_for(modules[n]) for n in selection.selected}
     weighted = {n: op for n, op in selection.selected.items() if op.has_weight}
-    hp_dtype = _hp_dtype(modules, weighted) if weighted else None
+    hp_dtype = _hp_dtype(modules, weighted, converters) if weighted else None
     fmt = recipe.quantization.format
     bins = recipe.calibration.histogram_bins
-    observers: dict[str, InputObserver] = {}
+    observers: dict[str, Any] = {}
+    # Weighted layers INC does not patch (transformers' Conv1D, fused experts) bring their own observer.
+    own_observer = {n for n in weighted if converters[n] is not None and converters[n].observer is not None}
+    inc_measures = hp_dtype is not None and bool(set(weighted) - own_observer)
 
     def run_observed(prepared: nn.Module) -> int:
         # INC has patched `prepared` by now; our observers sit on the same (patched) modules.
         for name, op in selection.selected.items():
             if not op.weight_only:
                 module = prepared.get_submodule(name)
-                observers[name] = InputObserver(module, (0,) if op.has_weight else quantized_positions(module), bins)
+                if name in own_observer:
+                    observers[name] = converters[name].observer(module, bins)
+                else:
+                    observers[name] = InputObserver(module, (0,) if op.has_weight else quantized_positions(module), bins)
         return run(prepared)
 
     run = _runner(calib_data)
@@ -96,37 +104,49 @@ def calibrate(
     with _workdir(workdir) as wd, _inc.inc_session() as private:
         shadow = structural_copy(model).eval()
         try:
-            if hp_dtype is not None:
+            if inc_measures:
                 config = _inc.fp8_config(wd, hp_dtype, fmt, config_dir=private)
                 num_batches = _inc.measure(shadow, run_observed, config)
-            else:  # only captured attention selected: nothing for INC to measure
+            else:  # only layers the bridge measures (captured attention, Conv1D, experts): nothing for INC
                 num_batches = run_observed(shadow)
         finally:
             _dismantle(shadow)
             del shadow
-        raw = read_local_dump(wd) if hp_dtype is not None else Measurements(layers={})
+        raw = read_local_dump(wd) if inc_measures else Measurements(layers={})
     # What this process saw: name -> (input amax, input histograms, dtype); weight-only layers need none.
     seen: dict[str, tuple[tuple[float, ...], tuple[dict, ...], str | None]] = {}
+    own_stats: dict[str, LayerStats] = {}  # layers whose observer gives complete statistics (fused experts)
     for name, op in selection.selected.items():
         if op.weight_only:
             continue
-        amax = observers[name].input_amax() if not op.has_weight else (
+        bridge = not op.has_weight or name in own_observer
+        if hasattr(observers[name], "layer_stats"):
+            stats = observers[name].layer_stats(name, op.value)
+            if stats is not None:
+                own_stats[name] = stats
+            continue
+        amax = observers[name].input_amax() if bridge else (
             raw.layers[name].input_amax if name in raw.layers else ())
         if amax:  # a layer that never ran is reported by compute_scales, by name
-            dtype = observers[name].dtype if not op.has_weight else hp_dtype
+            dtype = observers[name].dtype if bridge else hp_dtype
             seen[name] = (amax, observers[name].histograms(), dtype_name(dtype))
     observers.clear()
     if _distributed():
         seen, num_batches = _merge_across_ranks(seen, num_batches)
     layers: dict[str, LayerStats] = {}
     for name, op in selection.selected.items():
+        if name in own_stats:
+            own_stats[name].check_finite()
+            layers[name] = own_stats[name]
+            continue
         if name not in seen and not op.weight_only:
             continue
         amax, hists, dtype = seen.get(name, ((), (), dtype_name(hp_dtype) if hp_dtype else None))
+        bridge = not op.has_weight or name in own_observer
         stats = LayerStats(name=name, kind=op.value, input_amax=amax, dtype=dtype, input_hist=hists,
-                           source=Source.INC if op.has_weight else Source.BRIDGE)
+                           source=Source.BRIDGE if bridge else Source.INC)
         if op.has_weight:
-            per_channel = weight_amax_per_channel(modules[name].weight)  # remembered for compute_scales
+            per_channel = weight_amax_per_channel(converters[name].weight_of(modules[name]))  # for compute_scales
             stats = dataclasses.replace(stats, weight_amax=float(per_channel.max()),
                                         weight_amax_per_channel=tuple(per_channel.tolist()))
         stats.check_finite()
@@ -134,7 +154,7 @@ def calibrate(
     return Measurements(
         layers=layers,
         inc_version=_inc.inc_version(),
-        inc_config=_inc.config_record(hp_dtype, fmt) if hp_dtype is not None else {},
+        inc_config=_inc.config_record(hp_dtype, fmt) if inc_measures else {},
         num_batches=num_batches if num_batches >= 0 else None,
         ranks=tuple(range(torch.distributed.get_world_size())) if _distributed() else (),
     )
@@ -163,8 +183,9 @@ def _merge_across_ranks(seen: dict, num_batches: int) -> tuple[dict, int]:
     return merged, (-1 if any(n < 0 for n in counts) else sum(counts))
 
 
-def _hp_dtype(modules: Mapping[str, nn.Module], selected: Mapping[str, object]) -> torch.dtype:
-    dtypes = {modules[name].weight.dtype for name in selected}
+def _hp_dtype(modules: Mapping[str, nn.Module], selected: Mapping[str, object],
+              converters: Mapping[str, Converter | None]) -> torch.dtype:
+    dtypes = {converters[name].weight_of(modules[name]).dtype for name in selected}
     if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_HP_DTYPES:
         raise CalibrationError(
             f"the selected layers have weight dtypes {sorted(map(str, dtypes))}; inc_bridge calibrates models "

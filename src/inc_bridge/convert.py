@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .converters import converter_for
-from .coverage import FloatMatrix, float_matrices, quantized_layers
+from .coverage import FloatMatrix, float_matrices, matrix_bytes, quantized_layers
 from .errors import ConversionError
+from .experts_scales import FALLBACK_RULE
 from .kernels import model_device, resolve_backend
 from .recipe import Backend, Form, Recipe
 from .scales import ScaleSet
@@ -46,19 +47,36 @@ class ConversionResult:
     recipe: Recipe | None = None
     backend_requested: str | None = None
     float_left: list[FloatMatrix] | None = None
+    layer_types: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def by_type(self) -> dict[str, tuple[int, int, int]]:
+        """Float module type → (converted layers, their float matrix bytes, their FP8 bytes)."""
+        out: dict[str, tuple[int, int, int]] = {}
+        for type_name, float_bytes, fp8_bytes in self.layer_types.values():
+            n, f, q = out.get(type_name, (0, 0, 0))
+            out[type_name] = (n + 1, f + float_bytes, q + fp8_bytes)
+        return out
 
     def summary(self) -> str:
         """What was converted, and every module left in high precision with its reason and bytes."""
         head = f"{_count(len(self.converted), 'layer')} converted (form={self.form.value}, backend={self.backend})"
         if self.float_left is None:  # not filled from a model: the quantizable layers kept are all we know
             lines = [f"{head}, {_count(len(self.skipped), 'quantizable layer')} left in high precision"]
+            lines += self._converted_lines()
             return "\n".join(lines + [f"  kept {name}: {why}" for name, why in self.skipped.items()])
         left = sum(f.nbytes for f in self.float_left)
         unsupported = sum(f.nbytes for f in self.float_left if f.unsupported)
         lines = [f"{head}; {_count(len(self.float_left), 'module')} with weight matrices left in high precision "
                  f"({_mib(left)}, of which {_mib(unsupported)} in types inc_bridge cannot quantize)"]
+        lines += self._converted_lines()
         lines += [f"  kept {f.name} ({f.module_type}, {_mib(f.nbytes)}): {f.reason}" for f in self.float_left]
         return "\n".join(lines)
+
+    def _converted_lines(self) -> list[str]:
+        lines = [f"  converted {t}: {_count(n, 'layer')}, {_mib(f)} float -> {_mib(q)} FP8"
+                 for t, (n, f, q) in sorted(self.by_type().items())]
+        return lines + [f"  note {name}: {why}" for name, why in self.notes.items()]
 
 
 def _count(n: int, noun: str) -> str:
@@ -142,6 +160,7 @@ def convert(
     check_not_quantized(model)
     form, backend_name, impls, modules = _plan(model, scales, form, backend)
     tied = tied_groups(modules, [name for name, ls in scales.layers.items() if ls.kind.has_weight])
+    types = _layer_types(modules, scales)
     if inplace:
         # Layer by layer: each float layer is released as soon as its FP8 replacement is in place,
         # so peak memory is the float model plus one layer.
@@ -158,7 +177,7 @@ def convert(
             memo.update(shared_tensors(model))
         target = copy.deepcopy(model, memo)
     retie(tied, target.get_submodule)  # layers sharing a float weight share its FP8 weight
-    _attach_result(target, form, backend_name, scales, Backend(backend).value)
+    _attach_result(target, form, backend_name, scales, Backend(backend).value, types=types)
     return target
 
 
@@ -182,7 +201,8 @@ def swapped_in(model: nn.Module, scales: ScaleSet, *, form: Form | str = Form.SU
     try:
         for name, new in replacements.items():
             _set_submodule(model, name, new, modules)
-        _attach_result(model, form, backend_name, scales, Backend(backend).value, modules)
+        _attach_result(model, form, backend_name, scales, Backend(backend).value, modules,
+                       types=_layer_types(originals, scales))
         yield model
     finally:
         for name, old in originals.items():
@@ -221,17 +241,32 @@ def _plan(model: nn.Module, scales: ScaleSet, form: Form | str, backend: Backend
                 f"layer {name!r} is a {type(module).__name__}, but its scales are for a {ls.kind.value} layer"
             )
         if ls.kind.has_weight:
-            ls.check_weight(module.weight)
+            ls.check_weight(conv.weight_of(module))
         impls[name] = conv.impl.to_subclass if form is Form.SUBCLASS else conv.impl.to_module
     return form, backend_name, impls, modules
 
 
+def _layer_types(modules: dict[str, nn.Module], scales: ScaleSet) -> dict[str, tuple[str, int, int]]:
+    """Layer name → (float module type, float matrix bytes, FP8 bytes) of each layer to convert."""
+    return {name: (type(modules[name]).__name__, *matrix_bytes(modules[name])) for name in scales.layers}
+
+
+def _notes(scales: ScaleSet) -> dict[str, str]:
+    """Per-expert fallbacks of fused experts layers (``experts_scales``), one line per expert."""
+    notes = {}
+    for name, ls in scales.layers.items():
+        for e in getattr(ls, "fallback", ()):
+            notes[f"{name}[expert {e}]"] = FALLBACK_RULE
+    return notes
+
+
 def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: ScaleSet, requested: str,
-                   modules: dict[str, nn.Module] | None = None) -> None:
+                   modules: dict[str, nn.Module] | None = None, *,
+                   types: dict[str, tuple[str, int, int]] | None = None) -> None:
     """``modules``: the model's modules by name, before or after the swap (only the names of
     converted layers differ in their module, and those are not looked at)."""
     result = ConversionResult(form=form, backend=backend_name, skipped=dict(scales.skipped), scales=scales,
-                              backend_requested=requested)
+                              backend_requested=requested, layer_types=types or {}, notes=_notes(scales))
     result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
     for name, module in (modules.items() if modules is not None else target.named_modules()):
         if name and name not in result.converted and name not in result.skipped and converter_for(module):

@@ -9,9 +9,11 @@ Lookups are by exact type: a subclass of ``nn.Linear`` may use its weight in way
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from .activation import attach_input_quant
@@ -31,28 +33,66 @@ class _ConverterImpl(Protocol):
     def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module: ...
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    return module.weight
+
+
 @dataclass(frozen=True)
 class Converter:
+    """How one module type is quantized.
+
+    ``weight_of(module)`` is the layer's weight as [out, in, ...] (weight amax and per-channel
+    scales run over dim 0; a transformers ``Conv1D`` stores [in, out] and gives a transposed view).
+    ``observer(module, bins)``, when set, measures the layer's input during calibration in place of
+    INC (INC 3.10 on CPU patches only Linear, Conv2d and EmbeddingBag); None: INC measures it.
+    """
+
     module_type: type[nn.Module]
     op: Op
     impl: type[_ConverterImpl]
+    weight_of: Callable[[nn.Module], torch.Tensor] = _weight
+    observer: Callable[[nn.Module, int], Any] | None = None
 
 
 _CONVERTERS: dict[type[nn.Module], Converter] = {}
+# Functions that name a converter for a module type by its identity (module and class name), for
+# types of packages inc_bridge must not import eagerly (transformers); consulted on an exact miss.
+_RESOLVERS: list[Callable[[type], Converter | None]] = []
 
 
-def register_converter(module_type: type[nn.Module], op: Op):
-    """Class decorator registering the conversions of ``module_type`` under ``op``."""
+def register_converter(module_type: type[nn.Module], op: Op, *,
+                       weight_of: Callable[[nn.Module], torch.Tensor] = _weight,
+                       observer: Callable[[nn.Module, int], Any] | None = None):
+    """Class decorator registering the conversions of ``module_type`` under ``op`` (see ``Converter``)."""
 
     def decorator(impl: type[_ConverterImpl]) -> type[_ConverterImpl]:
-        _CONVERTERS[module_type] = Converter(module_type, op, impl)
+        _CONVERTERS[module_type] = Converter(module_type, op, impl, weight_of, observer)
         return impl
 
     return decorator
 
 
+def register_converter_resolver(resolver: Callable[[type], Converter | None]) -> None:
+    """Add a function that returns the Converter of a module type it recognises, else None.
+
+    For classes of optional packages (transformers' ``Conv1D``, its fused MoE experts): recognised
+    by module path and class name, so inc_bridge never imports the package itself. A type once recognised
+    is remembered.
+    """
+    _RESOLVERS.append(resolver)
+
+
+_RESOLVED: dict[type, Converter] = {}  # types a resolver recognised
+
+
 def converter_for(module: nn.Module) -> Converter | None:
-    return _CONVERTERS.get(type(module))
+    cls = type(module)
+    conv = _CONVERTERS.get(cls) or _RESOLVED.get(cls)
+    if conv is None and _RESOLVERS:
+        conv = next((c for c in (resolve(cls) for resolve in _RESOLVERS) if c is not None), None)
+        if conv is not None:
+            _RESOLVED[cls] = conv
+    return conv
 
 
 def describe_registered() -> str:

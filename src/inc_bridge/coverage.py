@@ -47,6 +47,32 @@ def _float_matrix_bytes(module: nn.Module) -> int:
     return total
 
 
+def matrix_bytes(module: nn.Module) -> tuple[int, int]:
+    """(float bytes, FP8 bytes) of the weight matrices in ``module``'s subtree: every float
+    parameter of two or more dimensions, and the one byte per element it takes in FP8."""
+    float_bytes = elements = 0
+    for p in module.parameters():
+        if p.dim() >= 2 and p.is_floating_point() and p.element_size() > 1:
+            float_bytes += p.numel() * p.element_size()
+            elements += p.numel()
+    return float_bytes, elements
+
+
+def _kept_on_purpose(module: nn.Module) -> str | None:
+    cls = type(module)
+    return KEPT_ON_PURPOSE.get((cls.__module__, cls.__qualname__))
+
+
+# Matrix-bearing types left in high precision by design, not for want of a converter.
+_ROUTER = ("MoE router: kept in high precision on purpose (its [experts, hidden] logits pick the experts; "
+           "FP8 rounding there changes which experts run)")
+KEPT_ON_PURPOSE: dict[tuple[str, str], str] = {
+    ("transformers.models.mixtral.modeling_mixtral", "MixtralTopKRouter"): _ROUTER,
+    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeTopKRouter"): _ROUTER,
+    ("transformers.models.olmoe.modeling_olmoe", "OlmoeTopKRouter"): _ROUTER,
+}
+
+
 def float_matrices(model: nn.Module, converted: Mapping[str, object] | set[str] = frozenset(),
                    skipped: Mapping[str, str] | None = None) -> list[FloatMatrix]:
     """Every module outside ``converted`` that holds a float weight matrix, with why it was kept.
@@ -75,6 +101,8 @@ def float_matrices(model: nn.Module, converted: Mapping[str, object] | set[str] 
             continue
         if name in skipped:
             reason = skipped[name]
+        elif (on_purpose := _kept_on_purpose(module)) is not None:
+            reason = on_purpose
         elif converter_for(module) is None:
             reason = f"{UNSUPPORTED}: no converter for {type(module).__name__} (converters: {describe_registered()})"
         else:

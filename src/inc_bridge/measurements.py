@@ -48,6 +48,10 @@ class LayerStats:
     source: Source = Source.INC
     inc_scales: dict[str, Any] | None = None
     input_hist: tuple[dict[str, Any], ...] = ()  # per input: {"range": R, "counts": [...]} of |x| over [0, R)
+    # Fused MoE experts (``experts``): tokens routed to each expert, and per matrix (gate_up_proj,
+    # down_proj) the amax of each expert's input rows (0 for an expert that got no tokens).
+    expert_tokens: tuple[int, ...] = ()
+    expert_input_amax: tuple[tuple[float, ...], ...] = ()
 
     def check_finite(self, where: str = "") -> None:
         """Raise CalibrationError naming this layer if a statistic is NaN or infinite.
@@ -58,7 +62,7 @@ class LayerStats:
         if self.__dict__.get("_finite"):
             return
         values = [*self.input_amax, *(() if self.weight_amax is None else (self.weight_amax,)),
-                  *(self.weight_amax_per_channel or ())]
+                  *(self.weight_amax_per_channel or ()), *(v for amax in self.expert_input_amax for v in amax)]
         if not all(map(math.isfinite, values)):
             bad = [v for v in values if not math.isfinite(v)]
             raise CalibrationError(
@@ -228,7 +232,22 @@ def _layer_from_dict(name: Any, d: Any, origin: str) -> LayerStats:
         source=source,
         inc_scales=_inc_scales(d.get("inc_scales"), f"{where}: 'inc_scales'"),
         input_hist=tuple(_histogram(h, f"{where}: 'input_hist'[{i}]") for i, h in enumerate(hists)),
+        **_expert_fields(d, where),
     )
+
+
+def _expert_fields(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """``expert_tokens`` (non-negative integers) and ``expert_input_amax`` (one list per matrix, one
+    finite amax >= 0 per expert), consistent with each other."""
+    tokens, amax = d.get("expert_tokens") or [], d.get("expert_input_amax") or []
+    if not isinstance(tokens, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in tokens):
+        raise CalibrationError(f"{where}: 'expert_tokens' must be a list of non-negative integers, got {shorten(tokens)}")
+    if not isinstance(amax, (list, tuple)):
+        raise CalibrationError(f"{where}: 'expert_input_amax' must be a list of lists, got {shorten(amax)}")
+    per_matrix = tuple(_floats(a, f"{where}: 'expert_input_amax'[{i}]") for i, a in enumerate(amax))
+    if any(len(a) != len(tokens) for a in per_matrix) or bool(per_matrix) != bool(tokens):
+        raise CalibrationError(f"{where}: 'expert_input_amax' must hold one amax per expert of 'expert_tokens'")
+    return {"expert_tokens": tuple(tokens), "expert_input_amax": per_matrix}
 
 
 def _inc_scales(value: Any, where: str) -> dict[str, Any] | None:

@@ -13,8 +13,11 @@ from torch import nn
 from .calibrate import CalibData, calibrate, check_calib_data
 from .capture import capture_attention, captured_sites
 from .convert import check_not_quantized, conversion_result, convert
+from .converters import converter_for
 from .coverage import float_matrices
 from .errors import CalibrationError, ConversionError
+from .experts import MATRICES, is_fused_experts_type
+from .experts_scales import experts_layer_scales
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
 from .measurements import LayerStats, Measurements
 from .recipe import Op, Recipe, resolve_recipe
@@ -81,9 +84,13 @@ def model_scales(measurements: Measurements, recipe: Recipe, selection: Selectio
         if not op.has_weight:  # captured attention: the dtype its inputs had during calibration
             layers[name] = layer_scales(stats, op, recipe, _stats_dtype(stats))
             continue
-        weight = modules[name].weight
+        module = modules[name]
+        weight = converter_for(module).weight_of(module)  # [out, in, ...] (a Conv1D's transposed view)
         if weight.dtype not in SUPPORTED_HP_DTYPES:
             raise CalibrationError(f"layer {name!r}: weight dtype {weight.dtype} is not float32 or bfloat16")
+        if is_fused_experts_type(type(module)):  # scales per expert, from the tokens each expert received
+            layers[name] = experts_layer_scales(stats, recipe, weight.dtype, tuple(getattr(module, m) for m in MATRICES))
+            continue
         layers[name] = layer_scales(stats, op, recipe, weight.dtype, weight=weight)
     q = recipe.quantization
     return ScaleSet(layers=layers, skipped=dict(selection.skipped), format=q.format, target=q.target)

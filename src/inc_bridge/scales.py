@@ -329,6 +329,17 @@ class LayerScales:
                 f"{weight.shape[0]} output channels"
             )
 
+    def to_dict(self) -> dict[str, object]:
+        """Plain floats (``ScaleSet.to_dict``)."""
+        return {
+            "kind": self.kind.value,
+            "format": self.format.value,
+            "fp8_max": self.fp8_max,
+            "hp_dtype": dtype_name(self.hp_dtype),
+            "input_scales": [float(s) for s in self.input_scales],
+            "weight_scale": None if self.weight_scale is None else self.weight_scale.tolist(),
+        }
+
     def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FP8 weight (same shape as ``weight``) and the fp32 scale to dequantize it with.
 
@@ -388,17 +399,7 @@ class ScaleSet:
 
     def to_dict(self) -> dict[str, object]:
         """Plain floats, for reports and locked recipes."""
-        return {
-            name: {
-                "kind": ls.kind.value,
-                "format": ls.format.value,
-                "fp8_max": ls.fp8_max,
-                "hp_dtype": dtype_name(ls.hp_dtype),
-                "input_scales": [float(s) for s in ls.input_scales],
-                "weight_scale": None if ls.weight_scale is None else ls.weight_scale.tolist(),
-            }
-            for name, ls in self.layers.items()
-        }
+        return {name: ls.to_dict() for name, ls in self.layers.items()}
 
 
 def layer_scales(

@@ -2,7 +2,9 @@
 
 from .attention import QSDPA, SDPA, Matmul, QMatmul
 from .conv import QConv2d
+from .conv1d import QConv1D
 from .embedding import QEmbedding
+from .experts import QExperts
 from .linear import QuantizedLinear
 
-__all__ = ["SDPA", "Matmul", "QConv2d", "QEmbedding", "QMatmul", "QSDPA", "QuantizedLinear"]
+__all__ = ["SDPA", "Matmul", "QConv1D", "QConv2d", "QEmbedding", "QExperts", "QMatmul", "QSDPA", "QuantizedLinear"]

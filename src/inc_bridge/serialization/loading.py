@@ -181,6 +181,13 @@ class _Plan:
                 raise SerializationError(f"{self.manifest_path}: layer {name!r}: cannot build {cls.__name__} from {config}: {exc}") from None
             self._read_renamed(name, new)
             self._check_replaces(name, target, new, cls.__name__)
+            adopt = getattr(new, "adopt", None)
+            if callable(adopt):  # a layer that runs its float module's algorithm (QExperts) takes it from the skeleton
+                try:
+                    adopt(target)
+                except Exception as exc:
+                    raise SerializationError(f"{self.manifest_path}: layer {name!r}: {cls.__name__} cannot take the "
+                                             f"skeleton's {type(target).__name__}: {exc}") from None
             extra = self._fill(name, new, allow_extra=False)
             for local, t in (new.scale_buffers() if isinstance(new, Fp8Module) else {}).items():
                 check_scale_values(t, where=f"{self.tensors_path}: tensor {name + '.' + local!r}", error=SerializationError)

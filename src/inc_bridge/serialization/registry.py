@@ -32,6 +32,8 @@ from ..activation import attach_input_quant
 from ..formats import dtype_from_name, dtype_name
 from ..nn.attention import SDPA, Matmul
 from ..tensor import Float8StaticTensor
+from ..tensor_experts import Float8ExpertsTensor
+from ..tensor_kn import Float8StaticTensorKN
 
 _MODULE_CLASSES: dict[str, type[nn.Module]] = {}
 _TENSOR_CLASSES: dict[str, type[torch.Tensor]] = {}
@@ -120,6 +122,8 @@ def in_place_kind_of(module: nn.Module) -> tuple[InPlaceKind, dict[str, Any]] | 
 # ---------------------------------------------------------------- built-in registrations
 
 register_tensor_class(Float8StaticTensor)
+register_tensor_class(Float8StaticTensorKN)
+register_tensor_class(Float8ExpertsTensor)
 
 
 def _fp8_inputs_config(module: nn.Module) -> dict[str, Any] | None:

@@ -1,0 +1,181 @@
+"""Fused MoE experts: which modules they are, and how their inputs are measured per expert.
+
+transformers 5 keeps each MoE layer's experts as fused 3-D parameters inside one experts module
+(``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) and runs them through ``eager`` (a loop of
+``F.linear(x_e, weight[e])``) or ``grouped_mm`` (``F.grouped_mm(x_sorted, weight.transpose(-2, -1),
+offs)``). INC's measurement sees none of this. ``ExpertsObserver`` measures, during the same
+calibration pass, the amax of the tokens each expert actually receives, for both matrices: it runs
+the experts' forward under a ``TorchFunctionMode`` that looks at each matmul whose weight is one of
+the two parameters (a view of it: one expert; the whole transposed parameter: grouped rows) and
+records ``max |x|`` of the rows that go to each expert. The forward itself runs unchanged, so the
+model computes exactly what the float model computes; the cost is one amax per expert and matrix.
+
+Experts classes are recognised by identity (module path and class name) from ``FUSED_EXPERTS``:
+classes whose forward is transformers' standard experts algorithm with [E, out, in] weights, no
+bias and a gate (checked on the instance too). ``register_fused_experts`` adds another.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import CalibrationError
+from .measurements import LayerStats, Source
+
+MATRICES = ("gate_up_proj", "down_proj")
+
+# (module, class name) of transformers' experts classes with the standard layout and forward,
+# each checked by tests/test_llm_coverage.py.
+FUSED_EXPERTS: set[tuple[str, str]] = {
+    ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
+    ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),
+    ("transformers.models.olmoe.modeling_olmoe", "OlmoeExperts"),
+}
+SUPPORTED_IMPLEMENTATIONS = ("eager", "grouped_mm")
+
+
+def register_fused_experts(cls: type[nn.Module]) -> type[nn.Module]:
+    """Treat ``cls`` as a fused experts class (standard layout and forward); usable as a decorator."""
+    FUSED_EXPERTS.add((cls.__module__, cls.__qualname__))
+    return cls
+
+
+def is_fused_experts_type(cls: type) -> bool:
+    return (cls.__module__, cls.__qualname__) in FUSED_EXPERTS
+
+
+def check_layout(module: nn.Module, name: str, error: type[Exception]) -> tuple[int, int, int]:
+    """(experts, hidden, intermediate) of a fused experts module; ``error`` if its layout is another."""
+    gu, down = (getattr(module, m, None) for m in MATRICES)
+    flags = {k: getattr(module, k, d) for k, d in (("is_transposed", False), ("has_bias", False), ("has_gate", True),
+                                                    ("is_concatenated", True), ("has_post_expert_norm", False))}
+    ok = (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
+          and flags == {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
+                        "has_post_expert_norm": False})
+    if ok:
+        e, two_i, h = gu.shape
+        ok = two_i % 2 == 0 and tuple(down.shape) == (e, h, two_i // 2)
+    if not ok:
+        raise error(f"layer {name!r} ({type(module).__name__}): not the fused experts layout inc_bridge quantizes "
+                    "(gate_up_proj [E, 2I, H], down_proj [E, H, I], no bias, not transposed)")
+    return gu.shape[0], gu.shape[2], gu.shape[1] // 2
+
+
+class _RoutedRows(TorchFunctionMode):
+    """Records, for each matmul on one of the experts' parameters, the amax of each expert's rows."""
+
+    def __init__(self, observer: ExpertsObserver) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2:
+            self.observer.linear(args[0], args[1])
+        elif func in (F.grouped_mm, torch._grouped_mm) and len(args) >= 2:
+            self.observer.grouped(args[0], args[1], kwargs.get("offs", args[2] if len(args) > 2 else None))
+        return func(*args, **kwargs)
+
+
+class ExpertsObserver:
+    """Per-expert input amax and token counts of a fused experts module, for both matrices."""
+
+    def __init__(self, module: nn.Module, bins: int = 0) -> None:
+        self.module = module
+        self.num_experts = module.gate_up_proj.shape[0]
+        e = self.num_experts
+        self.amax = {m: torch.zeros(e, dtype=torch.float32) for m in MATRICES}
+        self.tokens = {m: torch.zeros(e, dtype=torch.int64) for m in MATRICES}
+        self.dtype: torch.dtype | None = None
+        self.calls = 0
+        self.seen = 0  # matmuls recognised as expert matmuls
+        original = module.forward
+
+        def observed_forward(*args, **kwargs):
+            self.calls += 1
+            with _RoutedRows(self):
+                return original(*args, **kwargs)
+
+        module.forward = observed_forward  # an instance attribute on the calibration copy only
+
+    def _which(self, w: torch.Tensor) -> str | None:
+        if not isinstance(w, torch.Tensor) or type(w) is not torch.Tensor and not isinstance(w, nn.Parameter):
+            return None
+        ptr = w.untyped_storage().data_ptr()
+        for m in MATRICES:
+            p = getattr(self.module, m)
+            if p.untyped_storage().data_ptr() == ptr:
+                return m
+        return None
+
+    def _add(self, m: str, expert_of_row: torch.Tensor, row_amax: torch.Tensor) -> None:
+        """Fold in rows: ``expert_of_row[i]`` received a row of amax ``row_amax[i]``."""
+        self.amax[m] = self.amax[m].scatter_reduce(0, expert_of_row, row_amax.float(), "amax", include_self=True)
+        self.tokens[m] += torch.bincount(expert_of_row, minlength=self.num_experts)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        m = self._which(w)
+        if m is None or w.dim() != 2 or x.numel() == 0:
+            return
+        p = getattr(self.module, m)
+        e = (w.storage_offset() - p.storage_offset()) // p.stride(0)
+        rows = x.reshape(-1, x.shape[-1])
+        self.seen += 1
+        self.dtype = x.dtype
+        row_amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
+        self._add(m, torch.full((rows.shape[0],), e, dtype=torch.int64), row_amax)
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None) -> None:
+        m = self._which(w)
+        if m is None or offs is None or x.dim() != 2:
+            return
+        self.seen += 1
+        self.dtype = x.dtype
+        ends = offs.to(torch.int64)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        n = int(ends[-1]) if ends.numel() else 0
+        if n == 0:
+            return
+        rows = x[:n]
+        row_amax = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())
+        self._add(m, torch.repeat_interleave(torch.arange(counts.numel()), counts), row_amax)
+
+    def layer_stats(self, name: str, kind: str) -> LayerStats | None:
+        """The layer's statistics, or None when it never ran (``compute_scales`` names it).
+
+        Raises:
+            CalibrationError: the layer ran but none of its matmuls was recognised (an experts
+                implementation other than eager / grouped_mm).
+        """
+        if self.calls == 0:
+            return None
+        if self.seen == 0:
+            impl = getattr(getattr(self.module, "config", None), "_experts_implementation", None)
+            raise CalibrationError(
+                f"layer {name!r}: its experts ran with implementation {impl!r}, whose matmuls inc_bridge cannot "
+                f"measure per expert; supported: {', '.join(SUPPORTED_IMPLEMENTATIONS)} "
+                "(model.set_experts_implementation('grouped_mm'))"
+            )
+        tokens = self.tokens[MATRICES[0]]
+        amax = tuple(tuple(float(v) for v in self.amax[m]) for m in MATRICES)
+        layer_amax = tuple(max(a) for a in amax)
+        stats = LayerStats(name=name, kind=kind, input_amax=layer_amax, source=Source.BRIDGE,
+                           dtype=str(self.dtype).removeprefix("torch."), expert_tokens=tuple(int(t) for t in tokens),
+                           expert_input_amax=amax)
+        if not all(map(math.isfinite, layer_amax)):
+            stats.check_finite()
+        return stats
+
+    def input_amax(self) -> tuple[float, ...]:
+        return tuple(float(self.amax[m].max()) for m in MATRICES) if self.calls else ()
+
+    def histograms(self) -> tuple[dict, ...]:
+        return ()
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
