@@ -284,3 +284,42 @@ def test_conv1d_per_channel_scales_are_per_output_feature():
     assert torch.equal(qmod.fc.weight_scale, w.scale) and torch.equal(qmod.fc.qweight.view(torch.uint8), w.qdata.view(torch.uint8))
     with torch.no_grad():
         assert torch.equal(qsub(batches[0]), qmod(batches[0]))
+
+
+class _ListMoE(nn.Module):
+    """Experts as an nn.ModuleList of Linear MLPs (older transformers MoE models), top-1 routing."""
+
+    def __init__(self, experts: int = 3, hidden: int = 16, inner: int = 24):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts)
+        self.experts = nn.ModuleList(
+            nn.ModuleDict({"w1": nn.Linear(hidden, inner), "w2": nn.Linear(inner, hidden)}) for _ in range(experts))
+
+    def forward(self, x):
+        choice = self.gate(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = choice == e
+            if rows.any():
+                out[rows] = expert["w2"](torch.relu(expert["w1"](x[rows])))
+        return out
+
+
+def test_modulelist_expert_linear_without_tokens_takes_its_siblings_scales():
+    torch.manual_seed(0)
+    model = _ListMoE().eval()
+    with torch.no_grad():  # the router sends every token to expert 0 or 1, never to expert 2
+        model.gate.bias.copy_(torch.tensor([0.0, 0.0, -1e4]))
+    batches = [torch.randn(8, 16) * 2 for _ in range(3)]
+    meas = ib.calibrate(model, batches)
+    assert "experts.2.w1" not in meas and {"experts.0.w1", "experts.1.w1"} <= set(meas.names)
+    qsub, qmod = (ib.quantize(model, batches, form=f) for f in ("subclass", "module"))
+    scales = ib.conversion_result(qsub).scales
+    for linear in ("w1", "w2"):
+        amax = max(meas[f"experts.{e}.{linear}"].input_amax[0] for e in (0, 1))
+        want = torch.tensor(amax, dtype=torch.float32) / (448.0 * ACTIVATION_BACKOFF)
+        assert torch.equal(scales[f"experts.2.{linear}"].input_scale, want)
+        assert f"note experts.2.{linear}: no calibration tokens" in ib.conversion_result(qsub).summary()
+    with torch.no_grad():
+        x = torch.randn(5, 16)
+        assert torch.equal(qsub(x), qmod(x))

@@ -252,8 +252,9 @@ def _layer_types(modules: dict[str, nn.Module], scales: ScaleSet) -> dict[str, t
 
 
 def _notes(scales: ScaleSet) -> dict[str, str]:
-    """Per-expert fallbacks of fused experts layers (``experts_scales``), one line per expert."""
-    notes = {}
+    """How statistics were filled in: experts that received no calibration tokens, one line each
+    (fused experts: ``experts_scales``; ModuleList experts: ``experts.sibling_expert_stats``)."""
+    notes = dict(scales.notes)
     for name, ls in scales.layers.items():
         for e in getattr(ls, "fallback", ()):
             notes[f"{name}[expert {e}]"] = FALLBACK_RULE

@@ -18,6 +18,8 @@ bias and a gate (checked on the instance too). ``register_fused_experts`` adds a
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import CalibrationError
 from .measurements import LayerStats, Source
+from .observers import merge_histograms
 
 MATRICES = ("gate_up_proj", "down_proj")
 
@@ -179,3 +182,34 @@ class ExpertsObserver:
 
     def remove(self) -> None:
         self.module.__dict__.pop("forward", None)
+
+
+# ------------------------------------------------------------------ experts as a ModuleList of Linears
+
+_LIST_EXPERT = re.compile(r"^(?P<prefix>.*\bexperts)\.(?P<index>\d+)(?P<rest>(\..+)?)$")
+LIST_FALLBACK_RULE = ("no calibration tokens: input scales from the largest input amax of the same layer in the "
+                      "other experts ({})")
+
+
+def sibling_expert_stats(name: str, layers: Mapping[str, LayerStats]) -> tuple[LayerStats, str] | None:
+    """Statistics for a Linear of an expert that received no calibration tokens (older MoE models keep
+    experts as ``experts.<i>.<linear>`` in an ``nn.ModuleList``; INC measures each Linear on the tokens
+    it receives, and records nothing for one that never ran): the elementwise max of the input amax
+    of the same Linear in the other experts, with their histograms merged. None when ``name`` is not
+    such a Linear or no sibling was measured. Returns the statistics and the reason to report.
+    """
+    found = _LIST_EXPERT.match(name)
+    if found is None:
+        return None
+    pattern = re.compile(re.escape(found["prefix"]) + r"\.(\d+)" + re.escape(found["rest"]) + "$")
+    siblings = [s for n, s in layers.items() if n != name and pattern.match(n) and s.input_amax]
+    if not siblings or len({len(s.input_amax) for s in siblings}) != 1:
+        return None
+    amax = tuple(max(values) for values in zip(*(s.input_amax for s in siblings), strict=True))
+    n_hist = min(len(s.input_hist) for s in siblings)
+    hists = tuple(merge_histograms([s.input_hist[i] for s in siblings]) for i in range(n_hist))
+    first = siblings[0]
+    stats = LayerStats(name=name, kind=first.kind, input_amax=amax, dtype=first.dtype, source=first.source,
+                       input_hist=hists)
+    names = sorted(s.name for s in siblings)
+    return stats, LIST_FALLBACK_RULE.format(", ".join(names[:3]) + (f", ... ({len(names)})" if len(names) > 3 else ""))

@@ -16,7 +16,7 @@ from .convert import check_not_quantized, conversion_result, convert
 from .converters import converter_for
 from .coverage import float_matrices
 from .errors import CalibrationError, ConversionError
-from .experts import MATRICES, is_fused_experts_type
+from .experts import MATRICES, is_fused_experts_type, sibling_expert_stats
 from .experts_scales import experts_layer_scales
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
 from .measurements import LayerStats, Measurements
@@ -72,10 +72,13 @@ def model_scales(measurements: Measurements, recipe: Recipe, selection: Selectio
                  modules: dict[str, nn.Module]) -> ScaleSet:
     """``compute_scales`` with the model's layers already selected (autotune selects once per run)."""
     layers: dict[str, LayerScales] = {}
+    notes: dict[str, str] = {}
     for name, op in selection.selected.items():
         stats = measurements.layers.get(name)
         if stats is None and op.weight_only:  # INC does not measure embeddings; the weight suffices
             stats = LayerStats(name=name, kind=op.value)
+        if stats is None and (sibling := sibling_expert_stats(name, measurements.layers)) is not None:
+            stats, notes[name] = sibling  # an expert Linear no calibration token reached
         if stats is None:
             raise CalibrationError(
                 f"layer {name!r} is selected for quantization but has no measurements (it did not run during "
@@ -93,7 +96,7 @@ def model_scales(measurements: Measurements, recipe: Recipe, selection: Selectio
             continue
         layers[name] = layer_scales(stats, op, recipe, weight.dtype, weight=weight)
     q = recipe.quantization
-    return ScaleSet(layers=layers, skipped=dict(selection.skipped), format=q.format, target=q.target)
+    return ScaleSet(layers=layers, skipped=dict(selection.skipped), format=q.format, target=q.target, notes=notes)
 
 
 def _stats_dtype(stats: LayerStats):

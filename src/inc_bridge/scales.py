@@ -387,6 +387,7 @@ class ScaleSet:
     skipped: dict[str, str] = field(default_factory=dict)
     format: FP8Format = FP8Format.E4M3
     target: Target = Target.CPU
+    notes: dict[str, str] = field(default_factory=dict)  # layer -> how its statistics were filled in (expert fallbacks)
 
     def __getitem__(self, name: str) -> LayerScales:
         return self.layers[name]
