@@ -323,3 +323,33 @@ def test_modulelist_expert_linear_without_tokens_takes_its_siblings_scales():
     with torch.no_grad():
         x = torch.randn(5, 16)
         assert torch.equal(qsub(x), qmod(x))
+
+
+def test_each_fp8_expert_matches_inc_on_that_expert_as_a_linear():
+    """INC 3.10 does not see fused experts; each expert's matrix is a Linear INC does quantize. INC,
+    calibrated on the rows routed to that expert, gives bit for bit what the FP8 expert gives."""
+    model = _model("mixtral")
+    model.set_experts_implementation("eager")
+    batches = _batches()
+    name = _experts_layers(model)[0]
+    experts = model.get_submodule(name)
+    calls = []
+    hook = experts.register_forward_pre_hook(lambda m, args: calls.append((args[0], args[1])))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    hook.remove()
+    q = ib.quantize(model, batches, backend="emulated").get_submodule(name)
+    for e in (0, 1):
+        rows = [h[torch.where((idx == e).T)[1]] for h, idx in calls]
+        with torch.no_grad():  # per call, as the eager loop computes them
+            halves = [F.linear(r, experts.gate_up_proj[e]).chunk(2, dim=-1) for r in rows]
+            inter = [experts.act_fn(g) * u for g, u in halves]
+        for matrix, inputs in (("gate_up_proj", rows), ("down_proj", inter)):
+            w = getattr(experts, matrix)[e]
+            linear = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False)).eval()
+            with torch.no_grad():
+                linear[0].weight.copy_(w)
+            inc = inc_reference(linear, inputs, torch.float32, "maxabs_arbitrary")
+            with torch.no_grad():
+                assert torch.equal(F.linear(inputs[0], getattr(q, matrix)[e]), inc(inputs[0]))
