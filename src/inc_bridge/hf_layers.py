@@ -22,6 +22,7 @@ from torch import nn
 from .converters import Converter, _leaf_copy, _new_parameter, register_converter_resolver
 from .errors import ConversionError
 from .experts import MATRICES, ExpertsObserver, check_layout, is_fused_experts_type
+from .experts_scales import ExpertsScales
 from .nn.conv1d import QConv1D, quantize_kn
 from .nn.experts import QExperts
 from .observers import InputObserver
@@ -48,7 +49,7 @@ class Conv1DConverter:
 
 class FusedExpertsConverter:
     @staticmethod
-    def to_subclass(module: nn.Module, scales, backend: str) -> nn.Module:
+    def to_subclass(module: nn.Module, scales: ExpertsScales, backend: str) -> nn.Module:
         check_layout(module, scales.name, ConversionError)
         params = {}
         for m, name in enumerate(MATRICES):
@@ -58,7 +59,7 @@ class FusedExpertsConverter:
         return _leaf_copy(module, **params)
 
     @staticmethod
-    def to_module(module: nn.Module, scales, backend: str) -> nn.Module:
+    def to_module(module: nn.Module, scales: ExpertsScales, backend: str) -> nn.Module:
         return QExperts.from_float(module, scales, backend)
 
 

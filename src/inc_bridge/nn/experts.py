@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import ConversionError
 from ..experts import MATRICES, check_layout
+from ..experts_scales import ExpertsScales
 from ..formats import dtype_name
 from ..tensor_experts import Float8ExpertsTensor
 from ._fp8_module import Fp8Module
@@ -84,7 +85,7 @@ class QExperts(Fp8Module):
         return {n: self._buffers[n] for n in self._fixed_dtype_buffers if not n.endswith("_qweight")}
 
     @classmethod
-    def from_float(cls, module: nn.Module, scales, backend: str = "emulated") -> QExperts:
+    def from_float(cls, module: nn.Module, scales: ExpertsScales, backend: str = "emulated") -> QExperts:
         e, h, i = check_layout(module, scales.name, ConversionError)
         parts = [scales.quantize_matrix(m, getattr(module, name)) for m, name in enumerate(MATRICES)]
         q = cls(e, h, i, fp8_dtype=scales.format.dtype, fp8_max=scales.fp8_max, dtype=module.gate_up_proj.dtype,
