@@ -110,10 +110,12 @@ class ExpertsObserver:
     def _which(self, w: torch.Tensor) -> str | None:
         if not isinstance(w, torch.Tensor) or type(w) is not torch.Tensor and not isinstance(w, nn.Parameter):
             return None
-        ptr = w.untyped_storage().data_ptr()
+        ptr, offset = w.untyped_storage().data_ptr(), w.storage_offset()
         for m in MATRICES:
             p = getattr(self.module, m)
-            if p.untyped_storage().data_ptr() == ptr:
+            # a view of this parameter: same storage and within its extent (checkpoints loaded into one
+            # shared buffer put several parameters in one storage)
+            if p.untyped_storage().data_ptr() == ptr and p.storage_offset() <= offset < p.storage_offset() + p.numel():
                 return m
         return None
 
