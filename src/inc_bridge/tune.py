@@ -17,7 +17,6 @@ must match it, and the tolerance flags of recorded trials are recomputed, never 
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import math
 import numbers
@@ -26,6 +25,7 @@ import platform
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from .recipe import (
 from .report import LayerRow, Report, TrialRecord
 from .run_fingerprint import calibration_digest, run_fingerprint
 from .safe_io import MiB, read_bytes, shorten
-from .scales import ScaleSet, counts_tensor, drop_quantized_weights
+from .scales import LayerScales, ScaleSet, counts_tensor, drop_quantized_weights
 from .scales import weight_memo as _weight_memo
 from .select import select_layers
 from .sensitivity import eval_mode, layer_sqnr
@@ -105,8 +105,8 @@ def autotune(
         output_dir: where ``trials.jsonl``, ``measurements.json``, ``locked_recipe.yaml`` and
             ``report/`` go; None keeps everything in memory.
         resume: continue the run recorded in ``output_dir`` without redoing finished trials; the
-            recorded run must be of the same model weights, recipe (``max_trials`` and ``timeout_s``
-            may differ), tolerance and calibration data.
+            recorded run must be of the same model weights, recipe (``max_trials``, ``timeout_s``
+            and ``report.formats`` may differ), tolerance and calibration data.
         progress: show progress bars (on stderr); False for scripts.
     Returns:
         TuneResult(model, report, recipe, measurements); ``report.goal_met`` says whether the
@@ -123,112 +123,357 @@ def autotune(
         >>> result = autotune(model, eval_fn, calib_data=batches, tolerable_loss={"absolute": 0.5})  # doctest: +SKIP
     """
     started = time.monotonic()
-    timings = {"total": 0.0, "baseline": 0.0, "calibration": 0.0, "trials": 0.0, "sensitivity": 0.0, "finish": 0.0}
-    recipe = resolve_recipe(recipe)
-    recipe = _with_overrides(recipe, tolerable_loss, max_trials)
+    recipe = _with_overrides(resolve_recipe(recipe), tolerable_loss, max_trials)
     eval_fn = eval_fn or _from_recipe(recipe.evaluation.fn, "evaluation.fn")
     if calib_data is None:
-        source = _from_recipe(recipe.calibration.source, "calibration.source")
-        calib_data = source()
-    given, num_batches = calib_data, recipe.calibration.num_batches
-    if num_batches and not callable(calib_data):
-        calib_data = itertools.islice(calib_data, num_batches)
-    tol, hib = recipe.tuning.tolerable_loss, recipe.evaluation.higher_is_better
-
-    view = _eval_view(model)
-    work, first_batch, calib_data = _prepare_model(view, calib_data, recipe)
+        calib_data = _from_recipe(recipe.calibration.source, "calibration.source")()
     out = Path(output_dir) if output_dir is not None else None
-    fingerprint = run_fingerprint(model, recipe, calibration_digest(given, num_batches, first_batch))
-    log = TrialLog(out / "trials.jsonl" if out else None, resume, fingerprint)
-    scratch = structural_copy(work)  # what every trial converts in place and restores (no copy per trial)
-    selection, modules = select_layers(scratch, recipe.quantization), dict(scratch.named_modules())
-    swap = functools.partial(swapped_in, scratch, form=recipe.form, backend=recipe.backend, modules=modules)
-    computed: dict[str, ScaleSet] = {}
-    weights_for: list[tuple] = []  # the weight setting whose FP8 weights are memoised
+    tuner = _Tuner(model, eval_fn, calib_data, recipe, out, resume=resume, progress=progress, started=started)
+    return tuner.run()
 
-    def scales_of(config: dict[str, Any]) -> ScaleSet:
-        """Whole-model scales of one setting (the layers are selected once per run), asked for
-        right before converting with them."""
-        _one_weight_setting(weights_for, config)
-        key = trial_key(config, [])
-        if key not in computed:
-            computed[key] = model_scales(measurements, _recipe_for(recipe, config), selection, modules)
-        return computed[key]
 
-    baseline_event = log.first("baseline")
-    if baseline_event is None:
-        t0 = time.monotonic()
-        baseline = _baseline(eval_fn(view))
-        timings["baseline"] = time.monotonic() - t0
-        log.append("baseline", metric=baseline)
-    else:
-        baseline = baseline_event["metric"]  # checked finite when the log was read
-    threshold = _threshold(baseline, tol, hib)
+class _Tuner:
+    """One autotune run. Its state is spelled out here, and ``run`` reads as the list of steps:
 
-    t0 = time.monotonic()
-    measurements = _measurements(work, calib_data, recipe, out, log, progress)
-    timings["calibration"] = time.monotonic() - t0
-    done = log.finished_trials()
-    trials: list[TrialRecord] = []
-    bar = _progress(progress, recipe.tuning.max_trials)
+    ``prepare`` (the eval-mode view, the captured copy, the trial log, the scratch copy) →
+    ``evaluate_baseline`` → ``calibrate`` → ``whole_model_trials`` → ``layer_fallback`` (when no
+    whole-model setting met the tolerance: ``rank_layers``, then ``search_fallback``) → ``finish``
+    (the chosen model, report and locked recipe) → ``save``. ``trial`` runs one trial, or takes it
+    from ``trials.jsonl`` when resuming.
+    """
 
-    def trial(config: dict[str, Any], fallback: list[str], sensitivity: dict[str, float], method: str = "sqnr") -> TrialRecord:
-        key = trial_key(config, fallback)
-        if key in done:
-            record = done[key]
-            record.within_tolerance = _within(record.metric, threshold, hib) if record.status == "ok" else False
+    def __init__(self, model: nn.Module, eval_fn: Callable[[nn.Module], Any], calib_data: CalibData, recipe: Recipe,
+                 out: Path | None, *, resume: bool, progress: bool, started: float) -> None:
+        self.model, self.eval_fn, self.recipe, self.out = model, eval_fn, recipe, out
+        self.resume, self.progress, self.started = resume, progress, started
+        self.timings = dict.fromkeys(("total", "baseline", "calibration", "trials", "sensitivity", "finish"), 0.0)
+        self.tol, self.hib = recipe.tuning.tolerable_loss, recipe.evaluation.higher_is_better
+        # the calibration data as given (the fingerprint hashes it) and as calibration reads it
+        self.given, self.num_batches = calib_data, recipe.calibration.num_batches
+        self.calib_data: CalibData = calib_data
+        if self.num_batches and not callable(calib_data):
+            self.calib_data = itertools.islice(calib_data, self.num_batches)
+        # set by prepare
+        self.view: nn.Module  # the model in eval mode (itself when it already is)
+        self.work: nn.Module  # what calibration and the float references run: the view, or its captured copy
+        self.first_batch: Any = None
+        self.log: TrialLog
+        self.scratch: nn.Module  # what every trial converts in place and restores (no copy per trial)
+        self.selection: Any = None
+        self.modules: dict[str, nn.Module] = {}
+        # set by evaluate_baseline and calibrate
+        self.baseline = math.nan
+        self.threshold = math.nan
+        self.measurements: Measurements
+        # the trials
+        self.computed: dict[str, ScaleSet] = {}  # whole-model scales by setting
+        self.weight_setting: tuple[str, str, str] | None = None  # whose FP8 weights the memo holds
+        self.done: dict[str, TrialRecord] = {}  # finished trials of a resumed run, by trial_key
+        self.trials: list[TrialRecord] = []
+        self.notes: list[str] = []
+        self.bar: Any = None
+
+    def run(self) -> TuneResult:
+        self.prepare()
+        self.evaluate_baseline()
+        self.calibrate()
+        self.bar = _progress(self.progress, self.recipe.tuning.max_trials)
+        self.whole_model_trials()
+        if not any(t.within_tolerance for t in self.trials) and self.recipe.tuning.layer_fallback and self.budget_left():
+            self.layer_fallback()
+        if self.bar is not None:
+            self.bar.close()
+        result = self.finish()
+        self.save(result)
+        return result
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def prepare(self) -> None:
+        """The eval-mode view, the captured copy and first batch, the trial log, the scratch copy."""
+        recipe = self.recipe
+        self.view = _eval_view(self.model)
+        self.work, self.first_batch, self.calib_data = _prepare_model(self.view, self.calib_data, recipe)
+        fingerprint = run_fingerprint(self.model, recipe, calibration_digest(self.given, self.num_batches, self.first_batch))
+        self.log = TrialLog(self.out / "trials.jsonl" if self.out else None, self.resume, fingerprint)
+        self.scratch = structural_copy(self.work)
+        self.selection, self.modules = select_layers(self.scratch, recipe.quantization), dict(self.scratch.named_modules())
+
+    def evaluate_baseline(self) -> None:
+        """The float model's metric (or the resumed run's) and the threshold it gives."""
+        event = self.log.first("baseline")
+        if event is None:
+            t0 = time.monotonic()
+            self.baseline = _baseline(self.eval_fn(self.view))
+            self.timings["baseline"] = time.monotonic() - t0
+            self.log.append("baseline", metric=self.baseline)
         else:
-            record = _run_trial(len(trials), swap, eval_fn, scales_of, config, fallback, sensitivity, method,
-                                baseline, threshold, hib)
-            timings["trials"] += record.duration_s
-            log.append("trial", **record.__dict__)
-        record.index = len(trials)
-        trials.append(record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(metric=record.metric, ok=record.within_tolerance)
+            self.baseline = event["metric"]  # checked finite when the log was read
+        self.threshold = _threshold(self.baseline, self.tol, self.hib)
+
+    def calibrate(self) -> None:
+        """Calibrate once, or reuse ``measurements.json`` when resuming a run whose log recorded
+        that very file (its sha256); a file of another run, or one saved after the log's last line,
+        is redone."""
+        import hashlib
+
+        t0 = time.monotonic()
+        out, log = self.out, self.log
+        path = out / "measurements.json" if out else None
+        recorded = log.last("measurements") if log.resumed else None
+        measurements = None
+        if recorded is not None and path is not None and os.path.lexists(path):
+            raw = read_bytes(path, max_bytes=MAX_MEASUREMENTS_BYTES, error=CalibrationError, what="measurements",
+                             within=out)
+            if hashlib.sha256(raw).hexdigest() == recorded["sha256"]:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CalibrationError(f"{path}: measurements are not UTF-8 text") from None
+                measurements = Measurements.from_json(text, origin=str(path))
+        if measurements is None:
+            calib_data = self.calib_data
+            if self.progress and not callable(calib_data):
+                from tqdm.auto import tqdm
+
+                calib_data = tqdm(calib_data, desc="calibrating", unit="batch", leave=False)
+            measurements = calibrate(self.work, calib_data, self.recipe)
+            if path is not None:
+                measurements.save(path)
+                digest = hashlib.sha256(read_bytes(path, max_bytes=MAX_MEASUREMENTS_BYTES, error=CalibrationError,
+                                                   what="measurements")).hexdigest()
+                log.append("measurements", sha256=digest)
+        self.measurements = measurements
+        self.timings["calibration"] = time.monotonic() - t0
+        self.done = log.finished_trials()
+
+    def whole_model_trials(self) -> None:
+        """The search space in order, until a setting is within tolerance or the budget is spent."""
+        for config in _search_space(self.recipe):
+            if not self.budget_left():
+                break
+            if self.trial(config, [], {}).within_tolerance:
+                break
+
+    def layer_fallback(self) -> None:
+        """Keep the most sensitive layers of the best setting in high precision."""
+        best = _choose(self.trials, self.hib)
+        if best is None:
+            self.notes.append("layer fallback skipped: every whole-model trial failed")
+            return
+        sensitivity, method = self.rank_layers(best)
+        self.notes.append(self.search_fallback(best.config, sensitivity, method))
+
+    def rank_layers(self, best: TrialRecord) -> tuple[dict[str, float], str]:
+        """Each quantized layer's sensitivity score (lower = more sensitive) under ``best``'s
+        setting, and how it was measured; taken from the log when a resumed run ranked them."""
+        config, recipe = best.config, self.recipe
+        event = self.log.last("sensitivity")
+        scales = self.scales_of(config)
+        if event is None or event["config"] != config or set(event["sqnr"]) != set(scales.layers):
+            t0 = time.monotonic()
+            with self.swap(scales) as qmodel:
+                sqnr = layer_sqnr(self.work, qmodel, list(scales.layers), self.first_batch)
+            score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
+            if recipe.tuning.sensitivity is Sensitivity.METRIC:
+                # leave one out: the metric with only this layer in high precision; a bigger gain =
+                # more sensitive, so the score (lower = more sensitive) is the negated gain
+                for name in scales.layers:
+                    with self.swap(_without(scales, [name], {})) as one:
+                        value = self.eval_fn(one)
+                    try:
+                        gain = _metric(value) - best.metric
+                    except ValueError:
+                        gain = -math.inf  # no usable metric: ranked least sensitive
+                    score[name] = -(gain if self.hib else -gain) if math.isfinite(gain) else 1e9
+            self.log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
+            self.timings["sensitivity"] = time.monotonic() - t0
+            event = self.log.last("sensitivity")
+        return event["sqnr"], event.get("method", "sqnr")
+
+    def search_fallback(self, config: dict[str, Any], sensitivity: dict[str, float], method: str) -> str:
+        """1, 2, 4, ... of the most sensitive layers in high precision until the metric is within
+        tolerance, then a bisection for the fewest; returns the report's note on the outcome."""
+        order = sorted(sensitivity, key=sensitivity.get)
+        lo, hi, k = 0, None, 1
+        while hi is None and self.budget_left():
+            k = min(k, len(order))
+            if self.trial(config, order[:k], sensitivity, method).within_tolerance:
+                hi = k
+            elif k == len(order):
+                break
+            else:
+                lo, k = k, k * 2
+        while hi is not None and hi - lo > 1 and self.budget_left():
+            mid = (lo + hi) // 2
+            if self.trial(config, order[:mid], sensitivity, method).within_tolerance:
+                hi = mid
+            else:
+                lo = mid
+        if hi is None and self.budget_left():
+            outcome = f"no fallback met the tolerance, not even all {len(order)} layers in high precision"
+        elif hi is None:
+            outcome = f"stopped before any fallback met the tolerance: {self.stop_reason()}"
+        elif hi - lo > 1:
+            outcome = f"{hi} kept in high precision ({self.stop_reason()} before the bisection finished; fewer may suffice)"
+        else:
+            outcome = f"{hi} kept in high precision"
+        ranked_by = "own output SQNR" if method == "sqnr" else "leave-one-out metric gain"
+        return f"layer fallback ranked {len(order)} layers by {ranked_by}; {outcome}"
+
+    def finish(self) -> TuneResult:
+        """Convert the scratch copy with the chosen trial's scales; the report and locked recipe."""
+        finishing = time.monotonic()
+        recipe = self.recipe
+        chosen = _choose(self.trials, self.hib)
+        config = chosen.config if chosen else _search_space(recipe)[0]
+        fallback = chosen.fallback if chosen else []
+        event = dict(self.log.last("sensitivity") or {})
+        sensitivity, method = event.get("sqnr", {}), event.get("method", "sqnr")
+        tuned_recipe = _recipe_for(recipe, config)
+        scales = _without(self.scales_of(config), fallback, sensitivity, method)
+        # the scratch copy is done with trials: it becomes the result (same as converting a copy of work)
+        qmodel = convert(self.scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True)
+        drop_quantized_weights()  # the result holds its own; the memo would keep them alive with the float weights
+        final_sqnr = (layer_sqnr(self.work, qmodel, list(scales.layers), _one_example(self.first_batch))
+                      if self.first_batch is not None else {})
+        _same_modes(qmodel, self.model)  # trials ran in eval mode; the result has the user's flags
+        report = self.build_report(tuned_recipe, scales, chosen, final_sqnr)
+        self.timings["finish"] = time.monotonic() - finishing
+        self.timings["total"] = time.monotonic() - self.started
+        report.timings = self.timings
+        locked = _locked(tuned_recipe, scales, self.work is not self.view, chosen, self.baseline)
+        conversion_result(qmodel).recipe = locked  # ib.save records it
+        return TuneResult(model=qmodel, report=report, recipe=locked, measurements=self.measurements)
+
+    def save(self, result: TuneResult) -> None:
+        """``locked_recipe.yaml`` and ``report/`` (the formats ``report.formats`` lists) in ``output_dir``."""
+        if self.out is not None:
+            result.recipe.save(self.out / "locked_recipe.yaml")
+            result.report.save(self.out / "report", formats=self.recipe.report.formats)
+
+    # ----------------------------------------------------------------------------------- trials
+
+    def trial(self, config: dict[str, Any], fallback: list[str], sensitivity: dict[str, float],
+              method: str = "sqnr") -> TrialRecord:
+        """One trial: run it, or take its record from the resumed log (its tolerance flag
+        recomputed, never trusted); logged, counted and shown on the progress bar."""
+        key = trial_key(config, fallback)
+        record = self.done.get(key)
+        if record is not None:
+            record.within_tolerance = _within(record.metric, self.threshold, self.hib) if record.status == "ok" else False
+        else:
+            record = self.run_trial(config, fallback, sensitivity, method)
+            self.timings["trials"] += record.duration_s
+            self.log.append("trial", **record.__dict__)
+        record.index = len(self.trials)
+        self.trials.append(record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(metric=record.metric, ok=record.within_tolerance)
         return record
 
-    def budget_left() -> bool:
-        timeout = recipe.tuning.timeout_s
-        return len(trials) < recipe.tuning.max_trials and (timeout is None or time.monotonic() - started < timeout)
+    def run_trial(self, config: dict[str, Any], fallback: list[str], sensitivity: dict[str, float],
+                  method: str) -> TrialRecord:
+        """Convert the scratch copy for the evaluation (restored afterwards) and evaluate it; an
+        exception or a metric that is not a finite number is recorded, and the run goes on."""
+        record = TrialRecord(index=len(self.trials), config=config, fallback=list(fallback))
+        t0 = time.monotonic()
+        try:
+            scales = _without(self.scales_of(config), fallback, sensitivity, method)
+            with self.swap(scales) as qmodel:
+                metric = _metric(self.eval_fn(qmodel))
+            record.metric = metric
+            record.within_tolerance = _within(metric, self.threshold, self.hib)
+        except Exception as exc:  # recorded with the trial and reported; the run goes on
+            record.status = "error"
+            record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        record.duration_s = time.monotonic() - t0
+        return record
 
-    for config in _search_space(recipe):
-        if not budget_left():
-            break
-        if trial(config, [], {}).within_tolerance:
-            break
-    fallback_notes: list[str] = []
-    if not any(t.within_tolerance for t in trials) and recipe.tuning.layer_fallback and budget_left():
-        fallback_notes = _layer_fallback(trial, budget_left, trials, log, work, swap, recipe, scales_of,
-                                         first_batch, eval_fn, timings)
-    if bar is not None:
-        bar.close()
-    finishing = time.monotonic()
+    def scales_of(self, config: dict[str, Any]) -> ScaleSet:
+        """Whole-model scales of one setting (the layers are selected once per run), asked for
+        right before converting with them.
 
-    chosen = _choose(trials, hib)
-    config = chosen.config if chosen else _search_space(recipe)[0]
-    fallback = chosen.fallback if chosen else []
-    event = dict(log.last("sensitivity") or {})
-    sensitivity, method = event.get("sqnr", {}), event.get("method", "sqnr")
-    tuned_recipe = _recipe_for(recipe, config)
-    scales = _without(scales_of(config), fallback, sensitivity, method)
-    # the scratch copy is done with trials: it becomes the result (same as converting a copy of work)
-    qmodel = convert(scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True)
-    drop_quantized_weights()  # the result holds its own; the memo would keep them alive with the float weights
-    final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
-    _same_modes(qmodel, model)  # trials ran in eval mode; the result has the user's flags
-    report = _report(work, tuned_recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib,
-                     final_sqnr, fallback_notes)
-    timings["finish"] = time.monotonic() - finishing
-    timings["total"] = time.monotonic() - started
-    report.timings = timings
-    locked = _locked(tuned_recipe, scales, work is not view, chosen, baseline)
-    conversion_result(qmodel).recipe = locked  # ib.save records it
-    if out is not None:
-        locked.save(out / "locked_recipe.yaml")
-        report.save(out / "report")
-    return TuneResult(model=qmodel, report=report, recipe=locked, measurements=measurements)
+        The memoised FP8 weights are dropped when ``config`` needs other ones (trials of one weight
+        setting run one after the other), so tuning holds at most one FP8 copy of the weights
+        besides the float model. Layer fallback and the final model may go back to an earlier
+        setting: one more pass.
+        """
+        setting = _weight_setting(config)
+        if self.weight_setting is not None and self.weight_setting != setting:
+            drop_quantized_weights()
+        self.weight_setting = setting
+        key = trial_key(config, [])
+        if key not in self.computed:
+            self.computed[key] = model_scales(self.measurements, _recipe_for(self.recipe, config), self.selection,
+                                              self.modules)
+        return self.computed[key]
+
+    def swap(self, scales: ScaleSet) -> AbstractContextManager[nn.Module]:
+        """The scratch copy converted with ``scales`` for the block, then restored."""
+        return swapped_in(self.scratch, scales, form=self.recipe.form, backend=self.recipe.backend, modules=self.modules)
+
+    def budget_left(self) -> bool:
+        timeout = self.recipe.tuning.timeout_s
+        return len(self.trials) < self.recipe.tuning.max_trials and (
+            timeout is None or time.monotonic() - self.started < timeout)
+
+    def stop_reason(self) -> str:
+        """Which budget ended the search (asked once the budget is spent)."""
+        tuning = self.recipe.tuning
+        if len(self.trials) >= tuning.max_trials:
+            return f"tuning.max_trials ({tuning.max_trials}) reached"
+        return f"tuning.timeout_s ({tuning.timeout_s:g} s) reached"
+
+    # ----------------------------------------------------------------------------------- report
+
+    def build_report(self, recipe: Recipe, scales: ScaleSet, chosen: TrialRecord | None,
+                     sqnr: dict[str, float]) -> Report:
+        """The run's report: one row per layer of the result, every trial, the environment."""
+        import torchao
+
+        from . import __version__, _inc
+
+        measurements, tol = self.measurements, self.tol
+        rows = []
+        for name, ls in scales.layers.items():
+            stats = measurements.layers.get(name)
+            fmt, wq, aq = recipe.layer_settings(name)
+            w = ls.weight_scale
+            rows.append(LayerRow(
+                name=name, kind=ls.kind.value, quantized=True, source=stats.source.value if stats else None,
+                format=fmt.value, granularity=ls.granularity.value if ls.kind.has_weight else None,
+                weight_scale_method=wq.scale_method.value if ls.kind.has_weight else None,
+                activation_scale_method=None if ls.kind.weight_only else aq.scale_method.value,
+                input_amax=list(stats.input_amax) if stats else [], weight_amax=stats.weight_amax if stats else None,
+                input_scales=[float(s) for s in ls.input_scales],
+                weight_scale_min=None if w is None else float(w.min()),
+                weight_scale_max=None if w is None else float(w.max()),
+                saturation=_saturation(stats, ls) if stats else None, sqnr_db=_finite(sqnr.get(name)),
+            ))
+        for name, why in scales.skipped.items():
+            stats = measurements.layers.get(name)
+            rows.append(LayerRow(name=name, kind=stats.kind if stats else "-", quantized=False,
+                                 source=stats.source.value if stats else None, fallback_reason=why,
+                                 input_amax=list(stats.input_amax) if stats else [],
+                                 weight_amax=stats.weight_amax if stats else None))
+        environment = {
+            "python": platform.python_version(), "torch": torch.__version__, "torchao": torchao.__version__,
+            "neural_compressor": _inc.inc_version(), "inc_bridge": __version__, "form": recipe.form.value,
+            "backend": recipe.backend.value, "device": "cpu", "platform": platform.platform(),
+        }
+        kind = "absolute" if tol.absolute is not None else "relative"
+        value = tol.absolute if tol.absolute is not None else tol.relative
+        float_left = [{"name": f.name, "type": f.module_type, "reason": f.reason, "bytes": f.nbytes}
+                      for f in float_matrices(self.work, scales.layers, scales.skipped)]
+        return Report(
+            baseline_metric=self.baseline, higher_is_better=self.hib,
+            tolerance={"kind": kind, "value": value, "threshold": self.threshold},
+            goal_met=bool(chosen and chosen.within_tolerance), chosen_trial=None if chosen is None else chosen.index,
+            trials=self.trials, layers=rows, environment=environment,
+            final_metric=None if chosen is None else chosen.metric, notes=self.notes, float_left=float_left,
+        )
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe | Path | str, *, example_inputs: Any = None) -> nn.Module:
@@ -250,8 +495,6 @@ def apply_recipe(model: nn.Module, recipe: Recipe | Path | str, *, example_input
             capture_attention(work, example_inputs)
     scales = ScaleSet(layers={}, skipped={**recipe.locked.skipped, **recipe.locked.fallback},
                       format=recipe.quantization.format, target=recipe.quantization.target)
-    from .scales import LayerScales
-
     for name, layer in recipe.locked.scales.items():
         dtype = getattr(torch, layer.hp_dtype)
         weight = None if layer.weight_scale is None else torch.tensor(layer.weight_scale, dtype=dtype)
@@ -347,35 +590,6 @@ def _prepare_model(model: nn.Module, calib_data: CalibData, recipe: Recipe) -> t
     return model, first, calib_data
 
 
-def _measurements(work, calib_data, recipe, out: Path | None, log: TrialLog, progress: bool) -> Measurements:
-    """Calibrate, or reuse ``measurements.json`` when resuming a run whose log recorded that very
-    file (its sha256); a file of another run, or one saved after the log's last line, is redone."""
-    import hashlib
-
-    path = out / "measurements.json" if out else None
-    recorded = log.last("measurements") if log.resumed else None
-    if recorded is not None and path is not None and os.path.lexists(path):
-        raw = read_bytes(path, max_bytes=MAX_MEASUREMENTS_BYTES, error=CalibrationError, what="measurements",
-                         within=out)
-        if hashlib.sha256(raw).hexdigest() == recorded["sha256"]:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise CalibrationError(f"{path}: measurements are not UTF-8 text") from None
-            return Measurements.from_json(text, origin=str(path))
-    if progress and not callable(calib_data):
-        from tqdm.auto import tqdm
-
-        calib_data = tqdm(calib_data, desc="calibrating", unit="batch", leave=False)
-    measurements = calibrate(work, calib_data, recipe)
-    if path is not None:
-        measurements.save(path)
-        digest = hashlib.sha256(read_bytes(path, max_bytes=MAX_MEASUREMENTS_BYTES, error=CalibrationError,
-                                           what="measurements")).hexdigest()
-        log.append("measurements", sha256=digest)
-    return measurements
-
-
 def _progress(progress: bool, total: int):
     if not progress:
         return None
@@ -440,102 +654,6 @@ def _weight_setting(config: dict[str, Any]) -> tuple[str, str, str]:
     return config["format"], config["weight_granularity"], config["weight_scale_method"]
 
 
-def _one_weight_setting(current: list[tuple], config: dict[str, Any]) -> None:
-    """Drop the memoised FP8 weights when ``config`` needs other ones (trials of one weight setting
-    run one after the other), so tuning holds at most one FP8 copy of the weights besides the float
-    model. Layer fallback and the final model may go back to an earlier setting: one more pass."""
-    setting = _weight_setting(config)
-    if current and current[0] != setting:
-        drop_quantized_weights()
-    current[:] = [setting]
-
-
-def _run_trial(index, swap, eval_fn, scales_of, config, fallback, sensitivity, method, baseline, threshold,
-               hib) -> TrialRecord:
-    """Run one trial on the scratch copy (``swap(scales)`` converts it for the evaluation, then
-    restores it); returns its record."""
-    record = TrialRecord(index=index, config=config, fallback=list(fallback))
-    t0 = time.monotonic()
-    try:
-        scales = _without(scales_of(config), fallback, sensitivity, method)
-        with swap(scales) as qmodel:
-            metric = _metric(eval_fn(qmodel))
-        record.metric = metric
-        record.within_tolerance = _within(metric, threshold, hib)
-    except Exception as exc:  # recorded with the trial and reported; the run goes on
-        record.status = "error"
-        record.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-    record.duration_s = time.monotonic() - t0
-    return record
-
-
-def _layer_fallback(trial, budget_left, trials, log, work, swap, recipe, scales_of, batch, eval_fn,
-                    timings: dict[str, float]) -> list[str]:
-    """Keep the most sensitive layers in high precision: exponential search, then bisection."""
-    hib = recipe.evaluation.higher_is_better
-    best = _choose(trials, hib)
-    if best is None:
-        return ["layer fallback skipped: every whole-model trial failed"]
-    config = best.config
-    event = log.last("sensitivity")
-    scales = scales_of(config)
-    if event is None or event["config"] != config or set(event["sqnr"]) != set(scales.layers):
-        t0 = time.monotonic()
-        with swap(scales) as qmodel:
-            sqnr = layer_sqnr(work, qmodel, list(scales.layers), batch)
-        score = {k: (v if math.isfinite(v) else 1e9) for k, v in sqnr.items()}
-        if recipe.tuning.sensitivity is Sensitivity.METRIC:
-            # leave one out: the metric with only this layer in high precision; a bigger gain = more
-            # sensitive, so the score (lower = more sensitive) is the negated gain
-            for name in scales.layers:
-                with swap(_without(scales, [name], {})) as one:
-                    value = eval_fn(one)
-                try:
-                    gain = _metric(value) - best.metric
-                except ValueError:
-                    gain = -math.inf  # no usable metric: ranked least sensitive
-                score[name] = -(gain if hib else -gain) if math.isfinite(gain) else 1e9
-        log.append("sensitivity", config=config, method=recipe.tuning.sensitivity.value, sqnr=score)
-        timings["sensitivity"] = time.monotonic() - t0
-        event = log.last("sensitivity")
-    sensitivity: dict[str, float] = event["sqnr"]
-    method = event.get("method", "sqnr")
-    order = sorted(sensitivity, key=sensitivity.get)
-    lo, hi, k = 0, None, 1
-    while hi is None and budget_left():
-        k = min(k, len(order))
-        if trial(config, order[:k], sensitivity, method).within_tolerance:
-            hi = k
-        elif k == len(order):
-            break
-        else:
-            lo, k = k, k * 2
-    while hi is not None and hi - lo > 1 and budget_left():
-        mid = (lo + hi) // 2
-        if trial(config, order[:mid], sensitivity, method).within_tolerance:
-            hi = mid
-        else:
-            lo = mid
-    if hi is None and budget_left():
-        outcome = f"no fallback met the tolerance, not even all {len(order)} layers in high precision"
-    elif hi is None:
-        outcome = f"stopped before any fallback met the tolerance: {_stop_reason(recipe, trials)}"
-    elif hi - lo > 1:
-        outcome = (f"{hi} kept in high precision ({_stop_reason(recipe, trials)} before the bisection finished; "
-                   "fewer may suffice)")
-    else:
-        outcome = f"{hi} kept in high precision"
-    ranked_by = "own output SQNR" if method == "sqnr" else "leave-one-out metric gain"
-    return [f"layer fallback ranked {len(order)} layers by {ranked_by}; {outcome}"]
-
-
-def _stop_reason(recipe: Recipe, trials: list[TrialRecord]) -> str:
-    """Which budget ended the search (called once the budget is spent)."""
-    if len(trials) >= recipe.tuning.max_trials:
-        return f"tuning.max_trials ({recipe.tuning.max_trials}) reached"
-    return f"tuning.timeout_s ({recipe.tuning.timeout_s:g} s) reached"
-
-
 def _choose(trials: list[TrialRecord], hib: bool) -> TrialRecord | None:
     ok = [t for t in trials if t.status == "ok" and t.metric is not None]
     within = [t for t in ok if t.within_tolerance]
@@ -573,50 +691,6 @@ def _saturation(stats, scales) -> float | None:
         lower = torch.arange(counts.numel(), dtype=torch.float64) * (hist["range"] / counts.numel())
         fractions.append(float(counts[lower >= clip].sum() / counts.sum()))
     return max(fractions) if fractions else None
-
-
-def _report(work, recipe, measurements, scales, trials, chosen, baseline, threshold, tol, hib, sqnr, notes) -> Report:
-    import torchao
-
-    from . import __version__, _inc
-
-    rows = []
-    for name, ls in scales.layers.items():
-        stats = measurements.layers.get(name)
-        fmt, wq, aq = recipe.layer_settings(name)
-        w = ls.weight_scale
-        rows.append(LayerRow(
-            name=name, kind=ls.kind.value, quantized=True, source=stats.source.value if stats else None,
-            format=fmt.value, granularity=ls.granularity.value if ls.kind.has_weight else None,
-            weight_scale_method=wq.scale_method.value if ls.kind.has_weight else None,
-            activation_scale_method=None if ls.kind.weight_only else aq.scale_method.value,
-            input_amax=list(stats.input_amax) if stats else [], weight_amax=stats.weight_amax if stats else None,
-            input_scales=[float(s) for s in ls.input_scales],
-            weight_scale_min=None if w is None else float(w.min()), weight_scale_max=None if w is None else float(w.max()),
-            saturation=_saturation(stats, ls) if stats else None, sqnr_db=_finite(sqnr.get(name)),
-        ))
-    for name, why in scales.skipped.items():
-        stats = measurements.layers.get(name)
-        rows.append(LayerRow(name=name, kind=stats.kind if stats else "-", quantized=False,
-                             source=stats.source.value if stats else None, fallback_reason=why,
-                             input_amax=list(stats.input_amax) if stats else [],
-                             weight_amax=stats.weight_amax if stats else None))
-    environment = {
-        "python": platform.python_version(), "torch": torch.__version__, "torchao": torchao.__version__,
-        "neural_compressor": _inc.inc_version(), "inc_bridge": __version__, "form": recipe.form.value,
-        "backend": recipe.backend.value, "device": "cpu", "platform": platform.platform(),
-    }
-    kind = "absolute" if tol.absolute is not None else "relative"
-    value = tol.absolute if tol.absolute is not None else tol.relative
-    float_left = [{"name": f.name, "type": f.module_type, "reason": f.reason, "bytes": f.nbytes}
-                  for f in float_matrices(work, scales.layers, scales.skipped)]
-    return Report(
-        baseline_metric=baseline, higher_is_better=hib,
-        tolerance={"kind": kind, "value": value, "threshold": threshold},
-        goal_met=bool(chosen and chosen.within_tolerance), chosen_trial=None if chosen is None else chosen.index,
-        trials=trials, layers=rows, environment=environment,
-        final_metric=None if chosen is None else chosen.metric, notes=notes, float_left=float_left,
-    )
 
 
 def _one_example(batch: Any) -> Any:
