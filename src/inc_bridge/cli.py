@@ -128,6 +128,7 @@ def _tune(args: argparse.Namespace) -> int:
     import tempfile
 
     from .recipe import load_recipe
+    from .report import ReportFormat
     from .tune import autotune
 
     recipe = load_recipe(Path(args.recipe))
@@ -145,7 +146,8 @@ def _tune(args: argparse.Namespace) -> int:
           f"threshold {r.tolerance['threshold']:.6g}: goal {'met' if r.goal_met else 'NOT met'} after {len(r.trials)} trials")
     print(f"kept in high precision: {', '.join(kept) if kept else 'none'}")
     print("time: " + ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in r.timings.items() if seconds > 0))
-    print(f"report: {out / 'report' / 'report.html'}\nlocked recipe: {out / 'locked_recipe.yaml'}")
+    page = "report.html" if ReportFormat.HTML in recipe.report.formats else ""  # else the report directory
+    print(f"report: {out / 'report' / page}\nlocked recipe: {out / 'locked_recipe.yaml'}")
     return 0 if r.goal_met else 1
 
 

@@ -30,6 +30,7 @@ from pydantic import (
 
 from .errors import RecipeError
 from .formats import MIN_SCALE, FP8Format, Target
+from .report import ALL_REPORT_FORMATS, ReportFormat
 from .safe_io import MiB, read_text, shorten, write_atomic
 from .safe_yaml import dump_yaml, load_yaml
 from .selectors import check_selector, matches
@@ -259,14 +260,21 @@ class Tuning(_Closed):
     sensitivity: Sensitivity = Sensitivity.SQNR
 
 
-class ReportFormat(str, Enum):
-    JSON = "json"
-    MD = "md"
-    HTML = "html"
-
-
 class ReportConfig(_Closed):
-    formats: tuple[ReportFormat, ...] = (ReportFormat.JSON, ReportFormat.MD, ReportFormat.HTML)
+    """What ``autotune`` writes into ``output_dir/report``: any of json, md, html, plots (the SVG
+    files ``report.md`` links); all four by default. The report itself is built either way."""
+
+    formats: tuple[ReportFormat, ...] = ALL_REPORT_FORMATS
+
+    @field_validator("formats", mode="after")
+    @classmethod
+    def _listed_once(cls, value: tuple[ReportFormat, ...]) -> tuple[ReportFormat, ...]:
+        if not value:
+            raise ValueError(f"list at least one of {', '.join(f.value for f in ReportFormat)}")
+        twice = sorted({f.value for f in value if value.count(f) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once")
+        return value
 
 
 # The largest scale a locked recipe may hold: bfloat16's maximum (a larger one becomes inf in a

@@ -2,6 +2,7 @@
 
 ``Report`` is plain data (it round-trips through ``report.json``); ``report_render`` turns it into
 ``report.md``, ``report.html`` (plots embedded as images) and the plot files themselves.
+``ReportFormat`` names what ``Report.save`` can write; a recipe's ``report.formats`` lists them.
 """
 
 from __future__ import annotations
@@ -10,17 +11,32 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import SerializationError
+from .errors import RecipeError, SerializationError
 from .safe_io import MiB, loads_json, read_text, shorten, write_atomic
 
 MAX_REPORT_BYTES = 64 * MiB  # thousands of trials and layers fit in a few MB
 _T = TypeVar("_T")
 
 REPORT_SCHEMA_VERSION = 3  # 2 added ``timings``, 3 ``float_left``; older reports read with none
+
+
+class ReportFormat(str, Enum):
+    """What ``Report.save`` writes: ``report.json``, ``report.md``, ``report.html`` (self-contained,
+    plots embedded) and ``plots``, the ``<stem>.svg`` files (``report.md`` links them)."""
+
+    JSON = "json"
+    MD = "md"
+    HTML = "html"
+    PLOTS = "plots"
+
+
+ALL_REPORT_FORMATS = tuple(ReportFormat)
 
 
 @dataclass
@@ -116,26 +132,53 @@ class Report:
         data = loads_json(text, origin=str(path), error=SerializationError)
         return cls.from_dict(data, origin=str(path))
 
-    def save(self, directory: Path | str) -> Path:
-        """Write report.json, report.md, report.html and the plots into ``directory``.
+    def save(self, directory: Path | str, formats: Iterable[ReportFormat | str] = ALL_REPORT_FORMATS) -> Path:
+        """Write the listed formats into ``directory``: ``report.json``, ``report.md``,
+        ``report.html`` and the plots (``<stem>.svg``); all of them by default.
 
         Each file is written to a temporary name and renamed into place, so a crash never leaves a
-        half-written report file.
+        half-written report file. Without ``plots``, ``report.md`` links no plot files (it would
+        link files that are not there); ``report.html`` embeds its plots either way.
+
+        Raises:
+            RecipeError: a format that is not one of json, md, html, plots.
+
+        Example:
+            >>> report.save("out/report", formats=["json", "html"])  # doctest: +SKIP
         """
         from .report_render import render_html, render_markdown, render_plots
 
+        wanted = report_formats(formats)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        plots = render_plots(self)
-        files = {
-            "report.json": json.dumps(self.to_dict(), indent=1),
-            "report.md": render_markdown(self),
-            "report.html": render_html(self, plots),
-            **{f"{name}.svg": svg for name, svg in plots.items()},
-        }
+        linked = ReportFormat.PLOTS in wanted
+        plots = render_plots(self) if linked or ReportFormat.HTML in wanted else {}
+        files = {}
+        if ReportFormat.JSON in wanted:
+            files["report.json"] = json.dumps(self.to_dict(), indent=1)
+        if ReportFormat.MD in wanted:
+            files["report.md"] = render_markdown(self, linked_plots=linked)
+        if ReportFormat.HTML in wanted:
+            files["report.html"] = render_html(self, plots)
+        if linked:
+            files.update({f"{name}.svg": svg for name, svg in plots.items()})
         for name, text in files.items():
             write_atomic(directory / name, text)
         return directory
+
+
+def report_formats(formats: Iterable[ReportFormat | str]) -> frozenset[ReportFormat]:
+    """``formats`` as ReportFormat members; RecipeError naming the valid ones for anything else."""
+    if isinstance(formats, (str, ReportFormat)):
+        formats = [formats]  # one name, not its letters
+    wanted = set()
+    for name in formats:
+        try:
+            wanted.add(ReportFormat(name.lower() if isinstance(name, str) else name))
+        except ValueError:
+            valid = ", ".join(f.value for f in ReportFormat)
+            raise RecipeError(f"report.formats: {shorten(name, 40)} is not a report format; valid: {valid}") from None
+    return frozenset(wanted)
 
 
 # ------------------------------------------------------------------------- reading records back

@@ -231,13 +231,15 @@ def _md_items(items: list[tuple[str, str]]) -> list[str]:
     return [f"- **{_md(key)}:** {_md(value)}" for key, value in items]
 
 
-def render_markdown(report: Report) -> str:
+def render_markdown(report: Report, *, linked_plots: bool = True) -> str:
     """Render the report as a Markdown document (GitHub-flavoured tables).
 
     The plots are linked as the ``<stem>.svg`` files ``Report.save`` writes next to ``report.md``.
 
     Args:
         report: the report to render.
+        linked_plots: link the plot files; False when they are not written (the report's formats
+            leave out ``plots``), so the document links nothing missing.
 
     Returns:
         The Markdown text, ending with a newline.
@@ -248,7 +250,10 @@ def render_markdown(report: Report) -> str:
     trials = _trials_table(report)
     layers = _layers_table(report)
     lines = [f"# {TITLE}", "", "## Summary", "", *_md_items(_summary(report)), "", "## Plots", ""]
-    lines += [f"![{_md(title)}]({stem}.svg)" for stem, title in PLOT_TITLES.items()]
+    if linked_plots:
+        lines += [f"![{_md(title)}]({stem}.svg)" for stem, title in PLOT_TITLES.items()]
+    else:
+        lines += ["_Plot files not written (`report.formats` leaves out `plots`); `report.html` embeds them._"]
     lines += ["", "## Trials", "", *(_md_table(trials) if trials.rows else ["_No trials._"])]
     lines += ["", "## Layers", "", *(_md_table(layers) if layers.rows else ["_No layers._"])]
     left = _float_left_table(report)
