@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import pytest
+import torch
 
 import inc_bridge as ib
 from inc_bridge.report import LayerRow, Report, TrialRecord
@@ -233,3 +234,73 @@ def test_malformed_report_json_is_rejected(tmp_path, text, match):
 def test_missing_report_is_a_serialization_error(tmp_path):
     with pytest.raises(ib.SerializationError, match="cannot read"):
         Report.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ report.formats
+
+FILES = {"json": {"report.json"}, "md": {"report.md"}, "html": {"report.html"},
+         "plots": {f"{stem}.svg" for stem in PLOT_STEMS}}
+
+
+@pytest.mark.parametrize("formats", [["json"], ["md"], ["html"], ["plots"], ["json", "html"], ["md", "plots"],
+                                     ["HTML", "Json"]])
+def test_save_writes_only_the_listed_formats(tmp_path, formats):
+    make_report().save(tmp_path, formats=formats)
+    assert {p.name for p in tmp_path.iterdir()} == set().union(*(FILES[f.lower()] for f in formats))
+
+
+def test_markdown_links_plots_only_when_they_are_written(tmp_path):
+    make_report().save(tmp_path / "with", formats=["md", "plots"])
+    make_report().save(tmp_path / "without", formats=["md", "html"])
+    linked = (tmp_path / "with" / "report.md").read_text(encoding="utf-8")
+    alone = (tmp_path / "without" / "report.md").read_text(encoding="utf-8")
+    assert all(f"({stem}.svg)" in linked and (tmp_path / "with" / f"{stem}.svg").is_file() for stem in PLOT_STEMS)
+    assert ".svg)" not in alone and "leaves out `plots`" in alone
+    # the HTML page embeds its plots whether or not the files are written
+    assert len(parse_html((tmp_path / "without" / "report.html").read_text(encoding="utf-8")).images) == 3
+    # everything else in the document is the same
+    assert [ln for ln in linked.splitlines() if ".svg)" not in ln] == \
+           [ln for ln in alone.splitlines() if "leaves out `plots`" not in ln]
+
+
+@pytest.mark.parametrize("formats", [["pdf"], ["json", "svg"], "yaml"])
+def test_save_rejects_an_unknown_format_and_writes_nothing(tmp_path, formats):
+    with pytest.raises(ib.RecipeError, match=r"report\.formats: .* is not a report format; valid: json, md, html, plots"):
+        make_report().save(tmp_path / "out", formats=formats)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("formats, match", [
+    (["pdf"], r"report\.formats\.0: 'pdf' is not valid; input should be 'json', 'md', 'html' or 'plots'"),
+    ([], r"report\.formats: .*list at least one of json, md, html, plots"),
+    (["md", "json", "md"], r"report\.formats: .*md listed more than once"),
+    ("json", r"report\.formats: Input should be a valid tuple"),
+])
+def test_recipe_report_formats_are_validated(formats, match):
+    with pytest.raises(ib.RecipeError, match=match):
+        ib.Recipe.model_validate({"report": {"formats": formats}})
+
+
+def test_recipe_report_formats_default_is_every_format():
+    assert [f.value for f in ib.Recipe().report.formats] == ["json", "md", "html", "plots"]
+    assert [f.value for f in ib.Recipe.model_validate({"report": {"formats": ["HTML"]}}).report.formats] == ["html"]
+
+
+def test_autotune_writes_the_recipe_report_formats(tmp_path):
+    from tests.models import LinearNet, linear_batches
+
+    torch.manual_seed(0)
+    model, batches = LinearNet(), linear_batches(1)
+    recipe = ib.Recipe.model_validate({"tuning": {"search_space": {}, "layer_fallback": False},
+                                       "report": {"formats": ["json", "md"]}})
+    result = ib.autotune(model, lambda m: 0.0, calib_data=batches, recipe=recipe, tolerable_loss={"absolute": 1.0},
+                         output_dir=tmp_path, progress=False)
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.json", "report.md"}
+    assert Report.load(tmp_path / "report") == result.report
+    # resuming with other formats is the same run (the formats are not part of its fingerprint)
+    again = recipe.model_copy(update={"report": ib.Recipe.model_validate({"report": {"formats": ["html"]}}).report})
+    ib.autotune(model, lambda m: 0.0, calib_data=batches, recipe=again, tolerable_loss={"absolute": 1.0},
+                output_dir=tmp_path, resume=True, progress=False)
+    assert (tmp_path / "report" / "report.html").is_file()
+    events = [json.loads(line)["type"] for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert events.count("trial") == 1  # the finished trial was not run again
