@@ -28,3 +28,63 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
     assert "ib.quantize" in script
     monkeypatch.chdir(tmp_path)
     exec(compile(script, "docs/quickstart.md", "exec"), {"__name__": "quickstart"})
+
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_docs_name_api_paths_and_tests_that_exist():
+    """Every ``ib.<name>`` in README and docs/ exists, every repo path they cite exists, and every
+    ``tests/...py::name`` is a test or class in that file."""
+    import inc_bridge as ib
+
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        where = doc.relative_to(REPO)
+        for dotted in set(re.findall(r"\bib\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)", text)):
+            obj = ib
+            for part in dotted.split("."):
+                obj = getattr(obj, part, None)
+            if obj is None:
+                missing.append(f"{where}: ib.{dotted}")
+        for path in set(re.findall(r"\b((?:tests|benchmarks|recipes|src/inc_bridge)/[\w./-]+\.(?:py|yaml|c))", text)):
+            if not (REPO / path).exists():
+                missing.append(f"{where}: {path}")
+        for path, name in set(re.findall(r"(tests/test_\w+\.py)::(\w+)", text)):
+            source = (REPO / path).read_text(encoding="utf-8") if (REPO / path).exists() else ""
+            if f"def {name}(" not in source and f"class {name}(" not in source:
+                missing.append(f"{where}: {path}::{name}")
+        for page in set(re.findall(r"\]\(((?:docs/)?[\w]+\.md)(?:#[^)]*)?\)", text)):
+            if not (doc.parent / page).exists():
+                missing.append(f"{where}: link to {page}")
+    assert missing == []
+
+
+def test_recipes_page_documents_every_recipe_field():
+    """docs/recipes.md has a row (or a section) for every field of the recipe schema: a section that
+    is parsed but undocumented is how ``tuning.sensitivity`` went unnoticed."""
+    from pydantic import BaseModel
+
+    from inc_bridge.recipe import Recipe
+
+    doc = (REPO / "docs" / "recipes.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `([\w.]+)`", doc, flags=re.M))
+    sections = {name for pair in re.findall(r"^## `(\w+)`(?:, `(\w+)`)?", doc, flags=re.M) for name in pair if name}
+
+    def leaves(model: type[BaseModel], prefix: str = ""):
+        for name, info in model.model_fields.items():
+            nested = [a for a in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                      if isinstance(a, type) and issubclass(a, BaseModel)]
+            if nested and name != "locked":
+                yield from leaves(nested[0], f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    def documented(path: str) -> bool:
+        parts = path.split(".")
+        tails = {".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)}
+        return bool(tails & rows) or (len(parts) == 1 and path in sections)
+
+    undocumented = [path for path in leaves(Recipe) if not documented(path)]
+    assert undocumented == []

@@ -1,4 +1,4 @@
-"""Scale computation: Measurements + recipe → ScaleSet. Pure functions, no I/O, no module walking.
+"""Scale computation: Measurements + recipe → ScaleSet. No I/O, no module walking.
 
 The math is INC's, op for op, in INC's high-precision dtype (``hp_dtype`` = the model's dtype):
 
@@ -10,11 +10,21 @@ The math is INC's, op for op, in INC's high-precision dtype (``hp_dtype`` = the 
 Scales never go below ``MIN_SCALE`` (INC's own floor for per-channel scales), so an all-zero tensor
 gets a tiny positive scale instead of a zero one.
 
-Weight amax values, weight scales, FP8 weights and histogram clips are remembered only inside a
-``weight_memo()`` block (one ``autotune`` run, one ``quantize`` call), in a ``WeightMemo`` that the
-block owns and forgets when it ends. A memo outliving the call would be keyed by tensor identity,
-which a change through ``weight.data`` (``w.data.mul_(4)``, ``w.data = ...``) does not alter: the
-next quantization would silently reuse the old scales.
+What is pure, and what is not:
+
+* Pure (the result depends on the arguments only; no state is read or written): ``maxabs_scale``,
+  ``_histogram_clip``, ``clip_errors`` (its native version gives the same bits), ``_given_scales``.
+* Memoised: ``weight_amax`` / ``weight_amax_per_channel``, ``histogram_clip``, ``counts_tensor``,
+  ``layer_scales`` and ``LayerScales.quantize_weight`` read and fill the ``WeightMemo`` of the
+  enclosing ``weight_memo()`` block (found through a context variable; one ``autotune`` run, one
+  ``quantize`` call) and compute afresh, remembering nothing, outside one. A hit returns the same
+  values the computation would, for the same live, unmodified tensor: entries are keyed by the
+  tensor's identity, version counter and data pointer. A change through ``weight.data``
+  (``w.data.mul_(4)``) bumps no version counter, so the memo is forgotten when its block ends rather
+  than kept across calls, where it would silently reuse the old scales. ``quantize_weight`` under
+  ``sharing_tensors()`` (autotune's trials) also hands back the *same* FP8 tensor to every caller
+  with the same weight and scales, not an equal copy.
+* ``drop_quantized_weights`` and ``clear_caches`` empty parts of the active memo.
 """
 
 from __future__ import annotations
