@@ -2,10 +2,14 @@
 
 The float baseline is evaluated once and the model is calibrated once; each trial only recomputes
 scales from the stored statistics (amax and histograms) and converts. When no whole-model setting
-meets the tolerance, layers are ranked by their own output SQNR (``sensitivity``) and the most
-sensitive are kept in high precision: 1, 2, 4, ... layers until the metric is within tolerance,
-then a bisection for the fewest. Every trial is appended to ``output_dir/trials.jsonl`` as it
-finishes, so ``resume=True`` continues an interrupted run without redoing finished trials.
+meets the tolerance, layers are ranked (``tuning.sensitivity``: each layer's own output SQNR, or
+the metric with only that layer kept in high precision) and the most sensitive are kept in high
+precision: 1, 2, 4, ... layers until the metric is within tolerance, then a bisection for the
+fewest. Every trial is appended to ``output_dir/trials.jsonl`` as it finishes, so ``resume=True``
+continues an interrupted run without redoing finished trials.
+
+``autotune`` resolves its arguments and hands them to ``_Tuner``, one run whose state is spelled
+out in ``__init__`` and whose steps are its methods, in the order ``_Tuner.run`` calls them.
 
 The user's model is never run or changed: every forward (baseline, calibration, trials, per-layer
 SQNR) runs on autotune's own module objects in eval mode, which share the model's tensors but not
@@ -58,7 +62,7 @@ from .run_fingerprint import calibration_digest, run_fingerprint
 from .safe_io import MiB, read_bytes, shorten
 from .scales import LayerScales, ScaleSet, counts_tensor, drop_quantized_weights
 from .scales import weight_memo as _weight_memo
-from .select import select_layers
+from .select import Selection, select_layers
 from .sensitivity import eval_mode, layer_sqnr
 from .trial_log import TrialLog, trial_key
 
@@ -159,7 +163,7 @@ class _Tuner:
         self.first_batch: Any = None
         self.log: TrialLog
         self.scratch: nn.Module  # what every trial converts in place and restores (no copy per trial)
-        self.selection: Any = None
+        self.selection: Selection  # the layers the recipe selects, selected once per run
         self.modules: dict[str, nn.Module] = {}
         # set by evaluate_baseline and calibrate
         self.baseline = math.nan
