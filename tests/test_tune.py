@@ -245,3 +245,42 @@ def test_convert_can_share_unconverted_parameters():
     assert isinstance(shared.conv1.weight, ib.Float8StaticTensor)
     x = toy_batches(1, seed=2)[0]
     assert torch.equal(shared(x), copied(x))
+
+
+def test_metric_sensitivity_ranks_layers_by_leave_one_out_gain(tmp_path):
+    """``tuning.sensitivity: metric``: each layer's score is minus the metric gained by keeping only
+    that layer in high precision (the same number ``ib.quantize`` with that layer excluded gives), the
+    fallback keeps the layers with the biggest gain first, and an evaluation without a finite metric
+    ranks its layer least sensitive."""
+    from tests.models import LinearNet, linear_batches
+
+    torch.manual_seed(0)
+    model, batches = LinearNet().eval(), linear_batches(2)
+    with torch.no_grad():
+        reference = model(batches[0])
+
+    def closeness(m):  # 0 for the float model, below 0 for a quantized one
+        if type(m.fc1.weight) is torch.nn.Parameter and isinstance(m.fc3.weight, ib.Float8StaticTensor):
+            return float("nan")  # fc1 alone in high precision: no usable metric
+        with torch.no_grad():
+            return -float((m(batches[0]) - reference).pow(2).mean())
+
+    recipe = ib.Recipe.model_validate({"tuning": {"search_space": {}, "sensitivity": "metric"}})
+    result = ib.autotune(model, closeness, calib_data=batches, recipe=recipe, tolerable_loss={"absolute": 0.0},
+                         output_dir=tmp_path, progress=False)
+    events = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    ranking = next(e for e in events if e["type"] == "sensitivity")
+    assert ranking["method"] == "metric" and set(ranking["sqnr"]) == {"fc1", "fc2", "fc3"}
+    best = result.report.trials[0].metric
+    for name in ("fc2", "fc3"):
+        alone = ib.Recipe.model_validate({"quantization": {"exclude": [name]}})
+        gain = closeness(ib.quantize(model, batches, alone)) - best
+        assert ranking["sqnr"][name] == -gain
+    assert ranking["sqnr"]["fc1"] == 1e9  # NaN metric: least sensitive
+    r = result.report
+    order = sorted(ranking["sqnr"], key=ranking["sqnr"].get)
+    assert order[-1] == "fc1" and r.goal_met
+    kept = [row for row in r.layers if row.fallback_reason and row.fallback_reason.startswith("fallback")]
+    assert kept and all("metric gain" in row.fallback_reason for row in kept)
+    assert {row.name for row in kept} == set(order[:len(kept)])
+    assert any("leave-one-out metric gain" in note for note in r.notes)
