@@ -284,3 +284,31 @@ def test_metric_sensitivity_ranks_layers_by_leave_one_out_gain(tmp_path):
     assert kept and all("metric gain" in row.fallback_reason for row in kept)
     assert {row.name for row in kept} == set(order[:len(kept)])
     assert any("leave-one-out metric gain" in note for note in r.notes)
+
+
+def test_autotune_result_keeps_the_scale_notes():
+    """An expert Linear no calibration token reached takes its siblings' scales with a note
+    (``ScaleSet.notes``); the tuned model's conversion summary shows it as ``ib.quantize``'s does."""
+
+    class ListMoE(torch.nn.Module):  # top-1 routing over a ModuleList of experts
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(16, 3)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+
+        def forward(self, x):
+            choice, out = self.gate(x).argmax(-1), torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                if (rows := choice == e).any():
+                    out[rows] = expert(x[rows])
+            return out
+
+    torch.manual_seed(0)
+    model = ListMoE().eval()
+    with torch.no_grad():  # expert 2 never gets a token
+        model.gate.bias.copy_(torch.tensor([0.0, 0.0, -1e4]))
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    result = ib.autotune(model, lambda m: 0.0, calib_data=batches, recipe=MAXABS_ONLY, tolerable_loss={"absolute": 1.0},
+                         progress=False)
+    assert result.report.goal_met
+    assert "note experts.2: no calibration tokens" in ib.conversion_result(result.model).summary()

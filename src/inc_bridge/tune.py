@@ -650,7 +650,8 @@ def _without(scales: ScaleSet, fallback: list[str], sensitivity: dict[str, float
         why = f"own output SQNR {value:.1f} dB" if method == "sqnr" else f"metric gain {-value:.4g} when kept in high precision"
         skipped[name] = f"fallback: sensitivity rank {rank} of {len(ranked)} ({why})"
     layers = {n: ls for n, ls in scales.layers.items() if n not in fallback}
-    return ScaleSet(layers=layers, skipped=skipped, format=scales.format, target=scales.target)
+    notes = {n: why for n, why in scales.notes.items() if n in layers}  # e.g. experts no calibration token reached
+    return ScaleSet(layers=layers, skipped=skipped, format=scales.format, target=scales.target, notes=notes)
 
 
 def _weight_setting(config: dict[str, Any]) -> tuple[str, str, str]:
