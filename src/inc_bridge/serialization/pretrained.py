@@ -1,7 +1,7 @@
 """``save_pretrained``: a quantized Hugging Face model → a folder that serving stacks load.
 
 ``format="compressed-tensors"`` writes what llm-compressor writes for static FP8: ``config.json``
-with a ``quantization_config`` (see ``compressed_tensors.py`` for the mapping), FP8 weights and fp32
+with a ``quantization_config`` (see ``ct_checkpoint.py`` for the mapping), FP8 weights and fp32
 scales in safetensors shards (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
 ``model.safetensors.index.json``), the generation config, and the tokenizer's files when one is
 given. transformers loads it with the ``compressed-tensors`` package installed; vLLM builds with
@@ -28,7 +28,7 @@ from torch import nn
 from ..convert import _RESULT_ATTR, ConversionResult
 from ..errors import SerializationError
 from ..safe_io import current_umask
-from . import compressed_tensors
+from . import ct_checkpoint
 from .files import staging_dir, write_manifest, write_tensors
 from .saving import describe
 
@@ -87,7 +87,7 @@ def save_pretrained(
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise SerializationError(f"save_pretrained: max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     if fmt is ExportFormat.COMPRESSED_TENSORS:
-        ckpt = compressed_tensors.build(qmodel, result.converted, _skeleton(qmodel, config))
+        ckpt = ct_checkpoint.build(qmodel, result.converted, _skeleton(qmodel, config))
         config_dict = {**config.to_dict(), **ckpt.config_updates, "quantization_config": ckpt.quantization_config}
         tensors, manifest = ckpt.tensors, None
     else:
