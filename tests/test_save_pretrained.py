@@ -162,6 +162,11 @@ def test_inc_bridge_format_is_ib_save_plus_config_and_tokenizer(tmp_path):
     loaded = ib.load(transformers.AutoModelForCausalLM.from_config(config).eval(), out)
     ids = token_batches(1, seq=16, seed=7)[0]
     assert torch.equal(_logits(loaded, ids), _logits(q, ids))
+    # a model ib.load rebuilt exports like the one quantized in this process
+    ct = ib.save_pretrained(loaded, tmp_path / "ct")
+    assert json.loads((ct / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"][
+        "strategy"] == "channel"
+    assert_equal_up_to_gemm_order(_logits(q, ids), _logits(_load(ct), ids))
 
 
 def test_errors_leave_nothing_behind(tmp_path):
