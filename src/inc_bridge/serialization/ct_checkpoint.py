@@ -123,7 +123,7 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
             f"format='compressed-tensors': FP8 Conv1D layers ({', '.join(conv1d[:3])}"
             f"{', ...' if len(conv1d) > 3 else ''}) cannot be loaded by transformers' compressed-tensors "
             "integration, which quantizes nn.Linear only; exclude them in the recipe (quantization.exclude: "
-            "[\"re:.*\\.(c_attn|c_proj|c_fc)$\"]) or save with format='inc_bridge'"
+            "['re:.*\\.(c_attn|c_proj|c_fc)$']) or save with format='inc_bridge'"
         )
     if unsupported:
         shown = ", ".join(unsupported[:4]) + (f", ... ({len(unsupported)} in all)" if len(unsupported) > 4 else "")
