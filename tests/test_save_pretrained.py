@@ -234,17 +234,23 @@ def test_kv_cache_layers_give_kv_cache_scheme_and_k_v_scales(tmp_path):
 
 def test_an_fp8_conv1d_is_refused_with_the_fix(tmp_path):
     """transformers' compressed-tensors integration quantizes nn.Linear only: a Conv1D target gets no scales
-    and its FP8 weight would be read as plain numbers (checked by hand with compressed-tensors 0.20). A
-    stand-in FP8 Conv1D (subclass form, as a Conv1D converter would make it) is refused, naming the fix."""
-    q = ib.quantize(tiny_gpt2(), token_batches(), _recipe(ops=["linear", "embedding"]))
-    conv = q.transformer.h[0].mlp.c_fc
-    w = conv.weight.detach()
-    scale = w.abs().amax() / 448
-    fp8 = ib.Float8StaticTensor((w / scale).to(torch.float8_e4m3fn), scale, 448.0, "emulated", torch.float32,
-                                act_scale=torch.tensor(0.01))
-    conv.weight = torch.nn.Parameter(fp8, requires_grad=False)
-    ib.conversion_result(q).converted["transformer.h.0.mlp.c_fc"] = "linear"
-    with pytest.raises(ib.SerializationError, match=r"FP8 Conv1D layers \(transformer.h.0.mlp.c_fc\).*"
+    and its FP8 weight would be read as plain numbers (checked by hand with compressed-tensors 0.20). GPT-2's
+    Conv1D layers, converted by the default recipe, are refused with the fix; the inc_bridge format holds them."""
+    q = ib.quantize(tiny_gpt2(), token_batches())
+    assert ib.conversion_result(q).converted["transformer.h.0.mlp.c_fc"] == "linear"
+    with pytest.raises(ib.SerializationError, match=r"FP8 Conv1D layers \(transformer.h.0.attn.c_attn, .*"
                                                     r"quantization.exclude: \['re:"):
         ib.save_pretrained(q, tmp_path / "gpt2")
+    assert os.listdir(tmp_path) == []
+    ib.save_pretrained(q, tmp_path / "gpt2", format="inc_bridge")
+    assert (tmp_path / "gpt2" / "inc_bridge.json").is_file()
+
+
+def test_fused_moe_experts_are_refused_with_the_fix(tmp_path):
+    from .test_llm_coverage import _batches, _mixtral
+
+    q = ib.quantize(_mixtral().eval(), _batches())
+    with pytest.raises(ib.SerializationError, match=r"no compressed-tensors form: model.layers.0.mlp.experts "
+                                                    r"\(linear, MixtralExperts\).*format='inc_bridge'.*exclude"):
+        ib.save_pretrained(q, tmp_path / "mixtral")
     assert os.listdir(tmp_path) == []

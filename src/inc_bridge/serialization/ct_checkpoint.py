@@ -20,8 +20,9 @@ The mapping, per layer inc_bridge quantized:
 * ``kv_cache`` layers give ``kv_cache_scheme`` and ``NAME.k_scale`` / ``NAME.v_scale`` (see
   ``kv_cache_scales``).
 
-Anything else quantized (conv2d, attention, matmul) has no float-quantized equivalent: SerializationError
-names the layers and the format that keeps them (``format="inc_bridge"``).
+Anything else quantized (conv2d, attention, matmul, fused 3-D MoE experts) has no float-quantized
+equivalent here: SerializationError names the layers and the format that keeps them
+(``format="inc_bridge"``). MoE experts held as a ModuleList of ``nn.Linear`` are plain linear layers.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
         weight = _fp8_weight(module)
         original = _original(skeleton, name)
         if weight is None or original is None:
-            unsupported.append(f"{name} ({kind})")
+            unsupported.append(f"{name} ({kind}, {type(module).__name__})")
             continue
         _check_format(name, weight)
         hp_dtype = hp_dtype or weight.dtype
@@ -110,7 +111,7 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
             groups.setdefault(strategy, []).append(name)
             seen.setdefault(id(weight.qdata), name)
         else:
-            unsupported.append(f"{name} ({kind})")
+            unsupported.append(f"{name} ({kind}, {type(original).__name__})")
             continue
         if isinstance(bias, torch.Tensor):
             ckpt.tensors[f"{name}.bias"] = bias.detach()
@@ -130,7 +131,7 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
         raise SerializationError(
             f"format='compressed-tensors' writes FP8 linear layers (and weight-only embeddings, dequantized); "
             f"these quantized layers have no compressed-tensors form: {shown}. "
-            "Save with format='inc_bridge', or leave them out of the recipe's ops"
+            "Save with format='inc_bridge', or keep them in high precision (recipe quantization.exclude or ops)"
         )
     if not groups:
         raise SerializationError("format='compressed-tensors': the model has no FP8 linear layer to write")
