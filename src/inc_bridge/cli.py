@@ -1,4 +1,5 @@
-"""The ``inc-bridge`` command line: ``demo``, ``tune``, ``apply``, ``report``, ``doctor``, ``inspect``, ``export-onnx``.
+"""The ``inc-bridge`` command line: ``demo``, ``quantize``, ``tune``, ``apply``, ``report``, ``doctor``, ``inspect``,
+``export-onnx``.
 
 Each wraps the library calls of the same name.
 """
@@ -124,17 +125,80 @@ def _model_from(recipe) -> object:
     return resolve_callable(recipe.model.factory, "model.factory")()
 
 
+def _folder_inputs(args: argparse.Namespace) -> tuple[object, object, list]:
+    """``--model DIR`` and ``--calib FILE``: the float model, its tokenizer and calibration batches."""
+    from .hf_folder import load_model_folder, read_calibration_texts, token_batches
+
+    texts = read_calibration_texts(Path(args.calib), args.max_samples)  # a bad file fails before the model loads
+    model, tokenizer = load_model_folder(Path(args.model))
+    return model, tokenizer, token_batches(tokenizer, texts, args.seq_len)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .hf_folder import Progress
+    from .pipeline import quantize
+    from .recipe import load_recipe
+
+    recipe = load_recipe(Path(args.recipe)) if args.recipe else None
+    model, tokenizer, batches = _folder_inputs(args)
+    qmodel = quantize(model, Progress(batches, "calibrating", not args.quiet), recipe)
+    out = _write_quantized(qmodel, tokenizer, batches[0], Path(args.out), args.format)
+    print(f"quantized {len(_converted(qmodel))} layers with {len(batches)} calibration samples; wrote {out} "
+          f"({args.format})")
+    return 0
+
+
+def _converted(qmodel: object) -> dict:
+    from .convert import conversion_result
+
+    return conversion_result(qmodel).converted
+
+
+def _write_quantized(qmodel, tokenizer, example: dict, out: Path, fmt: str) -> Path:
+    from .onnx_export import export_onnx
+    from .serialization.pretrained import save_pretrained
+
+    if fmt != "onnx":
+        return save_pretrained(qmodel, out, format=fmt, tokenizer=tokenizer)
+    from .errors import SerializationError
+
+    if out.suffix != ".onnx":
+        raise SerializationError(f"{out}: --format onnx writes one .onnx file; give --out a name ending in .onnx")
+    if example["input_ids"].shape[1] < 2:
+        raise SerializationError("--format onnx needs a calibration sample of two tokens or more as the example input")
+    # torch.export fixes dimensions of size 1: the example is two copies of the first sample
+    return export_onnx(qmodel, {k: v.repeat(2, 1) for k, v in example.items()}, out)
+
+
 def _tune(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .recipe import load_recipe
+    from .errors import RecipeError
+    from .recipe import default_recipe, load_recipe
     from .report import ReportFormat
     from .tune import autotune
 
-    recipe = load_recipe(Path(args.recipe))
+    if (args.model is None) != (args.calib is None):
+        raise RecipeError("--model and --calib go together (a model folder and its calibration text)")
+    if args.recipe is None and args.model is None:
+        raise RecipeError("give a recipe that names model.factory, or --model DIR --calib FILE")
+    recipe = load_recipe(Path(args.recipe)) if args.recipe else default_recipe()
+    eval_fn, calib_data = None, None
+    if args.model is not None:
+        from .hf_folder import Progress, mean_log_likelihood, read_calibration_texts, token_batches
+
+        model, tokenizer, batches = _folder_inputs(args)
+        calib_data = Progress(batches, "calibrating", not args.quiet)
+        if recipe.evaluation.fn is None:  # the default metric: log-likelihood of the eval (or calibration) text
+            eval_texts = read_calibration_texts(Path(args.eval), args.max_samples) if args.eval else None
+            eval_batches = token_batches(tokenizer, eval_texts, args.seq_len) if eval_texts else batches
+            eval_fn = mean_log_likelihood(eval_batches)
+            recipe = recipe.model_copy(update={"evaluation": recipe.evaluation.model_copy(update={"higher_is_better": True})})
+    else:
+        model = _model_from(recipe)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="inc_bridge_tune_"))
     try:
-        result = autotune(_model_from(recipe), recipe=recipe, output_dir=out, resume=args.resume,
+        result = autotune(model, eval_fn, calib_data=calib_data, recipe=recipe, output_dir=out, resume=args.resume,
                           progress=not args.quiet)
     except BaseException:
         if not args.out and not any(out.iterdir()):
@@ -225,6 +289,23 @@ def _run(args: argparse.Namespace) -> int:
     return 2
 
 
+def _add_calib_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--calib", required=required, metavar="FILE",
+                   help="calibration text: .txt (one sample per line) or .jsonl (a \"text\" field per line)")
+    p.add_argument("--max-samples", type=_positive, default=128, metavar="N", help="use the first N samples (default 128)")
+    p.add_argument("--seq-len", type=_positive, default=512, metavar="L", help="truncate samples to L tokens (default 512)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inc-bridge", description="INC FP8 measurements → torchao FP8 models.")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error instead of one line")
@@ -233,8 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="directory for the report and locked recipe (default: a new temporary one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_demo)
-    p = sub.add_parser("tune", help="autotune the model a recipe names (model, calibration, evaluation sections)")
-    p.add_argument("recipe")
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a Hugging Face causal LM folder with calibration text and write it out",
+        description="Load the model and tokenizer from DIR (local files only), calibrate on the samples of FILE "
+        "(.txt: one per line; .jsonl: the \"text\" of each object), quantize with the recipe (default: FP8 e4m3, "
+        "static per-tensor scales on every Linear) and write OUT.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face model folder (config.json, weights, tokenizer)")
+    _add_calib_args(p, required=True)
+    p.add_argument("--recipe", help="recipe YAML (default: the default recipe)")
+    p.add_argument("--out", required=True, help="the folder to write (a .onnx file with --format onnx)")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "inc_bridge", "onnx"],
+                   help="compressed-tensors (transformers, vLLM), inc_bridge (ib.load), onnx (FP8 QDQ graph)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_quantize)
+    p = sub.add_parser("tune", help="autotune the model a recipe names (model, calibration, evaluation sections), "
+                                    "or a Hugging Face model folder (--model, --calib)")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (optional with --model: the default recipe)")
+    p.add_argument("--model", metavar="DIR", help="a Hugging Face model folder, in place of the recipe's model.factory")
+    _add_calib_args(p, required=False)
+    p.add_argument("--eval", metavar="FILE", help="with --model: text to judge by (mean token log-likelihood) when the "
+                                                  "recipe names no evaluation.fn (default: the calibration text)")
     p.add_argument("--out", help="output directory (default: a new temporary one)")
     p.add_argument("--resume", action="store_true", help="continue the run recorded in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
