@@ -171,7 +171,8 @@ def quantize(
             "model is returned in eval mode (call model.eval() first to silence this)",
             UserWarning, stacklevel=2,
         )
-    kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend, **convert_kwargs}
+    kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend,
+                              "kv_cache": Op.KV_CACHE in recipe.quantization.ops, **convert_kwargs}
     if {Op.SDPA, Op.BMM} & set(recipe.quantization.ops) and not captured_sites(model):
         # Attention must be captured before calibration; do it on a copy, never on the caller's model.
         calib_data, example = _peek(calib_data)

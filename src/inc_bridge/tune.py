@@ -214,7 +214,8 @@ def autotune(
     tuned_recipe = _recipe_for(recipe, config)
     scales = _without(scales_of(config), fallback, sensitivity, method)
     # the scratch copy is done with trials: it becomes the result (same as converting a copy of work)
-    qmodel = convert(scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True)
+    qmodel = convert(scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True,
+                     kv_cache=Op.KV_CACHE in recipe.quantization.ops)
     drop_quantized_weights()  # the result holds its own; the memo would keep them alive with the float weights
     final_sqnr = layer_sqnr(work, qmodel, list(scales.layers), _one_example(first_batch)) if first_batch is not None else {}
     _same_modes(qmodel, model)  # trials ran in eval mode; the result has the user's flags
@@ -259,7 +260,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe | Path | str, *, example_input
             name, layer.kind, layer.format, layer.fp8_max, dtype,
             tuple(torch.tensor(v, dtype=dtype) for v in layer.input_scales), weight,
         )
-    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, inplace=inplace)
+    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, inplace=inplace,
+                     kv_cache=Op.KV_CACHE in recipe.quantization.ops)
     conversion_result(qmodel).recipe = recipe
     return qmodel
 
