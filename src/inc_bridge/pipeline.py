@@ -54,7 +54,7 @@ def compute_scales(
     layers: dict[str, LayerScales] = {}
     skipped = {}
     for name, stats in measurements.layers.items():
-        if stats.kind not in {o.value for o in Op} or stats.dtype is None:
+        if stats.kind not in {o.value for o in Op if o.is_layer} or stats.dtype is None:
             raise CalibrationError(
                 f"layer {name!r}: the measurements do not record its kind and dtype (INC dumps do not); "
                 "pass model= to compute_scales"
