@@ -25,6 +25,7 @@ from .errors import (
 from .formats import FP8Format, Target
 from .inc_export import export_inc_measurements
 from .inc_files import load_inc_measurements
+from .kv_cache import KVCacheLayer, kv_cache_scales
 from .measurements import LayerStats, Measurements
 from .onnx_export import export_onnx
 from .pipeline import compute_scales, quantize
@@ -50,6 +51,7 @@ __all__ = [
     "ExportFormat",
     "IncBridgeError",
     "IncFp8Config",
+    "KVCacheLayer",
     "LayerScales",
     "LayerStats",
     "Measurements",
@@ -72,6 +74,7 @@ __all__ = [
     "default_recipe",
     "export_inc_measurements",
     "export_onnx",
+    "kv_cache_scales",
     "load",
     "load_inc_measurements",
     "load_recipe",

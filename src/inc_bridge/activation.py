@@ -22,6 +22,7 @@ from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError
 from .fp8_checks import FP8_FORMATS, check_fp8_max
 from .kernels import ops as kernel_ops
+from .kernels.emulated import is_fp8
 from .tensor import scale_text
 
 __all__ = ["Float8ActivationTensor", "attach_input_quant", "quantized_positions"]
@@ -88,11 +89,24 @@ def _quantize_inputs_hook(module: nn.Module, args: tuple, kwargs: dict):
     args = list(args)
     scales = module.input_scales
     fp8_dtype, fp8_max = module._inc_bridge_fp8
-    for i, pos in enumerate(quantized_positions(module)):
+    slots = []  # (container, key) of each quantized input
+    for pos in quantized_positions(module):
         if pos < len(args):
-            args[pos] = Float8ActivationTensor.from_hp(args[pos], scales[i], fp8_dtype, fp8_max)
+            slots.append((args, pos))
         elif pos < len(_SDPA_NAMES) and _SDPA_NAMES[pos] in kwargs:  # q/k/v passed by keyword
-            kwargs[_SDPA_NAMES[pos]] = Float8ActivationTensor.from_hp(kwargs[_SDPA_NAMES[pos]], scales[i], fp8_dtype, fp8_max)
+            slots.append((kwargs, _SDPA_NAMES[pos]))
+    # K/V from an FP8 KV cache arrive as FP8 codes made with these very scales (kv_cache.py): they
+    # are wrapped as they are, in the dtype of the inputs given in high precision.
+    hp = next((box[key].dtype for box, key in slots if not is_fp8(box[key])), None)
+    for i, (box, key) in enumerate(slots):
+        x = box[key]
+        if not is_fp8(x):
+            box[key] = Float8ActivationTensor.from_hp(x, scales[i], fp8_dtype, fp8_max)
+        elif x.dtype != fp8_dtype or hp is None:
+            raise ConversionError(f"{type(module).__name__}: input {i} holds {x.dtype} codes; expected {fp8_dtype} "
+                                  "codes for keys/values beside a high-precision query")
+        else:
+            box[key] = Float8ActivationTensor(x, scales[i], hp)
     return tuple(args), kwargs
 
 

@@ -114,6 +114,20 @@ def captured_sites(model: nn.Module) -> dict[str, str]:
     }
 
 
+def hf_attention_sites(model: nn.Module) -> dict[str, str]:
+    """Attention module name → name of its ``sdpa`` layer, for every transformers attention module
+    captured through the attention registry (float ``SDPA`` or quantized ``QSDPA`` alike).
+
+    These modules update transformers' cache themselves (``cache.update(k, v, layer_idx)``) before
+    attention runs, which is where an FP8 KV cache (``kv_cache.py``) takes over.
+    """
+    return {
+        name: f"{name}.sdpa" if name else "sdpa"
+        for name, m in model.named_modules()
+        if _dispatches_through_registry(type(m)) and isinstance(getattr(m, "sdpa", None), (SDPA, QSDPA))
+    }
+
+
 # ---------------------------------------------------------------- Hugging Face: the attention registry
 
 

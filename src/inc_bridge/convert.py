@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .capture import hf_attention_sites
 from .converters import converter_for
 from .coverage import FloatMatrix, float_matrices, matrix_bytes, quantized_layers
 from .errors import ConversionError
 from .experts_scales import FALLBACK_RULE
 from .kernels import model_device, resolve_backend
-from .recipe import Backend, Form, Recipe
+from .kv_cache import enable_fp8_kv_cache
+from .recipe import Backend, Form, Op, Recipe
 from .scales import ScaleSet
 from .sharing import shared_tensors, sharing_tensors
 from .ties import retie, tied_groups
@@ -36,7 +38,8 @@ class ConversionResult:
     ``backend`` is the backend the layers run with; ``backend_requested`` what was asked for
     (``"auto"`` means: the best available where the model runs, so ``inc_bridge.load`` picks again).
     ``float_left`` lists every module still holding a float weight matrix (quantizable or not), with
-    the reason and its bytes; ``conversion_result(qmodel)`` fills it from the model.
+    the reason and its bytes; ``conversion_result(qmodel)`` fills it from the model. ``kv_cache``
+    names the attention modules whose transformers cache holds FP8 codes (``kv_cache.py``).
     """
 
     form: Form
@@ -49,6 +52,7 @@ class ConversionResult:
     float_left: list[FloatMatrix] | None = None
     layer_types: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    kv_cache: list[str] = field(default_factory=list)
 
     def by_type(self) -> dict[str, tuple[int, int, int]]:
         """Float module type → (converted layers, their float matrix bytes, their FP8 bytes)."""
@@ -64,12 +68,14 @@ class ConversionResult:
         if self.float_left is None:  # not filled from a model: the quantizable layers kept are all we know
             lines = [f"{head}, {_count(len(self.skipped), 'quantizable layer')} left in high precision"]
             lines += self._converted_lines()
+            lines += self._kv_cache_lines()
             return "\n".join(lines + [f"  kept {name}: {why}" for name, why in self.skipped.items()])
         left = sum(f.nbytes for f in self.float_left)
         unsupported = sum(f.nbytes for f in self.float_left if f.unsupported)
         lines = [f"{head}; {_count(len(self.float_left), 'module')} with weight matrices left in high precision "
                  f"({_mib(left)}, of which {_mib(unsupported)} in types inc_bridge cannot quantize)"]
         lines += self._converted_lines()
+        lines += self._kv_cache_lines()
         lines += [f"  kept {f.name} ({f.module_type}, {_mib(f.nbytes)}): {f.reason}" for f in self.float_left]
         return "\n".join(lines)
 
@@ -77,6 +83,12 @@ class ConversionResult:
         lines = [f"  converted {t}: {_count(n, 'layer')}, {_mib(f)} float -> {_mib(q)} FP8"
                  for t, (n, f, q) in sorted(self.by_type().items())]
         return lines + [f"  note {name}: {why}" for name, why in self.notes.items()]
+
+    def _kv_cache_lines(self) -> list[str]:
+        if not self.kv_cache:
+            return []
+        return [f"  FP8 KV cache: {_count(len(self.kv_cache), 'attention module')} keep keys and values as FP8 codes "
+                "in transformers' caches, with their sdpa layers' static k/v scales"]
 
 
 def _count(n: int, noun: str) -> str:
@@ -131,6 +143,7 @@ def convert(
     backend: Backend | str = Backend.AUTO,
     inplace: bool = False,
     share_unconverted: bool = False,
+    kv_cache: bool = False,
 ) -> nn.Module:
     """Quantize the layers named in ``scales``.
 
@@ -146,12 +159,16 @@ def convert(
         share_unconverted: with ``inplace=False``, the copy shares the parameters and buffers of the
             layers it does not convert with ``model`` instead of copying them (cheap, for short-lived
             models such as autotune's trials; changing one then changes the other).
+        kv_cache: transformers attention modules whose sdpa layer is converted keep K/V as FP8
+            codes in the cache (recipe op ``kv_cache``; see ``inc_bridge.kv_cache``). Outputs do
+            not change; the cache takes half the bytes of a bf16 one.
     Returns:
         The quantized model; ``conversion_result(qmodel)`` lists converted and skipped layers.
         Converted layers that shared a float weight (tied embeddings) share one FP8 weight.
     Raises:
         ConversionError: a scaled layer is missing from the model, of another type or shape, or the
-            model is already quantized.
+            model is already quantized, or ``kv_cache`` for a model without captured transformers
+            attention.
         BackendUnavailableError: ``backend`` cannot run here.
 
     Example:
@@ -159,6 +176,8 @@ def convert(
     """
     check_not_quantized(model)
     form, backend_name, impls, modules = _plan(model, scales, form, backend)
+    if kv_cache and not hf_attention_sites(model):
+        enable_fp8_kv_cache(model, ())  # raises the error that says what kv_cache needs, before any change
     tied = tied_groups(modules, [name for name, ls in scales.layers.items() if ls.kind.has_weight])
     types = _layer_types(modules, scales)
     if inplace:
@@ -178,6 +197,9 @@ def convert(
         target = copy.deepcopy(model, memo)
     retie(tied, target.get_submodule)  # layers sharing a float weight share its FP8 weight
     _attach_result(target, form, backend_name, scales, Backend(backend).value, types=types)
+    if kv_cache:
+        sdpa_layers = [name for name, ls in scales.layers.items() if ls.kind is Op.SDPA]
+        getattr(target, _RESULT_ATTR).kv_cache = enable_fp8_kv_cache(target, sdpa_layers)
     return target
 
 

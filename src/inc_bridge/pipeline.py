@@ -54,7 +54,7 @@ def compute_scales(
     layers: dict[str, LayerScales] = {}
     skipped = {}
     for name, stats in measurements.layers.items():
-        if stats.kind not in {o.value for o in Op} or stats.dtype is None:
+        if stats.kind not in {o.value for o in Op if o.is_layer} or stats.dtype is None:
             raise CalibrationError(
                 f"layer {name!r}: the measurements do not record its kind and dtype (INC dumps do not); "
                 "pass model= to compute_scales"
@@ -171,7 +171,8 @@ def quantize(
             "model is returned in eval mode (call model.eval() first to silence this)",
             UserWarning, stacklevel=2,
         )
-    kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend, **convert_kwargs}
+    kwargs: dict[str, Any] = {"form": recipe.form, "backend": recipe.backend,
+                              "kv_cache": Op.KV_CACHE in recipe.quantization.ops, **convert_kwargs}
     if {Op.SDPA, Op.BMM} & set(recipe.quantization.ops) and not captured_sites(model):
         # Attention must be captured before calibration; do it on a copy, never on the caller's model.
         calib_data, example = _peek(calib_data)

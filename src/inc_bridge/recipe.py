@@ -65,6 +65,9 @@ class Op(str, Enum):
     EMBEDDING = "embedding"  # weight-only: an embedding's input is integer ids
     SDPA = "sdpa"  # captured scaled-dot-product attention: q, k, v quantized
     BMM = "bmm"  # captured activation × activation matmul / bmm: both operands quantized
+    # Not a layer kind: transformers' caches keep K/V as FP8 codes, quantized with the k/v scales of
+    # the ``sdpa`` layers (so it needs ``sdpa``; outputs do not change). See ``kv_cache.py``.
+    KV_CACHE = "kv_cache"
 
     @property
     def weight_only(self) -> bool:
@@ -72,7 +75,12 @@ class Op(str, Enum):
 
     @property
     def has_weight(self) -> bool:
-        return self not in (Op.SDPA, Op.BMM)
+        return self not in (Op.SDPA, Op.BMM, Op.KV_CACHE)
+
+    @property
+    def is_layer(self) -> bool:
+        """Whether the op quantizes modules of its own (all but ``kv_cache``, which rides on ``sdpa``)."""
+        return self is not Op.KV_CACHE
 
     @property
     def n_inputs(self) -> int:
@@ -184,6 +192,11 @@ class Quantization(_Closed):
     def _ops(cls, value: tuple[Op, ...]) -> tuple[Op, ...]:
         if not value:
             raise ValueError("ops must name at least one op")
+        if Op.KV_CACHE in value and Op.SDPA not in value:
+            # The cache holds the FP8 codes QSDPA would make of K and V: those need the sdpa op's
+            # static k/v scales. Implying sdpa would quantize attention the recipe did not ask for.
+            raise ValueError("kv_cache stores keys and values with the static k/v scales of the sdpa op; "
+                             "add 'sdpa' to ops (e.g. ops: [linear, sdpa, kv_cache])")
         return tuple(dict.fromkeys(value))
 
 
@@ -317,6 +330,8 @@ class LockedLayer(_Closed):
     def _consistent(self) -> LockedLayer:
         # The kernels index input scales by position and divide by fp8_max: a wrong count or range
         # must stop here, not as an IndexError or a NaN model later.
+        if not self.kind.is_layer:
+            raise ValueError(f"{self.kind.value!r} is not a layer kind (it uses the scales of the sdpa layers)")
         top = self.format.max
         if not (0.0 < self.fp8_max <= top):
             raise ValueError(f"fp8_max {shorten(self.fp8_max, 40)} is out of range for {self.format.value}; valid: 0 < fp8_max <= {top:g}")

@@ -337,7 +337,8 @@ class _Tuner:
         tuned_recipe = _recipe_for(recipe, config)
         scales = _without(self.scales_of(config), fallback, sensitivity, method)
         # the scratch copy is done with trials: it becomes the result (same as converting a copy of work)
-        qmodel = convert(self.scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True)
+        qmodel = convert(self.scratch, scales, form=recipe.form, backend=recipe.backend, inplace=True,
+                         kv_cache=Op.KV_CACHE in recipe.quantization.ops)
         drop_quantized_weights()  # the result holds its own; the memo would keep them alive with the float weights
         final_sqnr = (layer_sqnr(self.work, qmodel, list(scales.layers), _one_example(self.first_batch))
                       if self.first_batch is not None else {})
@@ -506,7 +507,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe | Path | str, *, example_input
             name, layer.kind, layer.format, layer.fp8_max, dtype,
             tuple(torch.tensor(v, dtype=dtype) for v in layer.input_scales), weight,
         )
-    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, inplace=inplace)
+    qmodel = convert(work, scales, form=recipe.form, backend=recipe.backend, inplace=inplace,
+                     kv_cache=Op.KV_CACHE in recipe.quantization.ops)
     conversion_result(qmodel).recipe = recipe
     return qmodel
 

@@ -45,9 +45,11 @@ from .emulated import (
     conv2d_emulated,
     dequantize_emulated,
     embedding_emulated,
+    is_fp8,
     linear_emulated,
     matmul_emulated,
     quantize_emulated,
+    sdpa_compute_dtype,
     sdpa_emulated,
 )
 from .registry import Availability, Fp8Params, register_backend, register_kernel
@@ -414,14 +416,22 @@ def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.
     return lib.dequant(rows, scale, p.hp_dtype).reshape(*ids.shape, dim)
 
 
-@register_kernel("sdpa", CPU, "native qdq(q, k, v), then torch SDPA (exact)")
+@register_kernel("sdpa", CPU, "native qdq(q, k, v) (FP8 codes from an FP8 KV cache: native dequant), then torch SDPA (exact)")
 def sdpa_cpu(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
-    """``sdpa_emulated`` with native quantize-dequantize."""
+    """``sdpa_emulated`` with native quantize-dequantize (and native dequantization of FP8 codes)."""
     _require(input_scales.numel() == 3, f"sdpa: {input_scales.numel()} input scales, expected 3 (q, k, v)")
-    lib = _native_for(p, q, k, v)
-    if lib is None:
+    hp = sdpa_compute_dtype(q, k, v, p)
+    lib = _native_for(p, *(t for t in (q, k, v) if not is_fp8(t)))
+    if lib is None or hp not in _DTYPE:
         return sdpa_emulated(q, k, v, input_scales, p, **sdpa_kwargs)
-    q, k, v = (_qdq(lib, t, input_scales[i], p, t.dtype) for i, t in enumerate((q, k, v)))
+
+    def operand(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if not is_fp8(t):
+            return _qdq(lib, t, scale, p, t.dtype)
+        out = native_dequantize(t, scale, hp)  # None for a layout the native code does not take
+        return dequantize_emulated(t, scale, hp) if out is None else out
+
+    q, k, v = (operand(t, input_scales[i]) for i, t in enumerate((q, k, v)))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConversionError
 from ..quant import dequantize_fp8, quant_dequant, quantize_fp8
 from .registry import EMULATED, Availability, Fp8Params, register_backend, register_kernel
 
@@ -69,10 +70,37 @@ def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: t
     return dequantize_fp8(rows, scale, p.hp_dtype)
 
 
-@register_kernel("sdpa", EMULATED, "qdq(q, k, v), then SDPA in the model dtype")
+def sdpa_compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Fp8Params) -> torch.dtype:
+    """The dtype attention runs in: that of the inputs not given as FP8 codes (the query's, in practice).
+
+    K and V arrive as FP8 codes from an FP8 KV cache (``kv_cache.py``): quantized with this layer's
+    own k/v scales, they are what quantizing high-precision K/V here would give, so the kernel
+    dequantizes them (no round trip through high precision and back).
+
+    Raises:
+        ConversionError: an FP8 input in another format than the layer's.
+    """
+    for name, t in zip("qkv", (q, k, v), strict=True):
+        if is_fp8(t) and t.dtype != p.fp8_dtype:
+            raise ConversionError(f"sdpa: {name} holds {t.dtype} codes, but the layer's format is {p.fp8_dtype}")
+    hp = [t.dtype for t in (q, k, v) if not is_fp8(t)]
+    return hp[0] if hp else p.hp_dtype
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds FP8 codes (a one-byte floating-point dtype)."""
+    return t.dtype.is_floating_point and t.dtype.itemsize == 1
+
+
+@register_kernel("sdpa", EMULATED, "qdq(q, k, v) (FP8 codes from an FP8 KV cache: dequantized), then SDPA in the model dtype")
 def sdpa_emulated(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
-    """Quantize-dequantize q, k, v with their static scales, then attention in high precision."""
-    q, k, v = (quant_dequant(t, input_scales[i], p.fp8_dtype, p.fp8_max, t.dtype) for i, t in enumerate((q, k, v)))
+    """Quantize-dequantize q, k, v with their static scales, then attention in high precision.
+
+    An input given as FP8 codes (see ``sdpa_compute_dtype``) is only dequantized.
+    """
+    hp = sdpa_compute_dtype(q, k, v, p)
+    q, k, v = (dequantize_fp8(t, input_scales[i], hp) if is_fp8(t)
+               else quant_dequant(t, input_scales[i], p.fp8_dtype, p.fp8_max, t.dtype) for i, t in enumerate((q, k, v)))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 

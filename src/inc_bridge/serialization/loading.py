@@ -15,11 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture import hf_attention_sites
 from ..convert import _RESULT_ATTR, ConversionResult, _set_submodule
 from ..errors import BackendUnavailableError, RecipeError, SerializationError
 from ..formats import dtype_from_name, dtype_name
 from ..fp8_checks import check_scale_values
 from ..kernels import resolve_backend
+from ..kv_cache import enable_fp8_kv_cache
 from ..nn._fp8_module import Fp8Module
 from ..recipe import Form, Recipe
 from ..safe_io import shorten
@@ -144,6 +146,7 @@ class _Plan:
                 "a checkpoint for a different architecture?)"
             )
         self.result = self._conversion_result(manifest, layers)
+        self.kv_cache = self._plan_kv_cache(manifest.get("kv_cache", []), layers)
 
     # ------------------------------------------------------------ the phases
 
@@ -157,6 +160,21 @@ class _Plan:
         for name, new in self.replacements.items():
             _set_submodule(self.skeleton, name, new)
         object.__setattr__(self.skeleton, _RESULT_ATTR, self.result)
+        if self.kv_cache:
+            self.result.kv_cache = enable_fp8_kv_cache(self.skeleton, [f"{n}.sdpa" if n else "sdpa" for n in self.kv_cache])
+
+    def _plan_kv_cache(self, names: list[str], layers: dict[str, dict[str, Any]]) -> list[str]:
+        """The attention modules to give an FP8 KV cache: each must be captured transformers attention
+        whose sdpa layer the file quantizes (checked before anything is installed)."""
+        sites = hf_attention_sites(self.skeleton) if names else {}
+        for name in names:
+            sdpa = sites.get(name)
+            if sdpa is None or sdpa not in layers or layers[sdpa].get("kind") != "sdpa":
+                raise SerializationError(
+                    f"{self.manifest_path}: kv_cache names {shorten(name, 80)!r}, which is not a captured transformers "
+                    "attention module with a quantized sdpa layer here (capture_attention(skeleton) first?)"
+                )
+        return list(names)
 
     # ------------------------------------------------------------ layers replaced by a new module
 

@@ -52,6 +52,9 @@ def check_manifest_schema(manifest: dict[str, Any], origin: str) -> None:
     s.obj('"scales"', manifest.get("scales"), optional=True)
     s.str_map('"skipped"', manifest.get("skipped"), optional=True)
     s.str_map('"aliases"', manifest.get("aliases"))
+    kv_cache = manifest.get("kv_cache", [])  # absent in files written before the FP8 KV cache
+    if not (isinstance(kv_cache, list) and all(isinstance(n, str) for n in kv_cache)):
+        s.fail('"kv_cache"', "a list of attention module names", kv_cache)
     tensors = manifest.get("tensors")
     s.obj('"tensors"', tensors)
     for name, rec in tensors.items():

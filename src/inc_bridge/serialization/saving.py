@@ -109,6 +109,7 @@ def describe(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         "skipped": dict(result.skipped) if result is not None else {},
         "recipe": result.recipe.model_dump(mode="json") if result is not None and result.recipe is not None else None,
         "scales": result.scales.to_dict() if result is not None and result.scales is not None else None,
+        "kv_cache": list(result.kv_cache) if result is not None else [],
         "tensors": writer.records,
         "aliases": writer.aliases,
     }
