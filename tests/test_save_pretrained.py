@@ -208,28 +208,15 @@ def test_what_compressed_tensors_cannot_hold_is_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["e"]
 
 
-def test_kv_cache_layers_give_kv_cache_scheme_and_k_v_scales(tmp_path):
-    """The hook for recipe op ``kv_cache``: a layer converted with that kind holds 0-d fp32 ``k_scale`` and
-    ``v_scale``; they are written under compressed-tensors' (and vLLM's) names with a static per-tensor
-    FP8 ``kv_cache_scheme``. Stand-in layers here: the op's own conversion lands in another branch."""
-    q = ib.quantize(tiny_llama(), token_batches(), _recipe())
-    converted = ib.conversion_result(q).converted
-    for i in range(2):
-        attn = q.model.layers[i].self_attn
-        attn.register_buffer("k_scale", torch.tensor(0.02 + i))
-        attn.register_buffer("v_scale", torch.tensor(0.01 + i))
-        converted[f"model.layers.{i}.self_attn"] = "kv_cache"
-    out = ib.save_pretrained(q, tmp_path / "kv")
-    scheme = json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
-    assert {k: scheme[k] for k in ("num_bits", "type", "strategy", "dynamic", "symmetric")} == {
-        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
-    tensors = _tensors(out)
-    assert torch.equal(tensors["model.layers.1.self_attn.k_scale"], torch.tensor([1.02]))
-    assert torch.equal(tensors["model.layers.0.self_attn.v_scale"], torch.tensor([0.01]))
-
-    del q.model.layers[1].self_attn.v_scale
-    with pytest.raises(ib.SerializationError, match="kv_cache layer 'model.layers.1.self_attn': no 0-d v_scale"):
-        ib.save_pretrained(q, tmp_path / "kv2")
+def test_an_fp8_kv_cache_is_refused_with_the_fix(tmp_path):
+    """Recipe op kv_cache: its scales live in sdpa layers that also quantize Q, which compressed-tensors'
+    kv_cache_scheme (K and V only) cannot express."""
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa", "kv_cache"]}})
+    q = ib.quantize(tiny_llama(), token_batches(), recipe)
+    assert ib.conversion_result(q).kv_cache
+    with pytest.raises(ib.SerializationError, match=r"FP8 KV cache of 2 attention module\(s\).*format='inc_bridge'"):
+        ib.save_pretrained(q, tmp_path / "kv")
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_fp8_conv1d_is_refused_with_the_fix(tmp_path):

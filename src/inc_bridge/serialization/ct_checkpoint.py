@@ -17,8 +17,8 @@ The mapping, per layer inc_bridge quantized:
   target against its own layer classes, which GPT-2's ``Conv1D`` layers become there). An FP8
   ``Conv1D`` is refused: transformers' compressed-tensors integration quantizes ``nn.Linear`` only
   and would read its FP8 weight as plain numbers (checked: a ``Conv1D`` target gets no scales);
-* ``kv_cache`` layers give ``kv_cache_scheme`` and ``NAME.k_scale`` / ``NAME.v_scale`` (see
-  ``kv_cache_scales``).
+* ``kv_cache_scheme`` stays null: inc_bridge's FP8 KV cache (recipe op ``kv_cache``) lives in
+  quantized ``sdpa`` layers, refused below (``save_pretrained`` says why).
 
 Anything else quantized (conv2d, attention, matmul, fused 3-D MoE experts) has no float-quantized
 equivalent here: SerializationError names the layers and the format that keeps them
@@ -42,7 +42,6 @@ QUANT_METHOD = "compressed-tensors"
 FORMAT = "float-quantized"
 _FP8_DTYPE = torch.float8_e4m3fn  # compressed-tensors' FP8 (FP8_E4M3_DATA); e5m2 has no float-quantized scheme
 _LINEAR_CLASS_NAMES = ("Linear", "Conv1D")  # matrix layers: nn.Linear and transformers.pytorch_utils.Conv1D
-_KV_CACHE_KIND = "kv_cache"
 
 
 def _static_fp8(strategy: str) -> dict[str, Any]:
@@ -87,7 +86,7 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
 
     for name, module in qmodel.named_modules():
         kind = converted.get(name)
-        if kind is None or kind == _KV_CACHE_KIND:
+        if kind is None:
             continue
         weight = _fp8_weight(module)
         original = _original(skeleton, name)
@@ -137,7 +136,6 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
         raise SerializationError("format='compressed-tensors': the model has no FP8 linear layer to write")
 
     _copy_float_tensors(qmodel, written, ckpt.tensors)
-    kv_scheme = kv_cache_scales(qmodel, converted, ckpt.tensors)
     ignore = [n for n, m in skeleton.named_modules() if is_linear_class(type(m)) and n not in _names(groups)]
     config_groups = {
         f"group_{i}": {"targets": _targets(names, len(groups)), "weights": _static_fp8(strategy),
@@ -150,7 +148,7 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
         "format": FORMAT,
         "quantization_status": "compressed",
         "config_groups": config_groups,
-        "kv_cache_scheme": kv_scheme,
+        "kv_cache_scheme": None,
         "ignore": ignore,
         "global_compression_ratio": None,
     }
@@ -159,29 +157,6 @@ def build(qmodel: nn.Module, converted: dict[str, str], skeleton: nn.Module) -> 
         # The output layer is FP8 and the input table is written in high precision: two tensors now.
         ckpt.config_updates["tie_word_embeddings"] = False
     return ckpt
-
-
-def kv_cache_scales(qmodel: nn.Module, converted: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-    """``kv_cache_scheme`` (static per-tensor FP8) when layers were converted with op ``kv_cache``,
-    after adding each one's ``NAME.k_scale`` / ``NAME.v_scale`` to ``tensors``; None otherwise.
-
-    The hook for recipe op ``kv_cache``: the attention layer it converts holds fp32 0-d ``k_scale``
-    and ``v_scale`` (the names vLLM and compressed-tensors read, x ≈ q · scale as everywhere else).
-    """
-    names = [n for n, kind in converted.items() if kind == _KV_CACHE_KIND]
-    if not names:
-        return None
-    for name in names:
-        module = qmodel.get_submodule(name)
-        for part in ("k_scale", "v_scale"):
-            value = getattr(module, part, None)
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                raise SerializationError(
-                    f"kv_cache layer {name!r}: no 0-d {part} tensor to write (found {type(value).__name__}); "
-                    "save with format='inc_bridge'"
-                )
-            tensors[f"{name}.{part}"] = value.detach().to(torch.float32).reshape(1)
-    return _static_fp8("tensor")
 
 
 # ---------------------------------------------------------------- helpers

@@ -86,6 +86,15 @@ def save_pretrained(
                                  "pass the model ib.quantize / convert / load returned")
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise SerializationError(f"save_pretrained: max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    if fmt is ExportFormat.COMPRESSED_TENSORS and getattr(result, "kv_cache", None):
+        # compressed-tensors' kv_cache_scheme quantizes K and V only, while inc_bridge's sdpa layers
+        # quantize Q too; and transformers 5.24 + compressed-tensors 0.20 do not apply the scheme at all
+        # (it looks for a past_key_value(s) argument; the attention forward now takes `cache`).
+        raise SerializationError(
+            f"format='compressed-tensors': the FP8 KV cache of {len(result.kv_cache)} attention module(s) "
+            f"({result.kv_cache[0]}, ...) has no exact compressed-tensors form (its sdpa layers also quantize Q); "
+            "save with format='inc_bridge', or quantize with ops [linear] for this format"
+        )
     if fmt is ExportFormat.COMPRESSED_TENSORS:
         ckpt = ct_checkpoint.build(qmodel, result.converted, _skeleton(qmodel, config))
         config_dict = {**config.to_dict(), **ckpt.config_updates, "quantization_config": ckpt.quantization_config}
