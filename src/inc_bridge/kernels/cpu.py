@@ -66,6 +66,11 @@ GEMV_MIN_WEIGHT = 1 << 18
 # M=256; blocks of a few MiB are reused from the heap. Each block is one oneDNN GEMM.
 TILED_MIN_WEIGHT = 1 << 22
 TILE_BYTES = 8 << 20
+# Weights of TILED_MIN_WEIGHT elements and more (the layers of LLMs) run the FP8 kernel up to this
+# many rows (prefill of a prompt, small batches): it decodes each block of weight rows once into a
+# bf16 buffer in cache and reuses it for every activation row, where the tiled path writes and
+# rereads a bf16 copy of the whole weight on every call. Beyond it oneDNN's GEMM is faster.
+FP8_GEMM_MAX_ROWS = 256
 
 _DTYPE = {torch.float32: 0, torch.bfloat16: 1}
 _FORMAT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
@@ -131,6 +136,7 @@ class _Native:
         lib.ib_fp8_gemv.argtypes = [p, i64, i64, p, i64, i32, p, p, i32]
         lib.ib_fp8_gemv_scratch.argtypes = [i64, i64]
         lib.ib_fp8_gemv_scratch.restype = i64
+        lib.ib_fp8_linear.argtypes = [p, i32, i64, i64, f32, f32, p, i64, i32, p, i32, p, p, i32, p, i32]
         self.lib = lib
         self.simd = bool(lib.ib_fp8_gemv_simd())
 
@@ -214,6 +220,37 @@ class _Native:
         return y
 
 
+    def linear(self, x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+               bias: torch.Tensor | None, fp8_max: float) -> torch.Tensor:
+        """A static FP8 linear in one native call: quantize ``x`` [M, K], the FP8 GEMV/GEMM with
+        ``qweight`` [N, K], both scales, the output dtype's rounding, then ``bias``.
+
+        The same bits as ``(gemv(quantize(x), qweight) * (input_scale * weight_scale)).to(x.dtype)
+        + bias`` in torch; scales must be fp32 and the bias (if any) ``x``'s dtype.
+        """
+        _check_dense(x, _DTYPE, "linear input", contiguous=True)
+        _check_dense(qweight, _FORMAT, "FP8 weight", contiguous=True)
+        _require(x.dim() == 2 and qweight.dim() == 2 and x.shape[1] == qweight.shape[1],
+                 f"linear: activation {list(x.shape)} does not fit weight {list(qweight.shape)}")
+        m, k = x.shape
+        n = qweight.shape[0]
+        _check_scale(weight_scale, n, "weight scale")
+        _check_scale(input_scale, None, "activation scale")
+        _require(weight_scale.dtype == torch.float32 and input_scale.dtype == torch.float32, "linear: scales must be fp32")
+        if bias is not None:
+            _check_dense(bias, _DTYPE, "bias", contiguous=True)
+            _require(bias.dtype == x.dtype and bias.numel() == n, f"linear: bias {bias.dtype}[{bias.numel()}] for "
+                     f"{x.dtype} output of {n} features")
+        weight_scale = weight_scale.contiguous()
+        y = torch.empty(m, n, dtype=x.dtype)
+        scratch = torch.empty(self.lib.ib_fp8_gemv_scratch(m, k), dtype=torch.uint8)
+        self.lib.ib_fp8_linear(x.data_ptr(), _DTYPE[x.dtype], m, k, float(input_scale), fp8_max, qweight.data_ptr(), n,
+                               _FORMAT[qweight.dtype], weight_scale.data_ptr(), int(weight_scale.numel() > 1),
+                               None if bias is None else bias.data_ptr(), y.data_ptr(), _DTYPE[x.dtype],
+                               scratch.data_ptr(), torch.get_num_threads())
+        return y
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[_Native | None, str]:
     if not LIBRARY.is_file():
@@ -225,7 +262,10 @@ def _load() -> tuple[_Native | None, str]:
     if not lib.ib_cpu_supported():
         return None, (f"{LIBRARY.name} was built (-march=native) for a CPU with instructions this one lacks; "
                       "rebuild it here with `make -B kernels`")
-    return _Native(lib), ""
+    try:
+        return _Native(lib), ""
+    except AttributeError as exc:  # a function this version calls is missing: built from older source
+        return None, f"{LIBRARY.name} is older than its source ({exc}); rebuild it with `make -B kernels`"
 
 
 def native() -> _Native | None:
@@ -357,7 +397,13 @@ def linear_cpu(
         return linear_emulated(x, qweight, weight_scale, input_scale, bias, p)
     n, k = qweight.shape
     rows = x.numel() // k if k else 0
-    if 0 < rows <= GEMV_MAX_ROWS and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
+    fp8_rows = GEMV_MAX_ROWS if n * k < TILED_MIN_WEIGHT else FP8_GEMM_MAX_ROWS
+    if 0 < rows <= fp8_rows and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
+        if weight_scale.dtype == input_scale.dtype == torch.float32:
+            fused = bias is not None and bias.dtype == x.dtype and bias.is_contiguous() and bias.numel() == n
+            y = lib.linear(x.reshape(rows, k), qweight, weight_scale.reshape(-1), input_scale, bias if fused else None,
+                           p.fp8_max).reshape(*x.shape[:-1], n)
+            return y if bias is None or fused else y.add_(bias)
         xq = lib.quantize(x.reshape(rows, k), input_scale, p.fp8_dtype, p.fp8_max)
         acc = lib.gemv(xq, qweight)
         scale = input_scale * (weight_scale.reshape(1, n) if weight_scale.numel() > 1 else weight_scale)
