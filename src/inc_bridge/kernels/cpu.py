@@ -11,11 +11,14 @@ FP8 weights stay FP8 in memory; nothing keeps a bf16 copy. What runs, per op (se
   values, but a different GEMM call, so equality with ``emulated`` is not guaranteed (tests bound
   it by SQNR; on the machine it was developed on the results were identical).
 * **linear, few rows** (decode: at most ``GEMV_MAX_ROWS`` rows, weight of at least
-  ``GEMV_MIN_WEIGHT`` elements): a true FP8 x FP8 GEMV. The activation is quantized to FP8 and the
-  native kernel reads the 1-byte weights directly, multiplies FP8 values (exact in fp32) and sums
-  in fp32; the two static scales are applied to the sum. It reads half the bytes a bf16 GEMV reads.
-  It differs from ``emulated`` only by the order and precision of the sums (``emulated`` rounds the
-  dequantized weight to the model dtype first); tests bound the difference by SQNR.
+  ``GEMV_MIN_WEIGHT`` elements; prefill: at most ``FP8_GEMM_MAX_ROWS`` rows of a weight of at least
+  ``TILED_MIN_WEIGHT``): a true FP8 x FP8 GEMV / GEMM, one native call (``_Native.linear``) that
+  quantizes the activation, reads the 1-byte weights directly, multiplies FP8 values (exact in
+  fp32), sums in fp32, applies the two static scales, rounds and adds the bias. A decode step reads
+  half the bytes a bf16 GEMV reads; a prefill decodes each block of weight rows once into cache for
+  all its rows. It differs from ``emulated`` only by the order and precision of the sums
+  (``emulated`` rounds the dequantized weight to the model dtype first); tests bound the
+  difference by SQNR, and check that the row count and thread count change no bit.
 * **conv2d, embedding, sdpa, matmul**: native quantize-dequantize / dequantize feeding the same
   torch op ``emulated`` calls: bit-identical to ``emulated``.
 
@@ -380,8 +383,8 @@ def _qdq(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params, out_d
 # ------------------------------------------------------------------ kernels
 
 
-@register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows: native FP8 GEMV; else native qdq/dequant + oneDNN GEMM "
-                 "(exact below 4M weights)")
+@register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows (≤{FP8_GEMM_MAX_ROWS} of 4M+ weights): native FP8 GEMV/GEMM; "
+                 "else native qdq/dequant + oneDNN GEMM (exact below 4M weights)")
 def linear_cpu(
     x: torch.Tensor,
     qweight: torch.Tensor,

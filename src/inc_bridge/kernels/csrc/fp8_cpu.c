@@ -2,9 +2,10 @@
  * Native CPU kernels for inc_bridge's "cpu" backend (see docs/kernels.md).
  *
  * Built by `make kernels` (part of `make venv`/`make test`) into
- * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native -ffp-contract=off`, and
- * loaded with ctypes by kernels/cpu.py. No torch headers: it compiles in about a second and depends
- * on libc and pthreads only.
+ * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native -ffp-contract=off -fopenmp`,
+ * and loaded with ctypes by kernels/cpu.py. No torch headers: it compiles in about a second and
+ * depends on libc and libgomp (torch's own, once loaded: see parallel_for), or pthreads without
+ * -fopenmp.
  *
  * Three kinds of kernel:
  *   - ib_quantize / ib_quantize_rows / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's
@@ -14,14 +15,15 @@
  *     casts run about one element per 5 ns here; these take 0.06-0.5 ns.
  *   - ib_clip_errors: the error of each candidate clip over a histogram (the MSE clip search),
  *     the same bits as its torch version.
- *   - ib_fp8_gemv: y[m, n] = sum_k x[m, k] * w[n, k] for FP8 x and w and few rows m (decode shapes),
- *     accumulated in fp32. With AVX512-BF16 it decodes FP8 to bf16 through a 128-entry table
+ *   - ib_fp8_gemv / ib_fp8_linear: y[m, n] = sum_k x[m, k] * w[n, k] for FP8 x and w (decode and
+ *     prefill shapes), accumulated in fp32; ib_fp8_linear also quantizes x and writes the layer's
+ *     scaled, rounded output with its bias. With AVX512-BF16 it decodes FP8 to bf16 through a 128-entry table
  *     (exact: every e4m3/e5m2 value is a bf16 value) and multiplies with vdpbf16ps; otherwise a
  *     plain C loop does the same math in fp32. Products of two FP8 values are exact in fp32, so
  *     only the order of the fp32 sums differs from a float matmul.
  *
- * Every kernel takes `nthreads` and runs its outer loop on that many pthreads, which take chunks
- * from a shared counter (the caller passes torch.get_num_threads()).
+ * Every kernel takes `nthreads` and runs its outer loop on that many threads, which take chunks
+ * dynamically (the caller passes torch.get_num_threads()).
  */
 #include <pthread.h>
 #include <stdint.h>
