@@ -140,8 +140,15 @@ class _Native:
         lib.ib_fp8_gemv_scratch.argtypes = [i64, i64]
         lib.ib_fp8_gemv_scratch.restype = i64
         lib.ib_fp8_linear.argtypes = [p, i32, i64, i64, f32, f32, p, i64, i32, p, i32, p, p, i32, p, i32]
+        lib.ib_set_openmp.argtypes = [i32]
         self.lib = lib
         self.simd = bool(lib.ib_fp8_gemv_simd())
+
+    def set_openmp(self, on: bool) -> bool:
+        """Run the kernels' threads on torch's OpenMP workers (True) or on threads of their own
+        (False, the default); returns whether OpenMP is in use (False where the library was built
+        without it). See ``parallel_for`` in csrc/fp8_cpu.c for what each costs."""
+        return bool(self.lib.ib_set_openmp(int(on)))
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
         """``quant.quantize_fp8`` for a dense float32/bfloat16 ``x`` (same strides out)."""

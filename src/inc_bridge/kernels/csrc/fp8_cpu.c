@@ -4,8 +4,7 @@
  * Built by `make kernels` (part of `make venv`/`make test`) into
  * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native -ffp-contract=off -fopenmp`,
  * and loaded with ctypes by kernels/cpu.py. No torch headers: it compiles in about a second and
- * depends on libc and libgomp (torch's own, once loaded: see parallel_for), or pthreads without
- * -fopenmp.
+ * depends on libc, pthreads and (with -fopenmp) libgomp, torch's own once loaded: see parallel_for.
  *
  * Three kinds of kernel:
  *   - ib_quantize / ib_quantize_rows / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's
@@ -115,27 +114,31 @@ static inline float load_hp(const void* p, int dt, int64_t i) {
 
 typedef void (*range_fn)(void* ctx, int64_t begin, int64_t end);
 
+/* Two ways to run a kernel's chunks on several threads, chosen at run time by ib_set_openmp:
+ *
+ * - pthreads of our own (the default), created per call; they take chunks of `grain` items from a
+ *   shared counter until none are left, so a thread that is descheduled (shared cores) loses its
+ *   share to the others.
+ * - torch's OpenMP workers (only in a build with -fopenmp, which the Makefile uses): the library
+ *   then needs libgomp.so.1, and the dynamic loader binds that to the libgomp torch already loaded
+ *   (same soname; torch is always imported first). Those workers are still spinning right after a
+ *   torch op, so they pick our chunks up at once, where our own threads must be created and then
+ *   fight the spinning workers for the cores. But an OpenMP region ends at a barrier that every
+ *   worker must reach: on an oversubscribed machine a worker that is not scheduled stalls each call
+ *   (measured on 2 cores at load 10: a decode step 2.4x slower than with our own threads). */
+static int use_openmp = 0;
+
+/* 1: run kernels on torch's OpenMP workers (where the library was built with OpenMP); 0: on
+ * threads of our own. Returns whether OpenMP is in use after the call. */
+int ib_set_openmp(int on) {
 #if defined(_OPENMP)
-#include <omp.h>
-/* Built with -fopenmp (the Makefile does), the library needs libgomp.so.1, and the dynamic loader
- * binds that to the libgomp torch already loaded (same soname): our parallel regions run on torch's
- * own OpenMP workers. Those are still spinning right after a torch op, so they pick our chunks up at
- * once, where threads of our own had to be created per call and then fought the spinning workers
- * for the cores (a decode step calls ~60 kernels between torch ops). Chunks are handed out
- * dynamically: on shared cores a descheduled thread's share goes to the others. */
-static void parallel_for(range_fn fn, void* ctx, int64_t n, int64_t grain, int nthreads) {
-  if (n <= 0) return;
-  if (grain < 1) grain = 1;
-  const int64_t chunks = (n + grain - 1) / grain;
-  if (nthreads > chunks) nthreads = (int)chunks;
-  if (nthreads <= 1) { fn(ctx, 0, n); return; }
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; c++) {
-    const int64_t b = c * grain, e = b + grain < n ? b + grain : n;
-    fn(ctx, b, e);
-  }
-}
+  use_openmp = on != 0;
 #else
+  (void)on;
+#endif
+  return use_openmp;
+}
+
 typedef struct {
   range_fn fn;
   void* ctx;
@@ -143,8 +146,6 @@ typedef struct {
   int64_t next; /* next chunk to hand out (atomic) */
 } pool_t;
 
-/* Without OpenMP (a plain `cc` build): pthreads that take chunks of `grain` items from a shared
- * counter until none are left. */
 static void* worker(void* arg) {
   pool_t* p = (pool_t*)arg;
   for (;;) {
@@ -164,6 +165,17 @@ static void parallel_for(range_fn fn, void* ctx, int64_t n, int64_t grain, int n
   if (nthreads > 64) nthreads = 64;
   if (nthreads > pool.chunks) nthreads = (int)pool.chunks;
   if (nthreads <= 1) { fn(ctx, 0, n); return; }
+#if defined(_OPENMP)
+  if (use_openmp) {
+    const int64_t chunks = pool.chunks;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++) {
+      const int64_t b = c * grain, e = b + grain < n ? b + grain : n;
+      fn(ctx, b, e);
+    }
+    return;
+  }
+#endif
   pthread_t tid[64];
   int started[64] = {0};
   for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], NULL, worker, &pool) == 0;
@@ -171,7 +183,6 @@ static void parallel_for(range_fn fn, void* ctx, int64_t n, int64_t grain, int n
   for (int t = 1; t < nthreads; t++)
     if (started[t]) pthread_join(tid[t], NULL);
 }
-#endif
 
 /* Threads of our own pay off only for large conversions: right after a torch op, torch's OpenMP
  * workers still spin on the other cores, and a small job split across threads runs many times
