@@ -719,8 +719,8 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
 #endif
 
 /* Rows of bf16 operands are Kp = K rounded up to 32 long (whole vectors), and 64 bytes more apart:
- * at a power-of-two stride (K = 2048: 4 KiB) the 8 rows a block streams through all map to the same
- * L1 cache sets and evict each other. */
+ * at a power-of-two stride (K = 2048: 4 KiB) the 8 rows a block streams through would all map to
+ * the same L1 cache sets. */
 static inline int64_t row_stride(int64_t K) { return (K + 31) / 32 * 32 + 32; }
 
 /* Size in bytes of the scratch buffer ib_fp8_gemv / ib_fp8_linear need for M rows of K. */
