@@ -309,7 +309,9 @@ def test_cpu_linear_fp8_gemm_for_large_layers_is_the_gemv_math(monkeypatch, hp, 
     assert 16 < 69 <= cpu.FP8_GEMM_MAX_ROWS
     lib = cpu.native()
     y = cpu.linear_cpu(x, qw, ws, xs, b, p)
-    acc = lib.gemv(lib.quantize(x.reshape(-1, 512), xs, fmt, fp8_max), qw)
+    xq = lib.quantize(x.reshape(-1, 512), xs, fmt, fp8_max)
+    acc = lib.gemv(xq, qw)
+    assert torch.equal(acc, torch.cat([lib.gemv(row, qw) for row in xq.split(1)]))  # blocked rows = one row at a time
     composed = (acc * (xs * (ws.reshape(1, -1) if per_row else ws))).to(hp).reshape(3, 23, 640) + b
     assert torch.equal(y, composed)
     assert _sqnr(emulated.linear_emulated(x, qw, ws, xs, b, p), y) >= SQNR_DB
