@@ -229,7 +229,6 @@ class _Native:
                              torch.get_num_threads())
         return y
 
-
     def linear(self, x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                bias: torch.Tensor | None, fp8_max: float) -> torch.Tensor:
         """A static FP8 linear in one native call: quantize ``x`` [M, K], the FP8 GEMV/GEMM with
