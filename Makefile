@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # -march=native: it is built for, and checked at load time against, the machine that runs it.
 KERNEL_SRC := src/inc_bridge/kernels/csrc/fp8_cpu.c
 KERNEL_LIB := src/inc_bridge/kernels/libinc_bridge_fp8.so
-KERNEL_CFLAGS ?= -O3 -march=native -fno-trapping-math -ffp-contract=off -fPIC -shared -Wall
+KERNEL_CFLAGS ?= -O3 -march=native -fno-trapping-math -ffp-contract=off -fopenmp -fPIC -shared -Wall
 
 .PHONY: test demo venv lint clean kernels
 

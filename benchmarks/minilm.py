@@ -13,9 +13,14 @@ the bf16 model and calibrated on 32 other sentences:
   Linear layers alone or Linear + attention (``ib.capture_attention``, recipe ops
   ``[linear, sdpa]``), and the "emulated" or "cpu" kernel backend.
 
-Printed per model: latency (median of interleaved turns), ratio to bf16 in the same run, the bytes
-of the Linear weights (FP8 data + scales) and of all tensors, and the cosine similarity of the
-mean-pooled sentence embeddings to the fp32 model's (mean and minimum over the 32 sentences).
+Compiled (``torch.compile``, inductor's defaults; skipped with ``--no-compile``): the bf16 model
+and the cpu-backend FP8 models, each compiled once before the timed turns, which they join.
+
+Printed per model: latency (median of interleaved turns), ratio to bf16 in the same run (for a
+compiled model: to the compiled bf16 model), the bytes of the Linear weights (FP8 data + scales)
+and of all tensors, and the cosine similarity of the mean-pooled sentence embeddings to the fp32
+model's (mean and minimum over the 32 sentences); then one line per target of issue #12 (eager FP8
+<= 1.1x bf16, compiled FP8 <= 1.0x compiled bf16), each ratio the median of the per-turn ratios.
 Nothing is written to disk except INC's calibration dumps, in a temporary directory.
 """
 
@@ -97,6 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 timed turns instead of 7")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile models")
+    parser.add_argument("--openmp", action="store_true",
+                        help="run the cpu backend's kernels on torch's OpenMP workers (docs/kernels.md)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +113,11 @@ def main() -> None:
     import inc_bridge as ib
     from inc_bridge import kernels
 
+    if args.openmp and kernels.backend_availability("cpu").available:
+        from inc_bridge.kernels import cpu
+
+        if not cpu.native().set_openmp(True):
+            parser.error("--openmp: the native library was built without OpenMP")
     fp32, batch, calib = load()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     with torch.no_grad():
@@ -121,8 +134,12 @@ def main() -> None:
                 label = f"inc_bridge {form} {'+'.join(ops)} {backend}"
                 models[label] = ib.convert(base, scales, form=form, backend=backend)
 
+    if not args.no_compile:
+        for name in ["bf16"] + [n for n in models if n.startswith("inc_bridge") and n.endswith(" cpu")]:
+            models[f"{name} (compiled)"] = torch.compile(models[name])
+
     with torch.no_grad():
-        for model in models.values():  # warm-up forward (and the embedding for the cosine)
+        for model in models.values():  # warm-up forward, compiling (and the embedding for the cosine)
             model(**batch)
         samples: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(reps):
@@ -133,19 +150,33 @@ def main() -> None:
         embeddings = {name: embed(model, batch) for name, model in models.items()}
 
     ms = {name: statistics.median(s) * 1e3 for name, s in samples.items()}
+
+    def base(name: str) -> str:
+        return "bf16 (compiled)" if name.endswith("(compiled)") else "bf16"
+
+    def ratio(name: str) -> float:
+        """Median over the turns of this model's time / its bf16 reference's time in the same turn."""
+        return statistics.median(a / b for a, b in zip(samples[name], samples[base(name)], strict=True))
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; all-MiniLM-L6-v2, {BATCH} sentences x {TOKENS} "
           f"tokens per forward; median of {reps} interleaved turns")
-    print(f"cpu backend: {kernels.backend_availability('cpu').reason}")
-    print(f"\n{'model':<44}{'ms':>9}{'x bf16':>9}{'Linear MiB':>12}{'all MiB':>10}{'cos mean':>10}{'cos min':>9}")
+    print(f"cpu backend: {kernels.backend_availability('cpu').reason}"
+          f"{' on torch OpenMP workers' if args.openmp else ''}")
+    print(f"\n{'model':<55}{'ms':>9}{'x bf16':>9}{'Linear MiB':>12}{'all MiB':>10}{'cos mean':>10}{'cos min':>9}")
     for name, model in models.items():
         linear, total = tensor_bytes(model)
         cosine = (embeddings[name] * reference).sum(-1)
-        print(f"{name:<44}{ms[name]:>9.1f}{ms[name] / ms['bf16']:>8.2f}x{linear / 2**20:>12.2f}{total / 2**20:>10.2f}"
+        print(f"{name:<55}{ms[name]:>9.1f}{ratio(name):>8.2f}x{linear / 2**20:>12.2f}{total / 2**20:>10.2f}"
               f"{float(cosine.mean()):>10.5f}{float(cosine.min()):>9.5f}")
+    print()
+    for name in models:
+        if name.startswith("inc_bridge") and (" cpu" in name):
+            target = "<= 1.0x compiled bf16" if name.endswith("(compiled)") else "<= 1.1x bf16"
+            print(f"{name}: {ratio(name):.2f}x {base(name)} (target {target})")
     fp8 = {n: v for n, v in ms.items() if n.startswith("inc_bridge") and n.endswith(" cpu")}
     if fp8:
         best = min(fp8, key=fp8.get)
-        print(f"\nfastest inc_bridge FP8: {best}: {fp8[best] / ms['bf16']:.2f}x bf16 (target <= 1.1x), "
+        print(f"fastest eager inc_bridge FP8: {best}: {ratio(best):.2f}x bf16, "
               f"{ms['INC FP8 QDQ (Linear)'] / fp8[best]:.1f}x faster than INC's QDQ model")
 
 

@@ -264,15 +264,21 @@ def test_cpu_linear_equals_emulated(hp, fmt, fp8_max, per_row, rows_shape, n, k)
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize(("rows_shape", "n", "k"), [((1,), 512, 512), ((2, 4), 1024, 384), ((16,), 300, 1000), ((1, 1, 5), 256, 1030)])
 def test_cpu_linear_gemv_within_sqnr_of_emulated(monkeypatch, hp, fmt, fp8_max, per_row, rows_shape, n, k):
-    """Few rows of a large weight: the FP8 GEMV. Same products, fp32 sums in another order: SQNR."""
+    """Few rows of a large weight: the FP8 GEMV (one native call: quantize, GEMV, scales, rounding,
+    bias). Same products, fp32 sums in another order: SQNR; and the bits of the raw GEMV composed in
+    torch."""
     assert n * k >= cpu.GEMV_MIN_WEIGHT
     calls = []
-    gemv = cpu._Native.gemv
-    monkeypatch.setattr(cpu._Native, "gemv", lambda self, *a: calls.append(1) or gemv(self, *a))
+    linear = cpu._Native.linear
+    monkeypatch.setattr(cpu._Native, "linear", lambda self, *a: calls.append(1) or linear(self, *a))
     args = _linear_case(rows_shape, n, k, hp, fmt, fp8_max, per_row)
     y, ref = cpu.linear_cpu(*args), emulated.linear_emulated(*args)
     assert calls == [1] and y.dtype == ref.dtype and y.shape == ref.shape
     assert _sqnr(ref, y) >= SQNR_DB
+    x, qw, ws, xs, b, p = args
+    lib = cpu.native()
+    acc = lib.gemv(lib.quantize(x.reshape(-1, k), xs, fmt, fp8_max), qw)
+    assert torch.equal(y, ((acc * (xs * (ws.reshape(1, n) if per_row else ws))).to(hp) + b).reshape(y.shape))
 
 
 @needs_native
@@ -282,11 +288,39 @@ def test_cpu_linear_large_layer_tiles_within_sqnr_of_emulated(monkeypatch, hp, p
     """Large layers, many rows: dequantized in row blocks, one GEMM each. Same values as emulated
     but other GEMM calls, so the bound is SQNR (equality is typical, not promised)."""
     monkeypatch.setattr(cpu, "TILE_BYTES", 300 * 2048 * hp.itemsize)  # several blocks, the last one short
+    monkeypatch.setattr(cpu, "FP8_GEMM_MAX_ROWS", 16)  # 40 rows: the tiled path, not the FP8 GEMM
     args = _linear_case((2, 20), 2048, 2048, hp, per_row=per_row)
     assert 2048 * 2048 >= cpu.TILED_MIN_WEIGHT
     y, ref = cpu.linear_cpu(*args), emulated.linear_emulated(*args)
     assert y.dtype == ref.dtype and y.shape == ref.shape
     assert _sqnr(ref, y) >= SQNR_DB
+
+
+@needs_native
+@pytest.mark.parametrize("hp", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("fmt", "fp8_max"), [(E4M3, 448.0), (E5M2, 57344.0)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_cpu_linear_fp8_gemm_for_large_layers_is_the_gemv_math(monkeypatch, hp, fmt, fp8_max, per_row):
+    """Large layers, up to FP8_GEMM_MAX_ROWS rows (prefill): the FP8 kernel, one native call that also
+    quantizes, scales, rounds and adds the bias. Its bits are those of the raw FP8 GEMV composed in
+    torch (the row blocking does not change any sum), and it is within SQNR of emulated."""
+    monkeypatch.setattr(cpu, "TILED_MIN_WEIGHT", 1 << 18)  # a 640 x 512 weight counts as large: a fast test
+    x, qw, ws, xs, b, p = _linear_case((3, 23), 640, 512, hp, fmt, fp8_max, per_row)
+    assert 16 < 69 <= cpu.FP8_GEMM_MAX_ROWS
+    lib = cpu.native()
+    y = cpu.linear_cpu(x, qw, ws, xs, b, p)
+    xq = lib.quantize(x.reshape(-1, 512), xs, fmt, fp8_max)
+    acc = lib.gemv(xq, qw)
+    assert torch.equal(acc, torch.cat([lib.gemv(row, qw) for row in xq.split(1)]))  # blocked rows = one row at a time
+    composed = (acc * (xs * (ws.reshape(1, -1) if per_row else ws))).to(hp).reshape(3, 23, 640) + b
+    assert torch.equal(y, composed)
+    assert _sqnr(emulated.linear_emulated(x, qw, ws, xs, b, p), y) >= SQNR_DB
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu.linear_cpu(x, qw, ws, xs, b, p), y)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_native

@@ -11,11 +11,14 @@ FP8 weights stay FP8 in memory; nothing keeps a bf16 copy. What runs, per op (se
   values, but a different GEMM call, so equality with ``emulated`` is not guaranteed (tests bound
   it by SQNR; on the machine it was developed on the results were identical).
 * **linear, few rows** (decode: at most ``GEMV_MAX_ROWS`` rows, weight of at least
-  ``GEMV_MIN_WEIGHT`` elements): a true FP8 x FP8 GEMV. The activation is quantized to FP8 and the
-  native kernel reads the 1-byte weights directly, multiplies FP8 values (exact in fp32) and sums
-  in fp32; the two static scales are applied to the sum. It reads half the bytes a bf16 GEMV reads.
-  It differs from ``emulated`` only by the order and precision of the sums (``emulated`` rounds the
-  dequantized weight to the model dtype first); tests bound the difference by SQNR.
+  ``GEMV_MIN_WEIGHT`` elements; prefill: at most ``FP8_GEMM_MAX_ROWS`` rows of a weight of at least
+  ``TILED_MIN_WEIGHT``): a true FP8 x FP8 GEMV / GEMM, one native call (``_Native.linear``) that
+  quantizes the activation, reads the 1-byte weights directly, multiplies FP8 values (exact in
+  fp32), sums in fp32, applies the two static scales, rounds and adds the bias. A decode step reads
+  half the bytes a bf16 GEMV reads; a prefill decodes each block of weight rows once into cache for
+  all its rows. It differs from ``emulated`` only by the order and precision of the sums
+  (``emulated`` rounds the dequantized weight to the model dtype first); tests bound the
+  difference by SQNR, and check that the row count and thread count change no bit.
 * **conv2d, embedding, sdpa, matmul**: native quantize-dequantize / dequantize feeding the same
   torch op ``emulated`` calls: bit-identical to ``emulated``.
 
@@ -68,6 +71,11 @@ GEMV_MIN_WEIGHT = 1 << 18
 # M=256; blocks of a few MiB are reused from the heap. Each block is one oneDNN GEMM.
 TILED_MIN_WEIGHT = 1 << 22
 TILE_BYTES = 8 << 20
+# Weights of TILED_MIN_WEIGHT elements and more (the layers of LLMs) run the FP8 kernel up to this
+# many rows (prefill of a prompt, small batches): it decodes each block of weight rows once into a
+# bf16 buffer in cache and reuses it for every activation row, where the tiled path writes and
+# rereads a bf16 copy of the whole weight on every call. Beyond it oneDNN's GEMM is faster.
+FP8_GEMM_MAX_ROWS = 256
 
 _DTYPE = {torch.float32: 0, torch.bfloat16: 1}
 _FORMAT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
@@ -133,8 +141,16 @@ class _Native:
         lib.ib_fp8_gemv.argtypes = [p, i64, i64, p, i64, i32, p, p, i32]
         lib.ib_fp8_gemv_scratch.argtypes = [i64, i64]
         lib.ib_fp8_gemv_scratch.restype = i64
+        lib.ib_fp8_linear.argtypes = [p, i32, i64, i64, f32, f32, p, i64, i32, p, i32, p, p, i32, p, i32]
+        lib.ib_set_openmp.argtypes = [i32]
         self.lib = lib
         self.simd = bool(lib.ib_fp8_gemv_simd())
+
+    def set_openmp(self, on: bool) -> bool:
+        """Run the kernels' threads on torch's OpenMP workers (True) or on threads of their own
+        (False, the default); returns whether OpenMP is in use (False where the library was built
+        without it). See ``parallel_for`` in csrc/fp8_cpu.c for what each costs."""
+        return bool(self.lib.ib_set_openmp(int(on)))
 
     def quantize(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> torch.Tensor:
         """``quant.quantize_fp8`` for a dense float32/bfloat16 ``x`` (same strides out)."""
@@ -215,6 +231,36 @@ class _Native:
                              torch.get_num_threads())
         return y
 
+    def linear(self, x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+               bias: torch.Tensor | None, fp8_max: float) -> torch.Tensor:
+        """A static FP8 linear in one native call: quantize ``x`` [M, K], the FP8 GEMV/GEMM with
+        ``qweight`` [N, K], both scales, the output dtype's rounding, then ``bias``.
+
+        The same bits as ``(gemv(quantize(x), qweight) * (input_scale * weight_scale)).to(x.dtype)
+        + bias`` in torch; scales must be fp32 and the bias (if any) ``x``'s dtype.
+        """
+        _check_dense(x, _DTYPE, "linear input", contiguous=True)
+        _check_dense(qweight, _FORMAT, "FP8 weight", contiguous=True)
+        _require(x.dim() == 2 and qweight.dim() == 2 and x.shape[1] == qweight.shape[1],
+                 f"linear: activation {list(x.shape)} does not fit weight {list(qweight.shape)}")
+        m, k = x.shape
+        n = qweight.shape[0]
+        _check_scale(weight_scale, n, "weight scale")
+        _check_scale(input_scale, None, "activation scale")
+        _require(weight_scale.dtype == torch.float32 and input_scale.dtype == torch.float32, "linear: scales must be fp32")
+        if bias is not None:
+            _check_dense(bias, _DTYPE, "bias", contiguous=True)
+            _require(bias.dtype == x.dtype and bias.numel() == n, f"linear: bias {bias.dtype}[{bias.numel()}] for "
+                     f"{x.dtype} output of {n} features")
+        weight_scale = weight_scale.contiguous()
+        y = torch.empty(m, n, dtype=x.dtype)
+        scratch = torch.empty(self.lib.ib_fp8_gemv_scratch(m, k), dtype=torch.uint8)
+        self.lib.ib_fp8_linear(x.data_ptr(), _DTYPE[x.dtype], m, k, float(input_scale), fp8_max, qweight.data_ptr(), n,
+                               _FORMAT[qweight.dtype], weight_scale.data_ptr(), int(weight_scale.numel() > 1),
+                               None if bias is None else bias.data_ptr(), y.data_ptr(), _DTYPE[x.dtype],
+                               scratch.data_ptr(), torch.get_num_threads())
+        return y
+
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[_Native | None, str]:
@@ -227,7 +273,10 @@ def _load() -> tuple[_Native | None, str]:
     if not lib.ib_cpu_supported():
         return None, (f"{LIBRARY.name} was built (-march=native) for a CPU with instructions this one lacks; "
                       "rebuild it here with `make -B kernels`")
-    return _Native(lib), ""
+    try:
+        return _Native(lib), ""
+    except AttributeError as exc:  # a function this version calls is missing: built from older source
+        return None, f"{LIBRARY.name} is older than its source ({exc}); rebuild it with `make -B kernels`"
 
 
 def native() -> _Native | None:
@@ -342,8 +391,8 @@ def _qdq(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params, out_d
 # ------------------------------------------------------------------ kernels
 
 
-@register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows: native FP8 GEMV; else native qdq/dequant + oneDNN GEMM "
-                 "(exact below 4M weights)")
+@register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows (≤{FP8_GEMM_MAX_ROWS} of 4M+ weights): native FP8 GEMV/GEMM; "
+                 "else native qdq/dequant + oneDNN GEMM (exact below 4M weights)")
 def linear_cpu(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -359,7 +408,13 @@ def linear_cpu(
         return linear_emulated(x, qweight, weight_scale, input_scale, bias, p)
     n, k = qweight.shape
     rows = x.numel() // k if k else 0
-    if 0 < rows <= GEMV_MAX_ROWS and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
+    fp8_rows = GEMV_MAX_ROWS if n * k < TILED_MIN_WEIGHT else FP8_GEMM_MAX_ROWS
+    if 0 < rows <= fp8_rows and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
+        if weight_scale.dtype == input_scale.dtype == torch.float32:
+            fused = bias is not None and bias.dtype == x.dtype and bias.is_contiguous() and bias.numel() == n
+            y = lib.linear(x.reshape(rows, k), qweight, weight_scale.reshape(-1), input_scale, bias if fused else None,
+                           p.fp8_max).reshape(*x.shape[:-1], n)
+            return y if bias is None or fused else y.add_(bias)
         xq = lib.quantize(x.reshape(rows, k), input_scale, p.fp8_dtype, p.fp8_max)
         acc = lib.gemv(xq, qweight)
         scale = input_scale * (weight_scale.reshape(1, n) if weight_scale.numel() > 1 else weight_scale)

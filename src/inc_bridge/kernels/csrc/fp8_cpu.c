@@ -2,9 +2,9 @@
  * Native CPU kernels for inc_bridge's "cpu" backend (see docs/kernels.md).
  *
  * Built by `make kernels` (part of `make venv`/`make test`) into
- * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native -ffp-contract=off`, and
- * loaded with ctypes by kernels/cpu.py. No torch headers: it compiles in about a second and depends
- * on libc and pthreads only.
+ * src/inc_bridge/kernels/libinc_bridge_fp8.so with `-O3 -march=native -ffp-contract=off -fopenmp`,
+ * and loaded with ctypes by kernels/cpu.py. No torch headers: it compiles in about a second and
+ * depends on libc, pthreads and (with -fopenmp) libgomp, torch's own once loaded: see parallel_for.
  *
  * Three kinds of kernel:
  *   - ib_quantize / ib_quantize_rows / ib_qdq / ib_dequant: FP8 conversions that reproduce torch's
@@ -14,17 +14,19 @@
  *     casts run about one element per 5 ns here; these take 0.06-0.5 ns.
  *   - ib_clip_errors: the error of each candidate clip over a histogram (the MSE clip search),
  *     the same bits as its torch version.
- *   - ib_fp8_gemv: y[m, n] = sum_k x[m, k] * w[n, k] for FP8 x and w and few rows m (decode shapes),
- *     accumulated in fp32. With AVX512-BF16 it decodes FP8 to bf16 through a 128-entry table
+ *   - ib_fp8_gemv / ib_fp8_linear: y[m, n] = sum_k x[m, k] * w[n, k] for FP8 x and w (decode and
+ *     prefill shapes), accumulated in fp32; ib_fp8_linear also quantizes x and writes the layer's
+ *     scaled, rounded output with its bias. With AVX512-BF16 it decodes FP8 to bf16 through a 128-entry table
  *     (exact: every e4m3/e5m2 value is a bf16 value) and multiplies with vdpbf16ps; otherwise a
  *     plain C loop does the same math in fp32. Products of two FP8 values are exact in fp32, so
  *     only the order of the fp32 sums differs from a float matmul.
  *
- * Every kernel takes `nthreads` and runs its outer loop on that many pthreads, which take chunks
- * from a shared counter (the caller passes torch.get_num_threads()).
+ * Every kernel takes `nthreads` and runs its outer loop on that many threads, which take chunks
+ * dynamically (the caller passes torch.get_num_threads()).
  */
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* a * b + c stays two roundings, as torch computes it (ib_clip_errors matches torch bit for bit
@@ -112,6 +114,31 @@ static inline float load_hp(const void* p, int dt, int64_t i) {
 
 typedef void (*range_fn)(void* ctx, int64_t begin, int64_t end);
 
+/* Two ways to run a kernel's chunks on several threads, chosen at run time by ib_set_openmp:
+ *
+ * - pthreads of our own (the default), created per call; they take chunks of `grain` items from a
+ *   shared counter until none are left, so a thread that is descheduled (shared cores) loses its
+ *   share to the others.
+ * - torch's OpenMP workers (only in a build with -fopenmp, which the Makefile uses): the library
+ *   then needs libgomp.so.1, and the dynamic loader binds that to the libgomp torch already loaded
+ *   (same soname; torch is always imported first). Those workers are still spinning right after a
+ *   torch op, so they pick our chunks up at once, where our own threads must be created and then
+ *   fight the spinning workers for the cores. But an OpenMP region ends at a barrier that every
+ *   worker must reach: on an oversubscribed machine a worker that is not scheduled stalls each call
+ *   (measured on 2 cores at load 10: a decode step 2.4x slower than with our own threads). */
+static int use_openmp = 0;
+
+/* 1: run kernels on torch's OpenMP workers (where the library was built with OpenMP); 0: on
+ * threads of our own. Returns whether OpenMP is in use after the call. */
+int ib_set_openmp(int on) {
+#if defined(_OPENMP)
+  use_openmp = on != 0;
+#else
+  (void)on;
+#endif
+  return use_openmp;
+}
+
 typedef struct {
   range_fn fn;
   void* ctx;
@@ -119,9 +146,6 @@ typedef struct {
   int64_t next; /* next chunk to hand out (atomic) */
 } pool_t;
 
-/* Threads take chunks of `grain` items from a shared counter until none are left: on a machine
- * where a thread gets descheduled (shared cores, oneDNN's OpenMP workers still spinning) the others
- * take over its share instead of waiting for it. */
 static void* worker(void* arg) {
   pool_t* p = (pool_t*)arg;
   for (;;) {
@@ -141,6 +165,17 @@ static void parallel_for(range_fn fn, void* ctx, int64_t n, int64_t grain, int n
   if (nthreads > 64) nthreads = 64;
   if (nthreads > pool.chunks) nthreads = (int)pool.chunks;
   if (nthreads <= 1) { fn(ctx, 0, n); return; }
+#if defined(_OPENMP)
+  if (use_openmp) {
+    const int64_t chunks = pool.chunks;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++) {
+      const int64_t b = c * grain, e = b + grain < n ? b + grain : n;
+      fn(ctx, b, e);
+    }
+    return;
+  }
+#endif
   pthread_t tid[64];
   int started[64] = {0};
   for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], NULL, worker, &pool) == 0;
@@ -536,16 +571,48 @@ void ib_dequant(const uint8_t* q, int64_t N, int64_t K, const float* scale, int 
   parallel_for(dequant_range, &c, N, grain, threads_for(N * K, nthreads, DEQUANT_MIN_PER_THREAD));
 }
 
-/* ------------------------------------------------------------------ FP8 x FP8 GEMV (few rows) */
+/* ------------------------------------------------------------------ FP8 x FP8 GEMV / GEMM */
+
+/* y[m, n] = sum_k fp8(x[m, k]) * fp8(w[n, k]), summed in fp32. Products of two FP8 values are exact
+ * in fp32, so only the order of the sums differs from a float matmul; that order is fixed: for each
+ * (m, n), 16 fp32 lanes each sum their share of k in increasing k (vdpbf16ps adds a pair per lane),
+ * then the lanes are added up (_mm512_reduce_add_ps). It depends neither on the thread count nor on
+ * how rows are blocked, so the GEMV (few rows, weights decoded in registers) and the GEMM (more
+ * rows, each block of weight rows decoded once into a bf16 buffer that all activation rows reuse)
+ * give the same bits for the same (m, n).
+ *
+ * The fused entry point (ib_fp8_linear) also quantizes the activation and writes the layer's
+ * output: out[m, n] = round(sum * (in_scale * w_scale[n])) (+ bias[n], added after the rounding
+ * in the output dtype), the operations and roundings of the torch code it replaced
+ * ((acc * (input_scale * weight_scale)).to(dtype) + bias). */
 
 typedef struct {
-  const uint16_t* xb; /* [M, Kp] activations as bf16 bits (exact FP8 values), zero-padded to Kp */
+  const uint16_t* xb; /* [M, Kp] activations as bf16 bits (exact FP8 values), zero-padded to Kp, rows Ks apart */
   const float* xf;    /* [M, K] the same as fp32 (portable path) */
   const uint8_t* w;   /* [N, K] */
-  int64_t M, K, Kp, N;
+  int64_t M, K, Kp, Ks, N;
   int fmt;
-  float* y;           /* [M, N] */
+  float* y;           /* raw sums [M, N], or NULL when `out` gets the finished output */
+  /* fused output */
+  float in_scale;
+  const float* w_scale; /* 1 value, or N when per_row */
+  int per_row;
+  const void* bias;   /* [N] in out_dt, or NULL */
+  void* out;          /* [M, N] in out_dt */
+  int out_dt;
 } gemv_ctx;
+
+static inline void gemv_store(const gemv_ctx* c, int64_t m, int64_t n, float acc) {
+  if (c->y) { c->y[m * c->N + n] = acc; return; }
+  const float v = acc * (c->in_scale * c->w_scale[c->per_row ? n : 0]);
+  if (c->out_dt == IB_BF16) {
+    uint16_t r = bf16_from_f32(v);
+    if (c->bias) r = bf16_from_f32(u2f((uint32_t)r << 16) + u2f((uint32_t)((const uint16_t*)c->bias)[n] << 16));
+    ((uint16_t*)c->out)[m * c->N + n] = r;
+  } else {
+    ((float*)c->out)[m * c->N + n] = c->bias ? v + ((const float*)c->bias)[n] : v;
+  }
+}
 
 #if IB_AVX512BF16
 #ifndef GEMV_NB
@@ -557,28 +624,36 @@ typedef struct {
 
 /* One block: MT activation rows x GEMV_NB weight rows, all accumulators in registers. MT is a
  * compile-time constant at every call site (see the switch below), so the loops unroll fully; a
- * runtime row count here made the compiler spill the accumulators to the stack on every step. */
-static inline __attribute__((always_inline)) void gemv_block(const gemv_ctx* c, int64_t n0, int64_t nt, int64_t m0,
-                                                             const int MT, __m512i t0, __m512i t1, __m512i t2,
-                                                             __m512i t3) {
-  const int64_t K = c->K, Kp = c->Kp, N = c->N;
+ * runtime row count here made the compiler spill the accumulators to the stack on every step.
+ * Weights come either as FP8 rows decoded here (wbuf NULL) or as rows of bf16 already decoded into
+ * wbuf (rows Ks apart, zero-padded to Kp): the same values, so the same sums. */
+static inline __attribute__((always_inline)) void gemv_block(const gemv_ctx* c, const uint16_t* wbuf, int64_t n0,
+                                                             int64_t nt, int64_t m0, const int MT, const int BUF,
+                                                             __m512i t0, __m512i t1, __m512i t2, __m512i t3) {
+  const int64_t K = c->K, Ks = c->Ks;
   const uint8_t* wr[GEMV_NB];
-  for (int j = 0; j < GEMV_NB; j++) wr[j] = c->w + (n0 + (j < nt ? j : nt - 1)) * K; /* tail: repeat a row */
+  const uint16_t* wb[GEMV_NB];
+  for (int j = 0; j < GEMV_NB; j++) {
+    const int64_t row = j < nt ? j : nt - 1; /* tail: repeat a row */
+    wr[j] = c->w + (n0 + row) * K;
+    wb[j] = BUF ? wbuf + row * Ks : NULL;
+  }
   __m512 acc[GEMV_MB][GEMV_NB];
   for (int i = 0; i < MT; i++)
     for (int j = 0; j < GEMV_NB; j++) acc[i][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mask = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
     __m512i wv[GEMV_NB];
-    for (int j = 0; j < GEMV_NB; j++) wv[j] = decode32(wr[j] + k, mask, t0, t1, t2, t3);
+    for (int j = 0; j < GEMV_NB; j++)
+      wv[j] = BUF ? _mm512_loadu_si512(wb[j] + k) : decode32(wr[j] + k, mask, t0, t1, t2, t3);
     for (int i = 0; i < MT; i++) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(c->xb + (m0 + i) * Kp + k);
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(c->xb + (m0 + i) * Ks + k);
       for (int j = 0; j < GEMV_NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, (__m512bh)wv[j]);
     }
   }
   for (int i = 0; i < MT; i++)
     for (int j = 0; j < GEMV_NB; j++)
-      if (j < nt) c->y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+      if (j < nt) gemv_store(c, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
 static void gemv_range(void* p, int64_t nb, int64_t ne) {
@@ -586,11 +661,22 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
   const uint16_t* lut = LUT_BF16[c->fmt];
   const __m512i t0 = _mm512_loadu_si512(lut), t1 = _mm512_loadu_si512(lut + 32);
   const __m512i t2 = _mm512_loadu_si512(lut + 64), t3 = _mm512_loadu_si512(lut + 96);
+  /* More rows than one block: decode each block of weight rows once, for all activation rows. */
+  uint16_t* wbuf = c->M > GEMV_MB ? (uint16_t*)aligned_alloc(64, (size_t)GEMV_NB * c->Ks * 2) : NULL;
   for (int64_t n0 = nb; n0 < ne; n0 += GEMV_NB) {
     const int64_t nt = ne - n0 < GEMV_NB ? ne - n0 : GEMV_NB;
+    if (wbuf)
+      for (int64_t j = 0; j < nt; j++) {
+        lut_decode_bf16(c->w + (n0 + j) * c->K, c->K, lut, wbuf + j * c->Ks);
+        for (int64_t k = c->K; k < c->Kp; k++) wbuf[j * c->Ks + k] = 0;
+      }
     for (int64_t m0 = 0; m0 < c->M; m0 += GEMV_MB) {
       switch (c->M - m0 < GEMV_MB ? c->M - m0 : GEMV_MB) {
-#define IB_BLOCK(MT) case MT: gemv_block(c, n0, nt, m0, MT, t0, t1, t2, t3); break;
+#define IB_BLOCK(MT)                                                  \
+  case MT:                                                            \
+    if (wbuf) { gemv_block(c, wbuf, n0, nt, m0, MT, 1, t0, t1, t2, t3); } \
+    else { gemv_block(c, NULL, n0, nt, m0, MT, 0, t0, t1, t2, t3); }     \
+    break;
         IB_BLOCK(1) IB_BLOCK(2) IB_BLOCK(3) IB_BLOCK(4)
 #if GEMV_MB > 4
         IB_BLOCK(5) IB_BLOCK(6) IB_BLOCK(7) IB_BLOCK(8)
@@ -599,15 +685,17 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
       }
     }
   }
+  free(wbuf);
 }
 #else
 static void gemv_range(void* p, int64_t nb, int64_t ne) {
   gemv_ctx* c = (gemv_ctx*)p;
-  const int64_t K = c->K, M = c->M, N = c->N;
+  const int64_t K = c->K, M = c->M;
   float wrow[4096];
+  float* sums = (float*)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
   for (int64_t n = nb; n < ne; n++) {
     const uint8_t* w = c->w + n * K;
-    for (int64_t m = 0; m < M; m++) c->y[m * N + n] = 0.0f;
+    for (int64_t m = 0; m < M; m++) sums[m] = 0.0f;
     for (int64_t k0 = 0; k0 < K; k0 += 4096) {
       const int64_t kt = K - k0 < 4096 ? K - k0 : 4096;
       for (int64_t j = 0; j < kt; j++)
@@ -621,39 +709,73 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
         float s = 0.0f;
         for (; j < kt; j++) s += x[j] * wrow[j];
         for (int l = 0; l < 16; l++) s += acc[l];
-        c->y[m * N + n] += s;
+        sums[m] += s;
       }
     }
+    for (int64_t m = 0; m < M; m++) gemv_store(c, m, n, sums[m]);
   }
+  free(sums);
 }
 #endif
 
-/* Size in bytes of the scratch buffer ib_fp8_gemv needs for M rows of K. */
+/* Rows of bf16 operands are Kp = K rounded up to 32 long (whole vectors), and 64 bytes more apart:
+ * at a power-of-two stride (K = 2048: 4 KiB) the 8 rows a block streams through would all map to
+ * the same L1 cache sets. */
+static inline int64_t row_stride(int64_t K) { return (K + 31) / 32 * 32 + 32; }
+
+/* Size in bytes of the scratch buffer ib_fp8_gemv / ib_fp8_linear need for M rows of K. */
 int64_t ib_fp8_gemv_scratch(int64_t M, int64_t K) {
-  int64_t Kp = (K + 31) / 32 * 32;
-  return M * Kp * 2 + M * K * 4;
+  return M * row_stride(K) * 2 + M * K * 4;
+}
+
+/* The activation as exact FP8 values in bf16 (zero-padded rows of Kp) and fp32: from FP8 bytes
+ * (xq) or quantized here from x (the bytes ib_quantize would write). */
+static void gemv_prepare(const uint8_t* xq, const void* x, int x_dt, float in_scale, float fp8_max, int64_t M,
+                         int64_t K, int fmt, void* scratch, uint16_t** xb_out, float** xf_out) {
+  const int64_t Kp = (K + 31) / 32 * 32, Ks = row_stride(K);
+  uint16_t* xb = (uint16_t*)scratch;
+  float* xf = (float*)((char*)scratch + M * Ks * 2);
+  for (int64_t m = 0; m < M; m++) {
+    for (int64_t k = 0; k < K; k++) {
+      const uint8_t q = xq ? xq[m * K + k] : quant_one(load_hp(x, x_dt, m * K + k), in_scale, fp8_max, fmt);
+      const float v = fmt == IB_E4M3 ? f32_from_e4m3(q) : f32_from_e5m2(q);
+      xb[m * Ks + k] = (uint16_t)(f2u(v) >> 16);
+      xf[m * K + k] = v;
+    }
+    for (int64_t k = K; k < Kp; k++) xb[m * Ks + k] = 0;
+  }
+  *xb_out = xb;
+  *xf_out = xf;
+}
+
+static void gemv_run(gemv_ctx* c, int nthreads) {
+  /* About 32K weights per chunk at one row, fewer as rows add work; whole blocks of weight rows. */
+  int64_t grain = (1 << 15) / ((c->K > 0 ? c->K : 1) * (c->M > 0 ? c->M : 1));
+  grain = grain < 4 ? 4 : (grain + 3) / 4 * 4;
+  parallel_for(gemv_range, c, c->N, grain, nthreads);
 }
 
 /* y[m, n] = sum_k fp8(xq[m, k]) * fp8(w[n, k]) in fp32 (unscaled). xq and w share `fmt`. */
 void ib_fp8_gemv(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int64_t N, int fmt, float* y,
                  void* scratch, int nthreads) {
   pthread_once(&lut_once, build_luts);
-  const int64_t Kp = (K + 31) / 32 * 32;
-  uint16_t* xb = (uint16_t*)scratch;
-  float* xf = (float*)((char*)scratch + M * Kp * 2);
-  for (int64_t m = 0; m < M; m++) {
-    for (int64_t k = 0; k < K; k++) {
-      uint8_t q = xq[m * K + k];
-      float v = fmt == IB_E4M3 ? f32_from_e4m3(q) : f32_from_e5m2(q);
-      xb[m * Kp + k] = (uint16_t)(f2u(v) >> 16);
-      xf[m * K + k] = v;
-    }
-    for (int64_t k = K; k < Kp; k++) xb[m * Kp + k] = 0;
-  }
-  gemv_ctx c = {xb, xf, w, M, K, Kp, N, fmt, y};
-  int64_t grain = (1 << 15) / (K > 0 ? K : 1);
-  grain = grain < 4 ? 4 : (grain + 3) / 4 * 4; /* whole blocks of weight rows */
-  parallel_for(gemv_range, &c, N, grain, nthreads);
+  gemv_ctx c = {0};
+  gemv_prepare(xq, NULL, 0, 1.0f, 0.0f, M, K, fmt, scratch, (uint16_t**)&c.xb, (float**)&c.xf);
+  c.w = w; c.M = M; c.K = K; c.Kp = (K + 31) / 32 * 32; c.Ks = row_stride(K); c.N = N; c.fmt = fmt; c.y = y;
+  gemv_run(&c, nthreads);
+}
+
+/* A static FP8 linear layer in one call: quantize x [M, K] (x_dt) with in_scale, multiply by the FP8
+ * weight w [N, K] as above, scale, round to out_dt, add the bias (out_dt, or NULL). */
+void ib_fp8_linear(const void* x, int x_dt, int64_t M, int64_t K, float in_scale, float fp8_max, const uint8_t* w,
+                   int64_t N, int fmt, const float* w_scale, int per_row, const void* bias, void* out, int out_dt,
+                   void* scratch, int nthreads) {
+  pthread_once(&lut_once, build_luts);
+  gemv_ctx c = {0};
+  gemv_prepare(NULL, x, x_dt, in_scale, fp8_max, M, K, fmt, scratch, (uint16_t**)&c.xb, (float**)&c.xf);
+  c.w = w; c.M = M; c.K = K; c.Kp = (K + 31) / 32 * 32; c.Ks = row_stride(K); c.N = N; c.fmt = fmt; c.y = NULL;
+  c.in_scale = in_scale; c.w_scale = w_scale; c.per_row = per_row; c.bias = bias; c.out = out; c.out_dt = out_dt;
+  gemv_run(&c, nthreads);
 }
 
 /* 1 when the AVX512-BF16 GEMV was compiled in, 0 for the portable loop. */
