@@ -30,7 +30,8 @@ from pydantic import (
 
 from .errors import RecipeError
 from .formats import MIN_SCALE, FP8Format, Target
-from .report import ALL_REPORT_FORMATS, ReportFormat
+from .opspecs import SPECS, OpSpec, spec_named
+from .report_formats import ALL_REPORT_FORMATS, ReportFormat
 from .safe_io import MiB, read_text, shorten, write_atomic
 from .safe_yaml import dump_yaml, load_yaml
 from .selectors import check_selector, matches
@@ -59,25 +60,29 @@ class ScaleMethod(str, Enum):
         return self in (ScaleMethod.PERCENTILE, ScaleMethod.MSE)
 
 
-class Op(str, Enum):
-    LINEAR = "linear"
-    CONV2D = "conv2d"
-    EMBEDDING = "embedding"  # weight-only: an embedding's input is integer ids
-    SDPA = "sdpa"  # captured scaled-dot-product attention: q, k, v quantized
-    BMM = "bmm"  # captured activation × activation matmul / bmm: both operands quantized
+class _OpName(str, Enum):
+    """A recipe op name; its facts are the op's ``OpSpec`` (``inc_bridge.opspecs``)."""
+
+    @property
+    def spec(self) -> OpSpec:
+        return spec_named(self.value)
 
     @property
     def weight_only(self) -> bool:
-        return self is Op.EMBEDDING
+        return self.spec.weight_only
 
     @property
     def has_weight(self) -> bool:
-        return self not in (Op.SDPA, Op.BMM)
+        return self.spec.has_weight
 
     @property
     def n_inputs(self) -> int:
         """How many inputs get a static scale: none (embedding ids), q/k/v, both matmul operands, else one."""
-        return {Op.EMBEDDING: 0, Op.SDPA: 3, Op.BMM: 2}.get(self, 1)
+        return self.spec.n_inputs
+
+
+# One member per op spec, in the specs' order: Op.LINEAR, Op.CONV2D, Op.EMBEDDING, Op.SDPA, Op.BMM.
+Op = _OpName("Op", [(spec.name.upper(), spec.name) for spec in SPECS])  # type: ignore[misc]
 
 
 class Form(str, Enum):

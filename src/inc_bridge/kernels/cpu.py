@@ -46,9 +46,8 @@ from .emulated import (
     dequantize_emulated,
     embedding_emulated,
     linear_emulated,
-    matmul_emulated,
+    matmul_call,
     quantize_emulated,
-    sdpa_emulated,
 )
 from .registry import Availability, Fp8Params, register_backend, register_kernel
 
@@ -414,31 +413,19 @@ def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.
     return lib.dequant(rows, scale, p.hp_dtype).reshape(*ids.shape, dim)
 
 
-@register_kernel("sdpa", CPU, "native qdq(q, k, v), then torch SDPA (exact)")
-def sdpa_cpu(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
-    """``sdpa_emulated`` with native quantize-dequantize."""
-    _require(input_scales.numel() == 3, f"sdpa: {input_scales.numel()} input scales, expected 3 (q, k, v)")
-    lib = _native_for(p, q, k, v)
-    if lib is None:
-        return sdpa_emulated(q, k, v, input_scales, p, **sdpa_kwargs)
-    q, k, v = (_qdq(lib, t, input_scales[i], p, t.dtype) for i, t in enumerate((q, k, v)))
+@register_kernel("sdpa", CPU, "native dequant of q, k, v, then torch SDPA (exact)")
+def sdpa_cpu(q, k, v, scales: tuple[torch.Tensor, ...], out_dtype: torch.dtype, **sdpa_kwargs) -> torch.Tensor:
+    """``sdpa_emulated`` with native dequantization."""
+    q, k, v = (dequantize_cpu(t, s, out_dtype) for t, s in zip((q, k, v), scales, strict=True))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 
-@register_kernel("matmul", CPU, "native qdq of both operands, then the torch matmul (exact)")
-def matmul_cpu(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
-    """``matmul_emulated`` with native quantize-dequantize."""
-    from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
-
-    _require(input_scales.numel() == 2, f"matmul: {input_scales.numel()} input scales, expected 2")
-    operands = [args[pos] for pos in MATMUL_OPERANDS[fn]]
-    lib = _native_for(p, *operands)
-    if lib is None:
-        return matmul_emulated(fn, args, kwargs, input_scales, p)
-    args = list(args)
-    for i, pos in enumerate(MATMUL_OPERANDS[fn]):
-        args[pos] = _qdq(lib, args[pos], input_scales[i], p, args[pos].dtype)
-    return MATMUL_FUNCTIONS[fn](*args, **kwargs)
+@register_kernel("matmul", CPU, "native dequant of both operands, then the torch matmul (exact)")
+def matmul_cpu(fn: str, a: torch.Tensor, b: torch.Tensor, scales: tuple[torch.Tensor, ...], addend: torch.Tensor | None,
+               beta: float, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``matmul_emulated`` with native dequantization."""
+    a, b = dequantize_cpu(a, scales[0], out_dtype), dequantize_cpu(b, scales[1], out_dtype)
+    return matmul_call(fn, a, b, addend, beta, alpha)
 
 
 @register_kernel("quantize", CPU, "native quantize (exact)")

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from ..quant import dequantize_fp8, quant_dequant, quantize_fp8
 from .registry import EMULATED, Availability, Fp8Params, register_backend, register_kernel
 
+# The torch functions the ``matmul`` op stands for, and which positional arguments of each are the
+# two activation operands that get static scales (baddbmm's first argument is the added input).
+MATMUL_FUNCTIONS = {"matmul": torch.matmul, "bmm": torch.bmm, "baddbmm": torch.baddbmm}
+MATMUL_OPERANDS = {"matmul": (0, 1), "bmm": (0, 1), "baddbmm": (1, 2)}
+
 register_backend(
     EMULATED,
     device_type=None,
@@ -69,22 +74,29 @@ def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: t
     return dequantize_fp8(rows, scale, p.hp_dtype)
 
 
-@register_kernel("sdpa", EMULATED, "qdq(q, k, v), then SDPA in the model dtype")
-def sdpa_emulated(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
-    """Quantize-dequantize q, k, v with their static scales, then attention in high precision."""
-    q, k, v = (quant_dequant(t, input_scales[i], p.fp8_dtype, p.fp8_max, t.dtype) for i, t in enumerate((q, k, v)))
+@register_kernel("sdpa", EMULATED, "dequantize q, k, v, then SDPA in the model dtype")
+def sdpa_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: tuple[torch.Tensor, ...],
+                  out_dtype: torch.dtype, **sdpa_kwargs) -> torch.Tensor:
+    """Dequantize FP8 q, k, v with their static scales, then attention in high precision."""
+    q, k, v = (dequantize_fp8(t, s, out_dtype) for t, s in zip((q, k, v), scales, strict=True))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 
-@register_kernel("matmul", EMULATED, "qdq of both operands, then the matmul in the model dtype")
-def matmul_emulated(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
-    """Quantize-dequantize both operands of a matmul / bmm / baddbmm, then run it in high precision."""
-    from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
+@register_kernel("matmul", EMULATED, "dequantize both operands, then the matmul in the model dtype")
+def matmul_emulated(fn: str, a: torch.Tensor, b: torch.Tensor, scales: tuple[torch.Tensor, ...],
+                    addend: torch.Tensor | None, beta: float, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize two FP8 operands, then run matmul / bmm / baddbmm on them in high precision."""
+    a, b = dequantize_fp8(a, scales[0], out_dtype), dequantize_fp8(b, scales[1], out_dtype)
+    return matmul_call(fn, a, b, addend, beta, alpha)
 
-    args = list(args)
-    for i, pos in enumerate(MATMUL_OPERANDS[fn]):
-        args[pos] = quant_dequant(args[pos], input_scales[i], p.fp8_dtype, p.fp8_max, args[pos].dtype)
-    return MATMUL_FUNCTIONS[fn](*args, **kwargs)
+
+def matmul_call(fn: str, a: torch.Tensor, b: torch.Tensor, addend: torch.Tensor | None, beta: float,
+                alpha: float) -> torch.Tensor:
+    """``fn`` on its two (high-precision) operands; baddbmm adds ``addend`` with ``beta`` and ``alpha``."""
+    if fn == "baddbmm":
+        kwargs = {} if (beta, alpha) == (1.0, 1.0) else {"beta": beta, "alpha": alpha}
+        return torch.baddbmm(addend, a, b, **kwargs)
+    return MATMUL_FUNCTIONS[fn](a, b)
 
 
 @register_kernel("quantize", EMULATED, "clamp(x / scale) cast to FP8, in fp32 (INC's quantize)")
