@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import inc_bridge as ib
 from inc_bridge import opspecs
 from inc_bridge.recipe import Op
+from inc_bridge.select import select_layers
 from inc_bridge.serialization import registry
 
 from .attention_models import BaddbmmAttention, FunctionalAttention
@@ -103,7 +104,11 @@ def test_register_module_type_adds_a_type_to_an_existing_op():
     opspecs.register_module_type("linear", _MyLinear, to_subclass=linear.to_subclass, to_module=linear.to_module)
     with pytest.raises(TypeError, match="registered already"):
         opspecs.register_module_type("linear", _MyLinear, to_subclass=linear.to_subclass, to_module=linear.to_module)
-    scales = ib.compute_scales(ib.calibrate(model, batches, recipe), recipe, model=model)
+    # INC measures only the types it patches, so the scales come from an nn.Linear with the same weights.
+    twin = nn.Sequential(nn.Linear(8, 4)).eval()
+    twin.load_state_dict(model.state_dict())
+    scales = ib.compute_scales(ib.calibrate(twin, batches, recipe), recipe, model=twin)
+    assert select_layers(model, recipe.quantization).selected == {"0": Op.LINEAR}
     qsub, qmod = ib.convert(model, scales, form="subclass"), ib.convert(model, scales, form="module")
     assert type(qsub[0]) is _MyLinear and type(qmod[0]).__name__ == "QuantizedLinear"
     assert torch.equal(qsub(batches[1]), qmod(batches[1]))
