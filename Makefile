@@ -43,6 +43,7 @@ demo: $(STAMP) kernels
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache --no-logo  # the layers in pyproject.toml (also run by tests/test_layers.py)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(KERNEL_LIB)

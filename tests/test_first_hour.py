@@ -166,14 +166,14 @@ def test_export_twins_expose_the_attributes_model_code_reads(tmp_path, form):
 
 
 def test_a_failing_export_twin_is_named(tmp_path, monkeypatch):
-    from inc_bridge import onnx_export
+    from inc_bridge.opspecs import linear
 
     q = ib.quantize(LinearNet().eval(), linear_batches(), form="module")
 
     def broken(*args, **kwargs):
         raise RuntimeError("twin broke")
 
-    monkeypatch.setattr(onnx_export, "dequantize_weight", broken)
+    monkeypatch.setattr(linear, "dequantize_weight", broken)  # what the linear op's ONNX twin calls
     with pytest.raises(ib.SerializationError, match=r"failed in layer 'fc\d' \(QuantizedLinear\): RuntimeError: twin broke"):
         ib.export_onnx(q, linear_batches(1)[0], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []

@@ -27,8 +27,8 @@ from torchao.quantization.utils import compute_error
 import inc_bridge as ib
 from inc_bridge import kernels
 from inc_bridge.kernels import cpu, cuda, emulated, hpu
+from inc_bridge.kernels.emulated import MATMUL_OPERANDS
 from inc_bridge.kernels.registry import Fp8Params
-from inc_bridge.nn.attention import MATMUL_OPERANDS
 from inc_bridge.quant import dequantize_fp8, quant_dequant, quantize_fp8
 
 from .models import LinearNet, ToyNet, linear_batches, toy_batches
@@ -172,8 +172,8 @@ def test_native_quantize_and_qdq_are_torch_bit_for_bit(fmt, fp8_max, scale):
 @pytest.mark.parametrize(("fmt", "fp8_max"), FORMATS)
 @pytest.mark.parametrize("hp", [torch.float32, torch.bfloat16])
 def test_native_weight_quantization_per_tensor_and_per_row_is_torch_bit_for_bit(fmt, fp8_max, hp):
-    """What weights go through (``quant.quantize_fp8_rows``): native for both granularities, same bytes."""
-    from inc_bridge.quant import quantize_fp8_rows
+    """What weights go through (``kernels.weights.quantize_fp8_rows``): native for both granularities, same bytes."""
+    from inc_bridge.kernels.weights import quantize_fp8_rows
 
     g = torch.Generator().manual_seed(4)
     w = (torch.randn(67, 3, 5, generator=g) * torch.logspace(-6, 3, 67).reshape(-1, 1, 1)).to(hp)
@@ -371,17 +371,25 @@ def test_cpu_embedding_equals_emulated(per_row):
 @needs_native
 @pytest.mark.parametrize("hp", [torch.float32, torch.bfloat16])
 def test_cpu_sdpa_and_matmul_equal_emulated(hp):
-    p = Fp8Params(E4M3, 448.0, hp)
+    """The attention ops take FP8 operands (quantized by ``inc_bridge::quantize``) and their scales."""
     q, k, v = (torch.randn(2, 7, 4, 8).to(hp).transpose(1, 2) for _ in range(3))  # [B, H, T, D], non-contiguous
-    scales = torch.tensor([0.01, 0.02, 0.015])
+    scales = tuple(torch.tensor(s) for s in (0.01, 0.02, 0.015))
+    q8, k8, v8 = (quantize_fp8(t, s, E4M3, 448.0) for t, s in zip((q, k, v), scales, strict=True))
+    assert q8.stride() == q.stride()
     mask = torch.rand(2, 1, 7, 7) > 0.3
-    assert torch.equal(cpu.sdpa_cpu(q, k, v, scales, p, attn_mask=mask), emulated.sdpa_emulated(q, k, v, scales, p, attn_mask=mask))
-    assert torch.equal(cpu.sdpa_cpu(q, k, v, scales, p, is_causal=True), emulated.sdpa_emulated(q, k, v, scales, p, is_causal=True))
+    for kwargs in ({"attn_mask": mask}, {"is_causal": True}):
+        out = cpu.sdpa_cpu(q8, k8, v8, scales, hp, **kwargs)
+        assert torch.equal(out, emulated.sdpa_emulated(q8, k8, v8, scales, hp, **kwargs))
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            *(quant_dequant(t, s, E4M3, 448.0) for t, s in zip((q, k, v), scales, strict=True)), **kwargs)
+        assert torch.equal(out, expected)
     a, b, c = torch.randn(3, 5, 6).to(hp), torch.randn(3, 6, 4).to(hp), torch.randn(3, 5, 4).to(hp)
-    for fn, args in {"matmul": (a, b), "bmm": (a, b), "baddbmm": (c, a, b)}.items():
+    a8, b8 = quantize_fp8(a, scales[0], E4M3, 448.0), quantize_fp8(b, scales[1], E4M3, 448.0)
+    for fn in ("matmul", "bmm", "baddbmm"):
         assert len(MATMUL_OPERANDS[fn]) == 2
-        s = scales[:2]
-        assert torch.equal(cpu.matmul_cpu(fn, args, {}, s, p), emulated.matmul_emulated(fn, args, {}, s, p))
+        addend = c if fn == "baddbmm" else None
+        assert torch.equal(cpu.matmul_cpu(fn, a8, b8, scales[:2], addend, 1.0, 1.0, hp),
+                           emulated.matmul_emulated(fn, a8, b8, scales[:2], addend, 1.0, 1.0, hp))
 
 
 @needs_native

@@ -111,8 +111,8 @@ class _Probe:
 def _qdq_inputs(qmodel: nn.Module, inputs) -> dict[str, torch.Tensor]:
     """What torch quantizes, by the name of the export twin's scale initializer (``proj.input_scale``,
     ``attn.sdpa.q_scale``, ``bmm.b_scale``, ...), and torch's output under ``<output>``."""
+    from inc_bridge.kernels.emulated import MATMUL_OPERANDS
     from inc_bridge.nn import QSDPA, SDPA, Matmul, QMatmul
-    from inc_bridge.nn.attention import MATMUL_OPERANDS
     from inc_bridge.onnx_export import quantized_layers
 
     seen: dict[str, torch.Tensor] = {}

@@ -8,8 +8,9 @@ Example:
 """
 
 # _torchao_import first: it imports torchao with its import-time log lines muted, before any module below does.
-# hf_layers registers the converters of transformers' Conv1D and fused MoE experts.
+# hf_layers registers the entries of transformers' Conv1D and fused MoE experts.
 from . import _torchao_import, hf_layers, nn  # noqa: F401  (imported for their effect)
+from ._version import __version__ as __version__
 from .activation import Float8ActivationTensor
 from .calibrate import calibrate
 from .capture import capture_attention, captured_sites
@@ -37,8 +38,6 @@ from .serialization.pretrained import ExportFormat, save_pretrained
 from .tensor import Float8StaticTensor
 from .torchao_config import IncFp8Config
 from .tune import TuneResult, apply_recipe, autotune
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",

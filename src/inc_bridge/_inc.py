@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import scratch
+from .batches import run_batch
 from .formats import FP8Format
 from .recipe import Granularity, ScaleMethod
 
@@ -284,7 +285,6 @@ def inc_qdq_model(model: nn.Module, batches: Iterable[Any], hp_dtype: torch.dtyp
     directory."""
     from neural_compressor.torch.quantization import finalize_calibration, prepare
 
-    from .batches import run_batch
 
     model = copy.deepcopy(model)
     with inc_session(lean_observer=lean_observer) as private:

@@ -24,15 +24,14 @@ import torch
 from torch import nn
 
 from . import _inc, scratch
-from .activation import quantized_positions
 from .batches import run_batch
 from .convert import structural_copy
-from .converters import Converter, converter_for
 from .errors import CalibrationError
 from .formats import SUPPORTED_HP_DTYPES, dtype_name
 from .inc_files import read_local_dump
 from .measurements import LayerStats, Measurements, Source
 from .observers import InputObserver, merge_histograms
+from .opspecs import ModuleEntry, entry_for
 from .recipe import Recipe, resolve_recipe
 from .scales import weight_amax_per_channel
 from .select import select_layers
@@ -78,14 +77,14 @@ def calibrate(
             + (f": {why}{' ...' if len(selection.skipped) > 3 else ''}" if why else "") + ")"
         )
     modules = dict(model.named_modules())
-    converters = {n: converter_for(modules[n]) for n in selection.selected}
+    entries = {n: entry_for(modules[n]) for n in selection.selected}
     weighted = {n: op for n, op in selection.selected.items() if op.has_weight}
-    hp_dtype = _hp_dtype(modules, weighted, converters) if weighted else None
+    hp_dtype = _hp_dtype(modules, weighted, entries) if weighted else None
     fmt = recipe.quantization.format
     bins = recipe.calibration.histogram_bins
     observers: dict[str, Any] = {}
     # Weighted layers INC does not patch (transformers' Conv1D, fused experts) bring their own observer.
-    own_observer = {n for n in weighted if converters[n] is not None and converters[n].observer is not None}
+    own_observer = {n for n in weighted if entries[n] is not None and entries[n].observer is not None}
     inc_measures = hp_dtype is not None and bool(set(weighted) - own_observer)
 
     def run_observed(prepared: nn.Module) -> int:
@@ -94,9 +93,9 @@ def calibrate(
             if not op.weight_only:
                 module = prepared.get_submodule(name)
                 if name in own_observer:
-                    observers[name] = converters[name].observer(module, bins)
+                    observers[name] = entries[name].observer(module, bins)
                 else:
-                    observers[name] = InputObserver(module, (0,) if op.has_weight else quantized_positions(module), bins)
+                    observers[name] = InputObserver(module, op.spec.input_positions(module), bins)
         return run(prepared)
 
     run = _runner(calib_data)
@@ -146,7 +145,7 @@ def calibrate(
         stats = LayerStats(name=name, kind=op.value, input_amax=amax, dtype=dtype, input_hist=hists,
                            source=Source.BRIDGE if bridge else Source.INC)
         if op.has_weight:
-            per_channel = weight_amax_per_channel(converters[name].weight_of(modules[name]))  # for compute_scales
+            per_channel = weight_amax_per_channel(entries[name].weight_of(modules[name]))  # for compute_scales
             stats = dataclasses.replace(stats, weight_amax=float(per_channel.max()),
                                         weight_amax_per_channel=tuple(per_channel.tolist()))
         stats.check_finite()
@@ -184,8 +183,8 @@ def _merge_across_ranks(seen: dict, num_batches: int) -> tuple[dict, int]:
 
 
 def _hp_dtype(modules: Mapping[str, nn.Module], selected: Mapping[str, object],
-              converters: Mapping[str, Converter | None]) -> torch.dtype:
-    dtypes = {converters[name].weight_of(modules[name]).dtype for name in selected}
+              entries: Mapping[str, ModuleEntry | None]) -> torch.dtype:
+    dtypes = {entries[name].weight_of(modules[name]).dtype for name in selected}
     if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_HP_DTYPES:
         raise CalibrationError(
             f"the selected layers have weight dtypes {sorted(map(str, dtypes))}; inc_bridge calibrates models "

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .capture import hf_attention_sites
-from .converters import converter_for
 from .coverage import FloatMatrix, float_matrices, matrix_bytes, quantized_layers
 from .errors import ConversionError
 from .experts_scales import FALLBACK_RULE
 from .kernels import model_device, resolve_backend
 from .kv_cache import enable_fp8_kv_cache
+from .opspecs import entry_for
 from .recipe import Backend, Form, Op, Recipe
 from .scales import ScaleSet
 from .sharing import shared_tensors, sharing_tensors
@@ -257,14 +257,14 @@ def _plan(model: nn.Module, scales: ScaleSet, form: Form | str, backend: Backend
         module = modules.get(name)
         if module is None:
             raise ConversionError(f"scales name layer {name!r}, but the model has no module of that name")
-        conv = converter_for(module)
-        if conv is None or conv.op is not ls.kind:
+        entry = entry_for(module)
+        if entry is None or entry.spec is not ls.kind.spec:
             raise ConversionError(
                 f"layer {name!r} is a {type(module).__name__}, but its scales are for a {ls.kind.value} layer"
             )
         if ls.kind.has_weight:
-            ls.check_weight(conv.weight_of(module))
-        impls[name] = conv.impl.to_subclass if form is Form.SUBCLASS else conv.impl.to_module
+            ls.check_weight(entry.weight_of(module))
+        impls[name] = entry.to_subclass if form is Form.SUBCLASS else entry.to_module
     return form, backend_name, impls, modules
 
 
@@ -292,6 +292,6 @@ def _attach_result(target: nn.Module, form: Form, backend_name: str, scales: Sca
                               backend_requested=requested, layer_types=types or {}, notes=_notes(scales))
     result.converted = {name: ls.kind.value for name, ls in scales.layers.items()}
     for name, module in (modules.items() if modules is not None else target.named_modules()):
-        if name and name not in result.converted and name not in result.skipped and converter_for(module):
+        if name and name not in result.converted and name not in result.skipped and entry_for(module):
             result.skipped[name] = "no scales for this layer"
     object.__setattr__(target, _RESULT_ATTR, result)

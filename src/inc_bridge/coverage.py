@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .converters import converter_for, describe_registered
 from .nn._fp8_module import Fp8Module
+from .opspecs import describe_registered, entry_for
 from .tensor import Float8StaticTensor
 
 UNSUPPORTED = "unsupported type"
@@ -103,7 +103,7 @@ def float_matrices(model: nn.Module, converted: Mapping[str, object] | set[str] 
             reason = skipped[name]
         elif (on_purpose := _kept_on_purpose(module)) is not None:
             reason = on_purpose
-        elif converter_for(module) is None:
+        elif entry_for(module) is None:
             reason = f"{UNSUPPORTED}: no converter for {type(module).__name__} (converters: {describe_registered()})"
         else:
             reason = "not selected"

@@ -20,8 +20,9 @@ import torch
 from .errors import CalibrationError, ConversionError
 from .experts import MATRICES
 from .formats import ACTIVATION_BACKOFF, WEIGHT_BACKOFF, fullscale
+from .kernels.weights import quantize_fp8_rows
 from .measurements import LayerStats
-from .quant import inc_activation_scale, inc_weight_quant_scale, quantize_fp8_rows
+from .quant import inc_activation_scale, inc_weight_quant_scale
 from .recipe import Granularity, Op, Recipe
 from .scales import LayerScales, maxabs_scale
 

@@ -11,7 +11,7 @@ Both count as op ``linear`` (they are linear layers), so the default recipe quan
   (``experts_scales``), inputs measured per expert by ``experts.ExpertsObserver``.
 
 transformers is never imported here: the classes are recognised by module path and class name
-(``register_converter_resolver``), so only a model built with transformers can have them.
+(``opspecs.register_module_resolver``), so only a model built with transformers can have them.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .converters import Converter, _leaf_copy, _new_parameter, register_converter_resolver
 from .errors import ConversionError
 from .experts import MATRICES, ExpertsObserver, check_layout, is_fused_experts_type
 from .experts_scales import ExpertsScales
 from .nn.conv1d import QConv1D, quantize_kn
 from .nn.experts import QExperts
 from .observers import InputObserver
-from .recipe import Op
+from .opspecs import ModuleEntry, register_module_resolver, spec_named
+from .opspecs._build import leaf_copy, new_parameter
 from .scales import LayerScales
 from .tensor_experts import Float8ExpertsTensor
 from .tensor_kn import Float8StaticTensorKN
@@ -40,7 +40,7 @@ class Conv1DConverter:
         qdata, scale = quantize_kn(module.weight, scales)
         weight = Float8StaticTensorKN(qdata, scale, scales.fp8_max, backend, module.weight.dtype,
                                       act_scale=scales.activation_scale())
-        return _leaf_copy(module, weight=_new_parameter(weight))
+        return leaf_copy(module, weight=new_parameter(weight))
 
     @staticmethod
     def to_module(module: nn.Module, scales: LayerScales, backend: str) -> nn.Module:
@@ -55,8 +55,8 @@ class FusedExpertsConverter:
         for m, name in enumerate(MATRICES):
             w = getattr(module, name)
             qdata, scale, act = scales.quantize_matrix(m, w)
-            params[name] = _new_parameter(Float8ExpertsTensor(qdata, scale, act, scales.fp8_max, backend, w.dtype))
-        return _leaf_copy(module, **params)
+            params[name] = new_parameter(Float8ExpertsTensor(qdata, scale, act, scales.fp8_max, backend, w.dtype))
+        return leaf_copy(module, **params)
 
     @staticmethod
     def to_module(module: nn.Module, scales: ExpertsScales, backend: str) -> nn.Module:
@@ -79,12 +79,15 @@ def _experts_observer(module: nn.Module, bins: int) -> ExpertsObserver:
     return ExpertsObserver(module, bins)
 
 
-def _resolve(cls: type) -> Converter | None:
+def _resolve(cls: type) -> ModuleEntry | None:
+    """Entries of op ``linear``; no ONNX twin (their export is refused with the layer's name)."""
     if (cls.__module__, cls.__qualname__) == CONV1D:
-        return Converter(cls, Op.LINEAR, Conv1DConverter, _conv1d_weight, _bridge_input_observer)
+        return ModuleEntry(spec_named("linear"), cls, Conv1DConverter.to_subclass, Conv1DConverter.to_module,
+                           weight_of=_conv1d_weight, observer=_bridge_input_observer)
     if is_fused_experts_type(cls):
-        return Converter(cls, Op.LINEAR, FusedExpertsConverter, _experts_weight, _experts_observer)
+        return ModuleEntry(spec_named("linear"), cls, FusedExpertsConverter.to_subclass, FusedExpertsConverter.to_module,
+                           weight_of=_experts_weight, observer=_experts_observer)
     return None
 
 
-register_converter_resolver(_resolve)
+register_module_resolver(_resolve)

@@ -13,13 +13,13 @@ from torch import nn
 from .calibrate import CalibData, calibrate, check_calib_data
 from .capture import capture_attention, captured_sites
 from .convert import check_not_quantized, conversion_result, convert
-from .converters import converter_for
 from .coverage import float_matrices
 from .errors import CalibrationError, ConversionError
 from .experts import MATRICES, is_fused_experts_type, sibling_expert_stats
 from .experts_scales import experts_layer_scales
 from .formats import SUPPORTED_HP_DTYPES, dtype_from_name
 from .measurements import LayerStats, Measurements
+from .opspecs import entry_for
 from .recipe import Op, Recipe, resolve_recipe
 from .scales import LayerScales, ScaleSet, layer_scales, weight_memo
 from .select import Selection, matches, select_layers
@@ -88,7 +88,7 @@ def model_scales(measurements: Measurements, recipe: Recipe, selection: Selectio
             layers[name] = layer_scales(stats, op, recipe, _stats_dtype(stats))
             continue
         module = modules[name]
-        weight = converter_for(module).weight_of(module)  # [out, in, ...] (a Conv1D's transposed view)
+        weight = entry_for(module).weight_of(module)  # [out, in, ...] (a Conv1D's transposed view)
         if weight.dtype not in SUPPORTED_HP_DTYPES:
             raise CalibrationError(f"layer {name!r}: weight dtype {weight.dtype} is not float32 or bfloat16")
         if is_fused_experts_type(type(module)):  # scales per expert, from the tokens each expert received

@@ -30,7 +30,8 @@ from pydantic import (
 
 from .errors import RecipeError
 from .formats import MIN_SCALE, FP8Format, Target
-from .report import ALL_REPORT_FORMATS, ReportFormat
+from .opspecs import SPECS, OpSpec, spec_named
+from .report_formats import ALL_REPORT_FORMATS, ReportFormat
 from .safe_io import MiB, read_text, shorten, write_atomic
 from .safe_yaml import dump_yaml, load_yaml
 from .selectors import check_selector, matches
@@ -59,33 +60,42 @@ class ScaleMethod(str, Enum):
         return self in (ScaleMethod.PERCENTILE, ScaleMethod.MSE)
 
 
-class Op(str, Enum):
-    LINEAR = "linear"
-    CONV2D = "conv2d"
-    EMBEDDING = "embedding"  # weight-only: an embedding's input is integer ids
-    SDPA = "sdpa"  # captured scaled-dot-product attention: q, k, v quantized
-    BMM = "bmm"  # captured activation × activation matmul / bmm: both operands quantized
-    # Not a layer kind: transformers' caches keep K/V as FP8 codes, quantized with the k/v scales of
-    # the ``sdpa`` layers (so it needs ``sdpa``; outputs do not change). See ``kv_cache.py``.
-    KV_CACHE = "kv_cache"
+KV_CACHE_OP = "kv_cache"  # not a layer kind: see ``_OpName.is_layer``
 
-    @property
-    def weight_only(self) -> bool:
-        return self is Op.EMBEDDING
 
-    @property
-    def has_weight(self) -> bool:
-        return self not in (Op.SDPA, Op.BMM, Op.KV_CACHE)
+class _OpName(str, Enum):
+    """A recipe op name; a layer op's facts are its ``OpSpec`` (``inc_bridge.opspecs``)."""
 
     @property
     def is_layer(self) -> bool:
-        """Whether the op quantizes modules of its own (all but ``kv_cache``, which rides on ``sdpa``)."""
-        return self is not Op.KV_CACHE
+        """Whether the op quantizes modules of its own: all but ``kv_cache``, with which
+        transformers' caches keep K/V as FP8 codes made with the ``sdpa`` layers' k/v scales
+        (so it needs ``sdpa``; outputs do not change). See ``kv_cache.py``."""
+        return self.value != KV_CACHE_OP
+
+    @property
+    def spec(self) -> OpSpec:
+        if not self.is_layer:
+            raise ValueError(f"op {self.value!r} is not a layer op and has no OpSpec")
+        return spec_named(self.value)
+
+    @property
+    def weight_only(self) -> bool:
+        return self.is_layer and self.spec.weight_only
+
+    @property
+    def has_weight(self) -> bool:
+        return self.is_layer and self.spec.has_weight
 
     @property
     def n_inputs(self) -> int:
         """How many inputs get a static scale: none (embedding ids), q/k/v, both matmul operands, else one."""
-        return {Op.EMBEDDING: 0, Op.SDPA: 3, Op.BMM: 2}.get(self, 1)
+        return self.spec.n_inputs if self.is_layer else 0
+
+
+# One member per op spec, in the specs' order: Op.LINEAR, Op.CONV2D, Op.EMBEDDING, Op.SDPA, Op.BMM;
+# then Op.KV_CACHE.
+Op = _OpName("Op", [(spec.name.upper(), spec.name) for spec in SPECS] + [("KV_CACHE", KV_CACHE_OP)])  # type: ignore[misc]
 
 
 class Form(str, Enum):

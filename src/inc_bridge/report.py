@@ -13,11 +13,12 @@ import types
 import typing
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import RecipeError, SerializationError
+from .report_formats import ALL_REPORT_FORMATS, ReportFormat
+from .report_render import render_html, render_markdown, render_plots
 from .safe_io import MiB, loads_json, read_text, shorten, write_atomic
 
 MAX_REPORT_BYTES = 64 * MiB  # thousands of trials and layers fit in a few MB
@@ -26,17 +27,6 @@ _T = TypeVar("_T")
 REPORT_SCHEMA_VERSION = 3  # 2 added ``timings``, 3 ``float_left``; older reports read with none
 
 
-class ReportFormat(str, Enum):
-    """What ``Report.save`` writes: ``report.json``, ``report.md``, ``report.html`` (self-contained,
-    plots embedded) and ``plots``, the ``<stem>.svg`` files (``report.md`` links them)."""
-
-    JSON = "json"
-    MD = "md"
-    HTML = "html"
-    PLOTS = "plots"
-
-
-ALL_REPORT_FORMATS = tuple(ReportFormat)
 
 
 @dataclass
@@ -146,8 +136,6 @@ class Report:
         Example:
             >>> report.save("out/report", formats=["json", "html"])  # doctest: +SKIP
         """
-        from .report_render import render_html, render_markdown, render_plots
-
         wanted = report_formats(formats)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

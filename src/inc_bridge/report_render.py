@@ -15,9 +15,10 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .report import LayerRow, Report, TrialRecord
+if TYPE_CHECKING:  # annotations only: report.py imports this module to render itself
+    from .report import LayerRow, Report, TrialRecord
 
 TITLE = "inc_bridge tuning report"
 

@@ -40,8 +40,10 @@ import torch
 
 from .errors import CalibrationError, ConversionError
 from .formats import ACTIVATION_BACKOFF, MIN_SCALE, WEIGHT_BACKOFF, FP8Format, Target, dtype_name, fullscale
+from .kernels.cpu import native_clip_errors
+from .kernels.weights import quantize_fp8_rows
 from .measurements import LayerStats
-from .quant import inc_activation_scale, inc_weight_quant_scale, quantize_fp8_rows
+from .quant import inc_activation_scale, inc_weight_quant_scale
 from .recipe import ActivationQuant, Granularity, Op, Recipe, ScaleMethod
 from .sharing import tensors_shared
 
@@ -121,8 +123,6 @@ def clip_errors(counts: torch.Tensor, width: float, scales: torch.Tensor, fp8_dt
     The sum runs in bin order (``cumsum``, not ``sum``, whose order depends on the vector width),
     so the cpu backend's native version, several times faster, gives the same bits and the same clip.
     """
-    from .kernels.cpu import native_clip_errors
-
     errors = native_clip_errors(counts, width, scales, fp8_dtype, fp8_max)
     if errors is not None:
         return errors

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .converters import converter_for, describe_registered
 from .errors import ConversionError
+from .opspecs import describe_registered, entry_for
 from .recipe import Op, Quantization
 from .selectors import matches
 from .ties import tied_groups
@@ -44,30 +44,31 @@ def select_layers(model: nn.Module, q: Quantization) -> Selection:
             continue
         if selector not in modules:
             raise ConversionError(f"quantization.include names {selector!r}, but the model has no module of that name")
-        conv = converter_for(modules[selector])
-        if conv is None:
+        entry = entry_for(modules[selector])
+        if entry is None:
             raise ConversionError(
                 f"quantization.include names {selector!r} ({type(modules[selector]).__name__}), which inc_bridge "
                 f"cannot quantize; quantizable: {describe_registered()}"
             )
-        if conv.op not in q.ops:
+        if Op(entry.spec.name) not in q.ops:
             raise ConversionError(
-                f"quantization.include names {selector!r} ({conv.op.value}), but {conv.op.value!r} is not in "
+                f"quantization.include names {selector!r} ({entry.spec.name}), but {entry.spec.name!r} is not in "
                 f"quantization.ops {[o.value for o in q.ops]}"
             )
     sel = Selection()
     for name, module in modules.items():
-        conv = converter_for(module)
-        if conv is None or not name:
+        entry = entry_for(module)
+        if entry is None or not name:
             continue
-        if conv.op not in q.ops:
-            sel.skipped[name] = f"op {conv.op.value!r} not in quantization.ops"
+        op = Op(entry.spec.name)
+        if op not in q.ops:
+            sel.skipped[name] = f"op {op.value!r} not in quantization.ops"
         elif q.include and not any(matches(name, s, where="quantization.include") for s in q.include):
             sel.skipped[name] = "not matched by quantization.include"
         elif hit := next((s for s in q.exclude if matches(name, s, where="quantization.exclude")), None):
             sel.skipped[name] = f"excluded by {hit!r}"
         else:
-            sel.selected[name] = conv.op
+            sel.selected[name] = op
     _keep_ties(modules, sel)
     return sel
 

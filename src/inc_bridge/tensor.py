@@ -2,7 +2,8 @@
 
 Built on torchao's ``TorchAOBaseTensor`` (flatten/unflatten, ``.to()``, ``detach``/``clone``,
 ``torch.compile`` support come from the base class). ``F.linear`` and ``F.conv2d`` with this weight
-quantize the activation with the static scale and call the layer's kernel, so a model keeps its
+call the op's custom op, which quantizes the activation with the static scale (each op's entry is
+registered by its spec, ``opspecs/<op>.py``), so a model keeps its
 structure: ``model.fc.weight`` is simply FP8 now. torchao 0.18's own ``PrototypeFloat8Tensor`` has a
 static activation scale too, but no CPU conv2d and no exact INC numerics, hence this class.
 """
@@ -10,13 +11,11 @@ static activation scale too, but no CPU conv2d and no exact INC numerics, hence 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .compile_cache import stable_hash_for_caching
 from .errors import ConversionError, SerializationError
 from .fp8_checks import check_scale_values, check_weight_parts
-from .kernels import ops as kernel_ops
 
 __all__ = ["Float8StaticTensor"]
 
@@ -139,43 +138,20 @@ def _to_copy(func, types, args, kwargs):
 
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
+def call_arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
+    """Argument ``index`` / ``name`` of an intercepted call (for the ops' torch-function entries)."""
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
-def _need_act_scale(w: Float8StaticTensor, op: str) -> None:
+def need_act_scale(w: Float8StaticTensor, op: str) -> None:
+    """Refuse a weight-only Float8StaticTensor where ``op`` needs a static activation scale."""
     if w.act_scale is None:
         raise ConversionError(f"a {op} weight needs a static activation scale; this Float8StaticTensor has none "
                               "(only embedding weights are weight-only)")
 
 
-# The table unwraps the weight into plain tensors and scalars and calls the layer's custom op: a
-# custom op cannot take a tensor subclass, and the op is what torch.compile / torch.export see.
-
-
-@implements_torch_function(F.linear)
-def _linear(func, types, args, kwargs):
-    x, w, bias = args[0], args[1], _arg(args, kwargs, 2, "bias")
-    _need_act_scale(w, "linear")
-    return kernel_ops.linear(x, w.qdata, w.scale, w.act_scale, bias, w.fp8_max, w.dtype, w.backend)
-
-
-@implements_torch_function(F.conv2d)
-def _conv2d(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    _need_act_scale(w, "conv2d")
-    stride, padding, padding_mode, dilation = kernel_ops.conv2d_args(
-        _arg(args, kwargs, 3, "stride", 1), _arg(args, kwargs, 4, "padding", 0), _arg(args, kwargs, 5, "dilation", 1))
-    return kernel_ops.conv2d(x, w.qdata, w.scale, w.act_scale, _arg(args, kwargs, 2, "bias"), w.fp8_max, w.dtype,
-                             w.backend, stride, padding, padding_mode, dilation, _arg(args, kwargs, 6, "groups", 1))
-
-
-@implements_torch_function(F.embedding)
-def _embedding(func, types, args, kwargs):
-    ids, w = args[0], args[1]
-    if _arg(args, kwargs, 3, "max_norm") is not None:
-        raise NotImplementedError("F.embedding with max_norm renormalises the weight in place; FP8 weights cannot")
-    return kernel_ops.embedding(ids, w.qdata, w.scale, w.fp8_max, w.dtype, w.backend)
+# What F.linear, F.conv2d and F.embedding do with this weight is registered by each op's spec
+# (``opspecs/linear.py`` ...): unwrap it into plain tensors and call the op's custom op.
 
 
 # weights_only=True loading of a state_dict holding this tensor needs it allow-listed; registering

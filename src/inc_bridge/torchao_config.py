@@ -1,8 +1,8 @@
 """``IncFp8Config``: inc_bridge's scales as a torchao ``AOBaseConfig``, for ``torchao.quantization.quantize_``.
 
 torchao users quantize with ``quantize_(model, config)``. This config lets them do that with scales
-that INC measured: the handler registered below runs inc_bridge's own converters
-(``converter_for(module).impl.to_subclass``, through ``convert(..., inplace=True)``), so the model
+that INC measured: the handler registered below runs inc_bridge's own builders
+(``opspecs.entry_for(module).to_subclass``, through ``convert(..., inplace=True)``), so the model
 is the one ``inc_bridge.convert(model, scales, form="subclass")`` returns, bit for bit.
 
 Why the handler takes the whole model, not one layer at a time: the scales are keyed by layer
@@ -26,8 +26,8 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .convert import convert
-from .converters import converter_for
 from .errors import ConversionError
+from .opspecs import entry_for
 from .recipe import Backend, Form
 from .scales import ScaleSet
 
@@ -85,7 +85,7 @@ class IncFp8Config(AOBaseConfig):
 @register_quantize_module_handler(IncFp8Config)
 def _quantize_with_inc_scales(module: nn.Module, config: IncFp8Config) -> nn.Module:
     """Convert, in place, every layer of ``module`` named in ``config.scales``; return ``module``."""
-    if converter_for(module) is not None and any(name not in dict(module.named_modules()) for name in config.scales.layers):
+    if entry_for(module) is not None and any(name not in dict(module.named_modules()) for name in config.scales.layers):
         raise ConversionError(
             f"IncFp8Config got a single {type(module).__name__} layer from quantize_, without its name; its scales are "
             "per layer name, so pass filter_fn=inc_bridge.IncFp8Config.whole_model to quantize_ (the model is unchanged)"

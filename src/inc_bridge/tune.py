@@ -37,12 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _inc
+from ._version import __version__
 from .calibrate import CalibData, calibrate
 from .capture import capture_attention, captured_sites
 from .convert import conversion_result, convert, structural_copy, swapped_in
 from .coverage import float_matrices
 from .errors import CalibrationError, RecipeError
-from .formats import dtype_name
+from .formats import FP8Format, dtype_name
 from .measurements import Measurements
 from .pipeline import _peek, model_scales
 from .recipe import (
@@ -438,8 +440,6 @@ class _Tuner:
         """The run's report: one row per layer of the result, every trial, the environment."""
         import torchao
 
-        from . import __version__, _inc
-
         measurements, tol = self.measurements, self.tol
         rows = []
         for name, ls in scales.layers.items():
@@ -636,8 +636,6 @@ def _recipe_for(recipe: Recipe, config: dict[str, Any]) -> Recipe:
     weight = q.weight.model_copy(update={"granularity": Granularity(config["weight_granularity"]),
                                          "scale_method": ScaleMethod(config["weight_scale_method"])})
     activation = q.activation.model_copy(update={"scale_method": ScaleMethod(config["activation_scale_method"])})
-    from .formats import FP8Format
-
     quant = q.model_copy(update={"format": FP8Format(config["format"]), "weight": weight, "activation": activation})
     return recipe.model_copy(update={"quantization": quant})
 

@@ -48,12 +48,9 @@ from .emulated import (
     conv2d_emulated,
     dequantize_emulated,
     embedding_emulated,
-    is_fp8,
     linear_emulated,
-    matmul_emulated,
+    matmul_call,
     quantize_emulated,
-    sdpa_compute_dtype,
-    sdpa_emulated,
 )
 from .registry import Availability, Fp8Params, register_backend, register_kernel
 
@@ -471,39 +468,19 @@ def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.
     return lib.dequant(rows, scale, p.hp_dtype).reshape(*ids.shape, dim)
 
 
-@register_kernel("sdpa", CPU, "native qdq(q, k, v) (FP8 codes from an FP8 KV cache: native dequant), then torch SDPA (exact)")
-def sdpa_cpu(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
-    """``sdpa_emulated`` with native quantize-dequantize (and native dequantization of FP8 codes)."""
-    _require(input_scales.numel() == 3, f"sdpa: {input_scales.numel()} input scales, expected 3 (q, k, v)")
-    hp = sdpa_compute_dtype(q, k, v, p)
-    lib = _native_for(p, *(t for t in (q, k, v) if not is_fp8(t)))
-    if lib is None or hp not in _DTYPE:
-        return sdpa_emulated(q, k, v, input_scales, p, **sdpa_kwargs)
-
-    def operand(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if not is_fp8(t):
-            return _qdq(lib, t, scale, p, t.dtype)
-        out = native_dequantize(t, scale, hp)  # None for a layout the native code does not take
-        return dequantize_emulated(t, scale, hp) if out is None else out
-
-    q, k, v = (operand(t, input_scales[i]) for i, t in enumerate((q, k, v)))
+@register_kernel("sdpa", CPU, "native dequant of q, k, v, then torch SDPA (exact)")
+def sdpa_cpu(q, k, v, scales: tuple[torch.Tensor, ...], out_dtype: torch.dtype, **sdpa_kwargs) -> torch.Tensor:
+    """``sdpa_emulated`` with native dequantization."""
+    q, k, v = (dequantize_cpu(t, s, out_dtype) for t, s in zip((q, k, v), scales, strict=True))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 
-@register_kernel("matmul", CPU, "native qdq of both operands, then the torch matmul (exact)")
-def matmul_cpu(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
-    """``matmul_emulated`` with native quantize-dequantize."""
-    from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
-
-    _require(input_scales.numel() == 2, f"matmul: {input_scales.numel()} input scales, expected 2")
-    operands = [args[pos] for pos in MATMUL_OPERANDS[fn]]
-    lib = _native_for(p, *operands)
-    if lib is None:
-        return matmul_emulated(fn, args, kwargs, input_scales, p)
-    args = list(args)
-    for i, pos in enumerate(MATMUL_OPERANDS[fn]):
-        args[pos] = _qdq(lib, args[pos], input_scales[i], p, args[pos].dtype)
-    return MATMUL_FUNCTIONS[fn](*args, **kwargs)
+@register_kernel("matmul", CPU, "native dequant of both operands, then the torch matmul (exact)")
+def matmul_cpu(fn: str, a: torch.Tensor, b: torch.Tensor, scales: tuple[torch.Tensor, ...], addend: torch.Tensor | None,
+               beta: float, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``matmul_emulated`` with native dequantization."""
+    a, b = dequantize_cpu(a, scales[0], out_dtype), dequantize_cpu(b, scales[1], out_dtype)
+    return matmul_call(fn, a, b, addend, beta, alpha)
 
 
 @register_kernel("quantize", CPU, "native quantize (exact)")

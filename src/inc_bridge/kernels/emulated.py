@@ -9,9 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConversionError
 from ..quant import dequantize_fp8, quant_dequant, quantize_fp8
 from .registry import EMULATED, Availability, Fp8Params, register_backend, register_kernel
+
+# The torch functions the ``matmul`` op stands for, and which positional arguments of each are the
+# two activation operands that get static scales (baddbmm's first argument is the added input).
+MATMUL_FUNCTIONS = {"matmul": torch.matmul, "bmm": torch.bmm, "baddbmm": torch.baddbmm}
+MATMUL_OPERANDS = {"matmul": (0, 1), "bmm": (0, 1), "baddbmm": (1, 2)}
 
 register_backend(
     EMULATED,
@@ -70,49 +74,34 @@ def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: t
     return dequantize_fp8(rows, scale, p.hp_dtype)
 
 
-def sdpa_compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Fp8Params) -> torch.dtype:
-    """The dtype attention runs in: that of the inputs not given as FP8 codes (the query's, in practice).
-
-    K and V arrive as FP8 codes from an FP8 KV cache (``kv_cache.py``): quantized with this layer's
-    own k/v scales, they are what quantizing high-precision K/V here would give, so the kernel
-    dequantizes them (no round trip through high precision and back).
-
-    Raises:
-        ConversionError: an FP8 input in another format than the layer's.
-    """
-    for name, t in zip("qkv", (q, k, v), strict=True):
-        if is_fp8(t) and t.dtype != p.fp8_dtype:
-            raise ConversionError(f"sdpa: {name} holds {t.dtype} codes, but the layer's format is {p.fp8_dtype}")
-    hp = [t.dtype for t in (q, k, v) if not is_fp8(t)]
-    return hp[0] if hp else p.hp_dtype
-
-
 def is_fp8(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds FP8 codes (a one-byte floating-point dtype)."""
+    """Whether ``t`` holds FP8 codes (a one-byte floating-point dtype): K/V from an FP8 KV cache."""
     return t.dtype.is_floating_point and t.dtype.itemsize == 1
 
 
-@register_kernel("sdpa", EMULATED, "qdq(q, k, v) (FP8 codes from an FP8 KV cache: dequantized), then SDPA in the model dtype")
-def sdpa_emulated(q, k, v, input_scales: torch.Tensor, p: Fp8Params, **sdpa_kwargs) -> torch.Tensor:
-    """Quantize-dequantize q, k, v with their static scales, then attention in high precision.
-
-    An input given as FP8 codes (see ``sdpa_compute_dtype``) is only dequantized.
-    """
-    hp = sdpa_compute_dtype(q, k, v, p)
-    q, k, v = (dequantize_fp8(t, input_scales[i], hp) if is_fp8(t)
-               else quant_dequant(t, input_scales[i], p.fp8_dtype, p.fp8_max, t.dtype) for i, t in enumerate((q, k, v)))
+@register_kernel("sdpa", EMULATED, "dequantize q, k, v, then SDPA in the model dtype")
+def sdpa_emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: tuple[torch.Tensor, ...],
+                  out_dtype: torch.dtype, **sdpa_kwargs) -> torch.Tensor:
+    """Dequantize FP8 q, k, v with their static scales, then attention in high precision."""
+    q, k, v = (dequantize_fp8(t, s, out_dtype) for t, s in zip((q, k, v), scales, strict=True))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 
-@register_kernel("matmul", EMULATED, "qdq of both operands, then the matmul in the model dtype")
-def matmul_emulated(fn: str, args: tuple, kwargs: dict, input_scales: torch.Tensor, p: Fp8Params) -> torch.Tensor:
-    """Quantize-dequantize both operands of a matmul / bmm / baddbmm, then run it in high precision."""
-    from ..nn.attention import MATMUL_FUNCTIONS, MATMUL_OPERANDS
+@register_kernel("matmul", EMULATED, "dequantize both operands, then the matmul in the model dtype")
+def matmul_emulated(fn: str, a: torch.Tensor, b: torch.Tensor, scales: tuple[torch.Tensor, ...],
+                    addend: torch.Tensor | None, beta: float, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize two FP8 operands, then run matmul / bmm / baddbmm on them in high precision."""
+    a, b = dequantize_fp8(a, scales[0], out_dtype), dequantize_fp8(b, scales[1], out_dtype)
+    return matmul_call(fn, a, b, addend, beta, alpha)
 
-    args = list(args)
-    for i, pos in enumerate(MATMUL_OPERANDS[fn]):
-        args[pos] = quant_dequant(args[pos], input_scales[i], p.fp8_dtype, p.fp8_max, args[pos].dtype)
-    return MATMUL_FUNCTIONS[fn](*args, **kwargs)
+
+def matmul_call(fn: str, a: torch.Tensor, b: torch.Tensor, addend: torch.Tensor | None, beta: float,
+                alpha: float) -> torch.Tensor:
+    """``fn`` on its two (high-precision) operands; baddbmm adds ``addend`` with ``beta`` and ``alpha``."""
+    if fn == "baddbmm":
+        kwargs = {} if (beta, alpha) == (1.0, 1.0) else {"beta": beta, "alpha": alpha}
+        return torch.baddbmm(addend, a, b, **kwargs)
+    return MATMUL_FUNCTIONS[fn](a, b)
 
 
 @register_kernel("quantize", EMULATED, "clamp(x / scale) cast to FP8, in fp32 (INC's quantize)")

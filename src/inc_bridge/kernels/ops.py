@@ -147,46 +147,43 @@ def _dequantize_fake(q, scale, out_dtype, backend):
 
 
 # ------------------------------------------------------------------ attention: sdpa, matmul / bmm / baddbmm
+#
+# Attention ops take their activations already in FP8 (each with its static scale), from
+# ``inc_bridge::quantize``: the module form (QSDPA / QMatmul) quantizes and calls the op, the
+# subclass form's Float8ActivationTensors hand their FP8 data and scales to the same op. A backend
+# with an FP8 attention kernel reads them as they are; the others dequantize them to ``hp_dtype``
+# and run torch's op in high precision.
 
 
 @torch.library.custom_op(f"{LIBRARY}::sdpa", mutates_args=())
-def sdpa(query: Tensor, key: Tensor, value: Tensor, input_scales: Tensor, attn_mask: Tensor | None, dropout_p: float,
-         is_causal: bool, scale: float | None, enable_gqa: bool, fp8_dtype: torch.dtype, fp8_max: float,
+def sdpa(query: Tensor, key: Tensor, value: Tensor, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor,
+         attn_mask: Tensor | None, dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
          hp_dtype: torch.dtype, backend: str) -> Tensor:
-    """``F.scaled_dot_product_attention`` of q, k, v quantize-dequantized with their static scales."""
+    """``F.scaled_dot_product_attention`` of FP8 q, k, v (each with its static scale), in ``hp_dtype``."""
     kernel = kernel_for("sdpa", backend, query.device)
-    return kernel(query, key, value, input_scales, _params(fp8_dtype, fp8_max, hp_dtype), attn_mask=attn_mask,
-                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return kernel(query, key, value, (q_scale, k_scale, v_scale), hp_dtype, attn_mask=attn_mask, dropout_p=dropout_p,
+                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 @sdpa.register_fake
-def _sdpa_fake(query, key, value, input_scales, attn_mask, dropout_p, is_causal, scale, enable_gqa, fp8_dtype, fp8_max,
+def _sdpa_fake(query, key, value, q_scale, k_scale, v_scale, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                hp_dtype, backend):
-    return emulated.sdpa_emulated(query, key, value, input_scales, _params(fp8_dtype, fp8_max, hp_dtype),
-                                  attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                  enable_gqa=enable_gqa)
+    return emulated.sdpa_emulated(query, key, value, (q_scale, k_scale, v_scale), hp_dtype, attn_mask=attn_mask,
+                                  dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 # ``fn`` names the torch function; ``addend``, ``beta`` and ``alpha`` are baddbmm's (``addend`` None otherwise).
 @torch.library.custom_op(f"{LIBRARY}::matmul", mutates_args=())
-def matmul(fn: str, a: Tensor, b: Tensor, input_scales: Tensor, addend: Tensor | None, beta: float, alpha: float,
-           fp8_dtype: torch.dtype, fp8_max: float, hp_dtype: torch.dtype, backend: str) -> Tensor:
-    """``torch.matmul`` / ``bmm`` / ``baddbmm`` with both operands quantize-dequantized (static scales)."""
+def matmul(fn: str, a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, addend: Tensor | None, beta: float,
+           alpha: float, hp_dtype: torch.dtype, backend: str) -> Tensor:
+    """``torch.matmul`` / ``bmm`` / ``baddbmm`` of two FP8 operands (each with its static scale), in ``hp_dtype``."""
     kernel = kernel_for("matmul", backend, a.device)
-    args, kwargs = _matmul_call(fn, a, b, addend, beta, alpha)
-    return kernel(fn, args, kwargs, input_scales, _params(fp8_dtype, fp8_max, hp_dtype))
+    return kernel(fn, a, b, (a_scale, b_scale), addend, beta, alpha, hp_dtype)
 
 
 @matmul.register_fake
-def _matmul_fake(fn, a, b, input_scales, addend, beta, alpha, fp8_dtype, fp8_max, hp_dtype, backend):
-    args, kwargs = _matmul_call(fn, a, b, addend, beta, alpha)
-    return emulated.matmul_emulated(fn, args, kwargs, input_scales, _params(fp8_dtype, fp8_max, hp_dtype))
-
-
-def _matmul_call(fn: str, a, b, addend, beta: float, alpha: float) -> tuple[tuple, dict]:
-    if fn == "baddbmm":
-        return (addend, a, b), ({} if (beta, alpha) == (1.0, 1.0) else {"beta": beta, "alpha": alpha})
-    return (a, b), {}
+def _matmul_fake(fn, a, b, a_scale, b_scale, addend, beta, alpha, hp_dtype, backend):
+    return emulated.matmul_emulated(fn, a, b, (a_scale, b_scale), addend, beta, alpha, hp_dtype)
 
 
 def matmul_args(fn: str, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
@@ -300,17 +297,20 @@ def _vjp_backward(fn, tensors, grad):
 
 
 def _sdpa_setup(ctx, inputs, output) -> None:
-    query, key, value, _scales, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs[:9]
-    ctx.save_for_backward(query, key, value, attn_mask)
+    query, key, value, q_scale, k_scale, v_scale, attn_mask, dropout_p, is_causal, scale, enable_gqa, hp_dtype = inputs[:12]
+    ctx.save_for_backward(query, key, value, q_scale, k_scale, v_scale, attn_mask)
+    ctx.hp_dtype = hp_dtype
     ctx.kwargs = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
 
 
 def _sdpa_backward(ctx, grad):
-    query, key, value, attn_mask = ctx.saved_tensors
+    query, key, value, q_scale, k_scale, v_scale, attn_mask = ctx.saved_tensors
     if ctx.kwargs["dropout_p"]:
         raise NotImplementedError("inc_bridge::sdpa: no gradient with dropout (the op does not return its mask)")
+    qkv = [emulated.dequantize_emulated(t, s, ctx.hp_dtype) for t, s in ((query, q_scale), (key, k_scale), (value, v_scale))]
     grads = _vjp_backward(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, **ctx.kwargs), (query, key, value), grad)
+        q, k, v, attn_mask=attn_mask, **ctx.kwargs), tuple(qkv), grad)
+    # The inputs are FP8: their gradients reach the inc_bridge::quantize that made them (straight through).
     return (*grads,) + (None,) * 10
 
 
@@ -318,19 +318,20 @@ sdpa.register_autograd(_sdpa_backward, setup_context=_sdpa_setup)
 
 
 def _matmul_setup(ctx, inputs, output) -> None:
-    fn, a, b, _scales, addend, beta, alpha = inputs[:7]
-    ctx.save_for_backward(a, b, addend)
-    ctx.fn, ctx.beta, ctx.alpha = fn, beta, alpha
+    fn, a, b, a_scale, b_scale, addend, beta, alpha, hp_dtype = inputs[:9]
+    ctx.save_for_backward(a, b, a_scale, b_scale, addend)
+    ctx.fn, ctx.beta, ctx.alpha, ctx.hp_dtype = fn, beta, alpha, hp_dtype
 
 
 def _matmul_backward(ctx, grad):
-    a, b, addend = ctx.saved_tensors
+    a, b, a_scale, b_scale, addend = ctx.saved_tensors
+    a, b = emulated.dequantize_emulated(a, a_scale, ctx.hp_dtype), emulated.dequantize_emulated(b, b_scale, ctx.hp_dtype)
     if ctx.fn == "baddbmm":
         ga, gb, gadd = _vjp_backward(lambda x, y, z: torch.baddbmm(z, x, y, beta=ctx.beta, alpha=ctx.alpha),
                                      (a, b, addend), grad)
     else:
         (ga, gb), gadd = _vjp_backward(torch.matmul if ctx.fn == "matmul" else torch.bmm, (a, b), grad), None
-    return None, ga, gb, None, gadd, None, None, None, None, None, None
+    return None, ga, gb, None, None, gadd, None, None, None, None
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup)

@@ -3,27 +3,30 @@
 ``SDPA`` is exactly ``F.scaled_dot_product_attention`` as an ``nn.Module``, so that attention has a
 name, can be measured (q, k, v) and can be swapped. ``Matmul`` stands for one activation ×
 activation ``torch.matmul`` / ``torch.bmm`` / ``torch.baddbmm`` call site (native attention written as
-matmul + softmax + matmul). The quantized versions quantize-dequantize their inputs with static
-scales and run the op in high precision (there is no FP8 attention kernel on CPU; the kernel
-registry lets a device backend use one).
+matmul + softmax + matmul). The quantized versions quantize their inputs with static scales
+(op ``inc_bridge::quantize``) and call ``inc_bridge::sdpa`` / ``inc_bridge::matmul`` on the FP8
+data, the same ops the subclass form calls (no backend has an FP8 attention kernel yet: they
+dequantize and run torch's op in high precision).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConversionError
 from ..formats import dtype_name
 from ..kernels import ops as kernel_ops
-from ..scales import LayerScales
+from ..kernels.emulated import MATMUL_FUNCTIONS, MATMUL_OPERANDS, is_fp8
 from ._fp8_module import Fp8Module
 
-MATMUL_FUNCTIONS = {"matmul": torch.matmul, "bmm": torch.bmm, "baddbmm": torch.baddbmm}
-# Which positional arguments of each function are the two activation operands.
-MATMUL_OPERANDS = {"matmul": (0, 1), "bmm": (0, 1), "baddbmm": (1, 2)}
+if TYPE_CHECKING:  # only an annotation: from_float calls its methods; scales sit above this layer
+    from ..scales import LayerScales
+
+__all__ = ["MATMUL_FUNCTIONS", "MATMUL_OPERANDS", "QSDPA", "SDPA", "Matmul", "QMatmul"]
 
 
 class SDPA(nn.Module):
@@ -89,9 +92,20 @@ class QSDPA(Fp8Module):
 
 
     def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return kernel_ops.sdpa(query, key, value, self.input_scales, attn_mask, float(dropout_p), bool(is_causal),
-                               None if scale is None else float(scale), bool(enable_gqa), self.fp8_dtype, self.fp8_max,
-                               self.dtype, self.backend)
+        # K/V from an FP8 KV cache arrive as FP8 codes made with these very scales (kv_cache.py)
+        q, k, v = (self._codes(t, i) for i, t in enumerate((query, key, value)))
+        return kernel_ops.sdpa(q, k, v, self.input_scales[0], self.input_scales[1], self.input_scales[2], attn_mask,
+                               float(dropout_p), bool(is_causal), None if scale is None else float(scale),
+                               bool(enable_gqa), query.dtype, self.backend)
+
+    def _codes(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """Input ``i`` as FP8 codes: quantized with its static scale, or as given when it already is."""
+        if not is_fp8(t):
+            return kernel_ops.quantize(t, self.input_scales[i], self.fp8_dtype, self.fp8_max, self.backend)
+        if t.dtype != self.fp8_dtype or i == 0:
+            raise ConversionError(f"QSDPA: input {i} holds {t.dtype} codes; expected {self.fp8_dtype} codes for "
+                                  "keys/values beside a high-precision query")
+        return t
 
     def extra_repr(self) -> str:
         s = ", ".join(f"{float(v):.6g}" for v in self.input_scales)
@@ -129,8 +143,10 @@ class QMatmul(Fp8Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         a, b, addend, beta, alpha = kernel_ops.matmul_args(self.fn, args, kwargs)
-        return kernel_ops.matmul(self.fn, a, b, self.input_scales, addend, beta, alpha, self.fp8_dtype, self.fp8_max,
-                                 self.dtype, self.backend)
+        qa = kernel_ops.quantize(a, self.input_scales[0], self.fp8_dtype, self.fp8_max, self.backend)
+        qb = kernel_ops.quantize(b, self.input_scales[1], self.fp8_dtype, self.fp8_max, self.backend)
+        return kernel_ops.matmul(self.fn, qa, qb, self.input_scales[0], self.input_scales[1], addend, beta, alpha,
+                                 a.dtype, self.backend)
 
     def extra_repr(self) -> str:
         s = ", ".join(f"{float(v):.6g}" for v in self.input_scales)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..formats import dtype_name
-from ..scales import LayerScales
 from ..tensor_kn import Float8StaticTensorKN
 from ._fp8_module import Fp8Module
+
+if TYPE_CHECKING:  # annotation only: the functions call its methods; scales sit above this layer
+    from ..scales import LayerScales
 
 
 def quantize_kn(weight: torch.Tensor, scales: LayerScales) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import ConversionError
-from ..experts import MATRICES, check_layout
-from ..experts_scales import ExpertsScales
+from ..experts_layout import MATRICES, check_layout
 from ..formats import dtype_name
 from ..tensor_experts import Float8ExpertsTensor
 from ._fp8_module import Fp8Module
+
+if TYPE_CHECKING:  # annotation only: from_float calls its methods; scales sit above this layer
+    from ..experts_scales import ExpertsScales
 
 _PREFIX = {"gate_up_proj": "gate_up", "down_proj": "down"}
 # What the float experts' forward reads from its module besides the weights.

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..formats import dtype_name
 from ..kernels import ops as kernel_ops
-from ..scales import LayerScales
 from ._fp8_module import Fp8Module
+
+if TYPE_CHECKING:  # only an annotation: from_float calls its methods; scales sit above this layer
+    from ..scales import LayerScales
 
 
 class QuantizedLinear(Fp8Module):

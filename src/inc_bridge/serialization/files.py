@@ -29,7 +29,7 @@ import torch
 
 from ..errors import SerializationError
 from ..formats import dtype_from_name, dtype_name
-from ..safe_io import MiB, loads_json, open_regular, read_text, shorten
+from ..safe_io import MiB, current_umask, loads_json, open_regular, read_head, read_text, shorten
 from . import publish
 from .manifest_schema import check_manifest_schema
 
@@ -95,8 +95,6 @@ def holds_save(directory: Path) -> bool:
     """True when ``directory`` (not a link) holds ``model.safetensors`` and an ``inc_bridge.json`` that
     begins with this format's name, as ``save`` writes it (a large model's manifest runs to hundreds
     of MB: only its beginning is read)."""
-    from ..safe_io import read_head
-
     directory = Path(directory)
     if directory.is_symlink() or not directory.is_dir() or not (directory / TENSORS_FILE).is_file():
         return False
@@ -109,8 +107,6 @@ def holds_save(directory: Path) -> bool:
 
 def _check_target(path: Path, overwrite: bool) -> bool:
     """What is at ``path`` and whether saving may go there: True when it holds a save to replace."""
-    from ..safe_io import shorten
-
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -194,8 +190,6 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     target = directory / TENSORS_FILE
-    from ..safe_io import current_umask
-
     save_file(tensors, str(target), metadata={"format": "pt", "inc_bridge_format_version": str(FORMAT_VERSION)})
     with open(target, "rb") as f:
         os.fchmod(f.fileno(), 0o666 & ~current_umask())  # safetensors creates it 0600; follow the umask as open() does

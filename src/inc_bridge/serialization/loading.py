@@ -210,13 +210,16 @@ class _Plan:
             for local, t in (new.scale_buffers() if isinstance(new, Fp8Module) else {}).items():
                 check_scale_values(t, where=f"{self.tensors_path}: tensor {name + '.' + local!r}", error=SerializationError)
         else:
-            kind = registry.in_place_kinds().get(rec["in_place"])
-            if kind is None:
+            if rec["in_place"] not in registry.in_place_kinds():
                 raise SerializationError(
                     f"{self.manifest_path}: layer {name!r}: unknown in-place quantization {rec['in_place']!r}; "
                     f"known: {', '.join(sorted(registry.in_place_kinds()))}"
                 )
             self._check_class(name, target, rec["module_class"])
+            kind = registry.in_place_kind(target, rec["in_place"])
+            if kind is None:
+                raise SerializationError(f"{self.manifest_path}: layer {name!r}: in-place quantization "
+                                         f"{rec['in_place']!r} does not apply to a {type(target).__name__}")
             new = copy.deepcopy(target)
             extra = self._fill(name, new, allow_extra=True)
             for local, t in extra.items():  # an in-place kind's own tensors are its scales

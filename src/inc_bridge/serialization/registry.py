@@ -1,18 +1,18 @@
 """What ``save`` and ``load`` know how to rebuild: one registry per way a layer can be quantized.
 
-* **Quantized module classes** (form "module"): ``QuantizedLinear``, ``QConv2d``, ... A class takes
-  part by implementing ``quant_config() -> dict`` (its constructor arguments as JSON values) and
-  ``classmethod from_config(cfg, device)`` (an empty module that the saved tensors then fill). The
-  classes ``inc_bridge.nn`` exports that implement both are registered on first use; other classes
-  call ``register_module_class``.
+* **Quantized module classes** (form "module"): each op spec's ``quantized_type`` (``QuantizedLinear``,
+  ``QConv2d``, ...). A class takes part by implementing ``quant_config() -> dict`` (its constructor
+  arguments as JSON values) and ``classmethod from_config(cfg, device)`` (an empty module that the
+  saved tensors then fill); classes outside the specs call ``register_module_class``.
 * **FP8 tensor subclasses** (form "subclass"): a parameter or buffer that is a registered
   ``TorchAOBaseTensor`` subclass (``Float8StaticTensor``) is saved flattened through the subclass's
   own ``__tensor_flatten__`` (``fc.weight.qdata``, ``fc.weight.scale``, ``fc.weight.act_scale`` when
   present) and rebuilt with ``__tensor_unflatten__``; its non-tensor attributes go to the manifest.
 * **In-place kinds** (form "subclass" for layers without a weight): the module keeps its type and
   gains state, e.g. a captured ``SDPA`` with an ``input_scales`` buffer and an input-quantizing
-  hook. An ``InPlaceKind`` says how to read that state (``config``) and how to put it back on a
-  copy of the skeleton's module (``restore``).
+  hook. An ``InPlaceKind`` (an op spec's ``in_place``, or one given to ``register_in_place_kind``)
+  says how to read that state (``config``) and how to put it back on a copy of the skeleton's
+  module (``restore``); the manifest records its name, the module's type picks the spec.
 
 Classes are looked up by name only from these registries: loading never imports a name found in a
 file.
@@ -20,24 +20,24 @@ file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torchao.utils import TorchAOBaseTensor
 
-from ..activation import attach_input_quant
-from ..formats import dtype_from_name, dtype_name
-from ..nn.attention import SDPA, Matmul
+from .. import nn as qnn
+from ..opspecs import SPECS, InPlaceKind, entry_for
 from ..tensor import Float8StaticTensor
 from ..tensor_experts import Float8ExpertsTensor
 from ..tensor_kn import Float8StaticTensorKN
 
+__all__ = ["InPlaceKind", "in_place_kind", "in_place_kind_of", "in_place_kinds", "module_classes", "register_in_place_kind",
+           "register_module_class", "register_tensor_class", "tensor_classes"]
+
 _MODULE_CLASSES: dict[str, type[nn.Module]] = {}
 _TENSOR_CLASSES: dict[str, type[torch.Tensor]] = {}
-_IN_PLACE_KINDS: dict[str, InPlaceKind] = {}
+_IN_PLACE_KINDS: dict[str, InPlaceKind] = {}  # registered outside the specs
 
 
 def _implements_config_protocol(cls: type) -> bool:
@@ -60,12 +60,6 @@ def register_module_class(cls: type[nn.Module]) -> type[nn.Module]:
 
 def module_classes() -> dict[str, type[nn.Module]]:
     """Registered quantized module classes by name (``inc_bridge.nn``'s own included)."""
-    from .. import nn as qnn
-
-    for name in qnn.__all__:
-        cls = getattr(qnn, name)
-        if _implements_config_protocol(cls) and cls.__name__ not in _MODULE_CLASSES:
-            register_module_class(cls)
     return _MODULE_CLASSES
 
 
@@ -83,22 +77,6 @@ def tensor_classes() -> dict[str, type[torch.Tensor]]:
     return _TENSOR_CLASSES
 
 
-@dataclass(frozen=True)
-class InPlaceKind:
-    """A quantization that adds state to a module of an unchanged type.
-
-    ``config(module)`` returns the JSON config of a module quantized this way, or None when the
-    module is not. ``restore(module, tensors, config)`` re-applies it to ``module`` (a copy of the
-    skeleton's module, never the skeleton itself); ``tensors`` are the saved tensors of that module
-    which the float module does not have (local name → tensor).
-    """
-
-    name: str
-    module_types: tuple[type[nn.Module], ...]
-    config: Callable[[nn.Module], dict[str, Any] | None]
-    restore: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, Any]], None]
-
-
 def register_in_place_kind(kind: InPlaceKind) -> InPlaceKind:
     other = _IN_PLACE_KINDS.setdefault(kind.name, kind)
     if other is not kind:
@@ -107,15 +85,27 @@ def register_in_place_kind(kind: InPlaceKind) -> InPlaceKind:
 
 
 def in_place_kinds() -> dict[str, InPlaceKind]:
-    return _IN_PLACE_KINDS
+    """Every in-place kind by name: the specs' (attention: ``fp8_inputs``) and registered ones."""
+    return {**{s.in_place.name: s.in_place for s in SPECS if s.in_place is not None}, **_IN_PLACE_KINDS}
+
+
+def _kinds_for(module: nn.Module) -> list[InPlaceKind]:
+    entry = entry_for(module)
+    own = [entry.spec.in_place] if entry is not None and entry.spec.in_place is not None else []
+    return own + [k for k in _IN_PLACE_KINDS.values() if isinstance(module, k.module_types)]
+
+
+def in_place_kind(module: nn.Module, name: str) -> InPlaceKind | None:
+    """The in-place kind called ``name`` (as a manifest records it) that applies to ``module``'s type."""
+    return next((k for k in _kinds_for(module) if k.name == name), None)
 
 
 def in_place_kind_of(module: nn.Module) -> tuple[InPlaceKind, dict[str, Any]] | None:
-    for kind in _IN_PLACE_KINDS.values():
-        if isinstance(module, kind.module_types):
-            config = kind.config(module)
-            if config is not None:
-                return kind, config
+    """The in-place kind ``module`` was quantized with, and its config; None when it holds no such state."""
+    for kind in _kinds_for(module):
+        config = kind.config(module)
+        if config is not None:
+            return kind, config
     return None
 
 
@@ -124,21 +114,7 @@ def in_place_kind_of(module: nn.Module) -> tuple[InPlaceKind, dict[str, Any]] | 
 register_tensor_class(Float8StaticTensor)
 register_tensor_class(Float8StaticTensorKN)
 register_tensor_class(Float8ExpertsTensor)
-
-
-def _fp8_inputs_config(module: nn.Module) -> dict[str, Any] | None:
-    fp8 = getattr(module, "_inc_bridge_fp8", None)  # set by activation.attach_input_quant
-    if fp8 is None:
-        return None
-    fp8_dtype, fp8_max = fp8
-    return {"fp8_dtype": dtype_name(fp8_dtype), "fp8_max": float(fp8_max)}
-
-
-def _fp8_inputs_restore(module: nn.Module, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    if set(tensors) != {"input_scales"}:
-        raise ValueError(f"expected exactly the tensor 'input_scales', got {sorted(tensors)}")
-    attach_input_quant(module, tensors["input_scales"], dtype_from_name(config["fp8_dtype"]), float(config["fp8_max"]))
-
-
-# Captured attention in the subclass form: static scales for q/k/v (SDPA) or both operands (Matmul).
-register_in_place_kind(InPlaceKind("fp8_inputs", (SDPA, Matmul), _fp8_inputs_config, _fp8_inputs_restore))
+# The module-form classes: every op spec's, and the others inc_bridge.nn exports (QConv1D, QExperts).
+for _name in qnn.__all__:
+    if _implements_config_protocol(_cls := getattr(qnn, _name)):
+        register_module_class(_cls)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchao.utils import TorchAOBaseTensor
 
+from .._version import __version__
 from ..convert import _RESULT_ATTR, ConversionResult
 from ..errors import SerializationError
 from ..formats import dtype_name
@@ -191,8 +192,6 @@ def _form_of(layers: dict[str, dict[str, Any]]) -> str:
 
 
 def _versions() -> dict[str, str | None]:
-    from .. import __version__
-
     def version(dist: str) -> str | None:
         try:
             return metadata.version(dist)
