@@ -14,6 +14,7 @@ import inc_bridge as ib
 from inc_bridge.errors import ConversionError, RecipeError
 from inc_bridge.kernels import ops as kernel_ops
 from inc_bridge.kernels.registry import available_backends
+from inc_bridge.nn.attention import QSDPA
 from inc_bridge.quant import dequantize_fp8, quantize_fp8
 from inc_bridge.recipe import Op
 
@@ -259,15 +260,18 @@ def test_kv_cache_needs_transformers_attention():
 @pytest.mark.parametrize("backend", [b for b in ("emulated", "cpu") if b in available_backends()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sdpa_op_takes_kv_codes(backend, dtype):
-    """sdpa(q, codes(k), codes(v)) == sdpa(q, k, v): the kernel dequantizes what it would have quantized."""
+    """QSDPA(q, codes(k), codes(v)) == QSDPA(q, k, v): K/V given as FP8 codes skip the quantize op and
+    reach the sdpa op as the codes it would have made; codes of another format are refused."""
     q, k, v = (torch.randn(2, 4, 7, 16, dtype=dtype) for _ in range(3))
     s = torch.tensor([0.01, 0.02, 0.015])
     fp8, fmax = torch.float8_e4m3fn, 448.0
-    ref = kernel_ops.sdpa(q, k, v, s, None, 0.0, True, None, False, fp8, fmax, dtype, backend)
+    qsdpa = QSDPA(fp8_dtype=fp8, fp8_max=fmax, dtype=dtype, backend=backend)
+    qsdpa.input_scales = s
+    ref = qsdpa(q, k, v, is_causal=True)
     kq, vq = (kernel_ops.quantize(t, s[i + 1], fp8, fmax, backend) for i, t in enumerate((k, v)))
-    assert torch.equal(kernel_ops.sdpa(q, kq, vq, s, None, 0.0, True, None, False, fp8, fmax, dtype, backend), ref)
+    assert torch.equal(qsdpa(q, kq, vq, is_causal=True), ref)
     with pytest.raises(ConversionError, match="codes"):
-        kernel_ops.sdpa(q, kq.view(torch.uint8).view(torch.float8_e5m2), vq, s, None, 0.0, True, None, False, fp8, fmax, dtype, backend)
+        qsdpa(q, kq.view(torch.uint8).view(torch.float8_e5m2), vq, is_causal=True)
 
 
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -73,7 +73,9 @@ def test_both_forms_call_the_same_custom_ops(case):
 
 
 def test_recipe_ops_are_the_specs():
-    assert [op.value for op in Op] == [s.name for s in opspecs.SPECS] == ["linear", "conv2d", "embedding", "sdpa", "bmm"]
+    layer_ops = [op.value for op in Op if op.is_layer]
+    assert layer_ops == [s.name for s in opspecs.SPECS] == ["linear", "conv2d", "embedding", "sdpa", "bmm"]
+    assert [op.value for op in Op if not op.is_layer] == ["kv_cache"] and not Op.KV_CACHE.has_weight
     assert Op.EMBEDDING.weight_only and not Op.SDPA.has_weight and Op.BMM.n_inputs == 2 and Op.SDPA.spec is opspecs.SPECS[3]
     with pytest.raises(ib.RecipeError, match="linear"):
         ib.Recipe.model_validate({"quantization": {"ops": ["conv3d"]}})

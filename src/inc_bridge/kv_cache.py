@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activation import input_quant_of
 from .capture import hf_attention_sites
 from .errors import ConversionError
 from .kernels import ops as kernel_ops
@@ -112,9 +113,9 @@ def _kv_quant(sdpa: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.dtype,
     """k scale, v scale, FP8 format, clamp bound and backend of a quantized sdpa layer; None if float."""
     if isinstance(sdpa, QSDPA):
         return sdpa.input_scales[1], sdpa.input_scales[2], sdpa.fp8_dtype, sdpa.fp8_max, sdpa.backend
-    fp8 = getattr(sdpa, "_inc_bridge_fp8", None)  # the subclass form (activation.attach_input_quant)
-    if isinstance(sdpa, SDPA) and fp8 is not None:
-        return sdpa.input_scales[1], sdpa.input_scales[2], fp8[0], fp8[1], "auto"
+    iq = input_quant_of(sdpa)  # the subclass form (activation.attach_input_quant)
+    if isinstance(sdpa, SDPA) and iq is not None:
+        return sdpa.input_scales[1], sdpa.input_scales[2], iq.fp8_dtype, iq.fp8_max, iq.backend
     return None
 
 
