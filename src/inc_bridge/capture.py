@@ -11,10 +11,13 @@ Two mechanisms, one result (an ``SDPA`` or ``Matmul`` submodule per attention ca
   that records each call site of ``F.scaled_dot_product_attention`` and of activation × activation
   ``torch.matmul`` / ``torch.bmm`` / ``torch.baddbmm`` (``@`` included). A call site is the innermost
   enclosing module plus the source position of the call (file, line, bytecode offset), so names are stable (``attn.sdpa``,
-  ``attn.bmm``, ``attn.bmm_1``). Afterwards the root's ``forward`` runs inside the same mode (the
-  root becomes an instance of a subclass of its class, same name), which routes each known call
-  site to its module. ``nn.MultiheadAttention`` is handled by running
-  PyTorch's own ``multi_head_attention_forward`` code with its attention calls routed the same way.
+  ``attn.bmm``, ``attn.bmm_1``). Each call site in its owner's own ``forward`` (and in
+  ``F.multi_head_attention_forward`` for an ``nn.MultiheadAttention``) is then rewritten into a call
+  of its module (``capture_rewrite.py``): nothing is routed at run time, so the model compiles and
+  exports as plain PyTorch. Call sites that cannot be rewritten with certainty are routed instead:
+  the root's ``forward`` runs inside the same mode (the root becomes an instance of a subclass of
+  its class, same name), which sends each known call site to its module. That works in eager mode
+  and non-strict ``torch.export``; dynamo cannot trace its frame inspection (graph breaks).
 
 We use a function mode rather than ``torch.fx`` because it works on models fx cannot trace and
 keeps every module's type. Capture changes no numerics: a captured float model's outputs are
