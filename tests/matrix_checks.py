@@ -126,3 +126,19 @@ def check_compile(v: Variant, form: str) -> float:
     got = call(compiled, x)
     torch._dynamo.reset()
     return sqnr(call(q, x), got)
+
+
+def float_onnx_error(v: Variant) -> str:
+    """torch.onnx.export's own error for the float model (the innermost cause), "" if it exports."""
+    model = CASES[v.name].build()
+    for m in model.modules():  # as ib.export_onnx does: no key/value cache among the outputs
+        if getattr(getattr(m, "config", None), "use_cache", None):
+            m.config.use_cache = False
+    inputs = v.inputs()
+    try:
+        torch.onnx.export(model, (), kwargs=inputs, dynamo=True, opset_version=21, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; its message is the point
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        return str(exc)
+    return ""

@@ -253,3 +253,21 @@ def disable_fast_path(module: nn.Module) -> bool:
     except (OSError, TypeError):
         return False
     return rewrite_owner(module, [], mha=False)
+
+
+def disable_fast_paths_above(model: nn.Module, layer_names: list[str]) -> None:
+    """Turn off the fused fast path of every module above a quantized layer (``TransformerEncoderLayer``).
+
+    In eager mode the fast path is not taken anyway (an FP8 weight is a tensor subclass, which its
+    check refuses), but under ``torch.compile`` that check sees traced tensors and takes it, and the
+    fused kernel cannot run FP8 weights.
+    """
+    modules = dict(model.named_modules())
+    seen: set[str] = set()
+    for name in layer_names:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            parent = ".".join(parts[:i])
+            if parent not in seen and parent in modules:
+                seen.add(parent)
+                disable_fast_path(modules[parent])
