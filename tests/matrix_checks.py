@@ -70,7 +70,7 @@ class Variant:
 def build_variant(name: str, attention: bool) -> Variant:
     case = CASES[name]
     ops = case.attention_ops if attention else case.plain_ops
-    recipe = ib.Recipe.model_validate({"quantization": {"ops": list(ops)}})
+    recipe = ib.Recipe.model_validate({"quantization": {"ops": list(ops), "exclude": list(case.exclude)}})
     model = case.build()
     calib = [case.inputs(*SHAPES[0], s) for s in CALIB_SEEDS]
     if attention:
