@@ -94,3 +94,18 @@ def tiny_llama(dtype: torch.dtype = torch.float32, device: str | None = None, se
     with torch.device(device or "cpu"):
         model = LlamaForCausalLM(config)
     return model.to(dtype).eval()
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class HelperAttention(nn.Module):
+    """Attention called in a module-level helper function, not in the module's own forward."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return _attend(self.q(x), self.k(x), self.v(x))

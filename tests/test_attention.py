@@ -12,7 +12,14 @@ from torch import nn
 import inc_bridge as ib
 from inc_bridge.nn import QSDPA, SDPA, Matmul, QMatmul
 
-from .attention_models import BmmAttention, FunctionalAttention, MhaModel, TwoPaths
+from .attention_models import (
+    BaddbmmAttention,
+    BmmAttention,
+    FunctionalAttention,
+    HelperAttention,
+    MhaModel,
+    TwoPaths,
+)
 from .models import SENTENCES, ToyNet, embed, load_minilm, minilm_batches, toy_batches
 
 ATTN = ib.Recipe.model_validate({"quantization": {"ops": ["linear", "sdpa", "bmm"]}})
@@ -110,7 +117,7 @@ def test_captured_model_copies_and_pickles_with_its_routing(monkeypatch):
     import io
     import weakref
 
-    from inc_bridge import capture
+    from inc_bridge import capture, capture_rewrite
 
     model = FunctionalAttention().eval()
     x = torch.randn(2, 5, 32)
@@ -124,6 +131,7 @@ def test_captured_model_copies_and_pickles_with_its_routing(monkeypatch):
     torch.save(model, buffer)
     buffer.seek(0)
     monkeypatch.setattr(capture, "_ROUTED_CLASSES", {})  # as in a fresh process
+    monkeypatch.setattr(capture_rewrite, "_REWRITTEN", {})
     unpickled = torch.load(buffer, weights_only=False)
     replica = model.__new__(type(model))
     replica.__dict__ = model.__dict__.copy()
@@ -274,6 +282,38 @@ def test_masks_and_gqa(mask, gqa):
         y = F.scaled_dot_product_attention(_qdq(q, s[0]), _qdq(k, s[1]), _qdq(v, s[2]), enable_gqa=gqa, **kwargs)
         expected = inner.o(y.transpose(1, 2).reshape(2, t, 32))
     assert torch.equal(a, b) and torch.equal(a, expected) and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("cls", [FunctionalAttention, BmmAttention, BaddbmmAttention, MhaModel])
+def test_call_sites_become_module_calls_that_compile_without_graph_breaks(cls):
+    """A call site in its owner's forward is rewritten into a call of its module: nothing is routed
+    at run time (no function mode), so dynamo sees one graph."""
+    from inc_bridge import capture
+
+    model = cls().eval()
+    x = torch.randn(6, 2, 32) if cls is MhaModel else torch.randn(2, 6, 32)
+    with torch.no_grad():
+        expected = model(x)
+    ib.capture_attention(model, x)
+    assert type(model) not in capture._ROUTED_CLASSES.values() and isinstance(model, cls)
+    with torch.no_grad():
+        got = model(x)
+        assert torch.equal(got[0] if cls is MhaModel else got, expected[0] if cls is MhaModel else expected)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_call_site_in_a_helper_function_stays_routed():
+    """Attention in a helper function cannot be rewritten with certainty: the function mode routes it."""
+    from inc_bridge import capture
+
+    model = ib.capture_attention(HelperAttention().eval(), torch.randn(2, 6, 32))
+    assert type(model) in capture._ROUTED_CLASSES.values() and ib.captured_sites(model) == {"sdpa": "sdpa"}
+    calls = _sdpa_calls(model)
+    with torch.no_grad():
+        model(torch.randn(2, 6, 32))
+    assert calls == [1]
 
 
 def test_capturing_again_adds_only_new_call_sites():

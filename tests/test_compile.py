@@ -172,8 +172,8 @@ def test_gradients_are_straight_through():
 
 @pytest.mark.parametrize("backend", ["auto", "emulated"])
 def test_qsdpa_and_qmatmul_compile_fullgraph_equal_to_eager(backend):
-    """The attention ops on their own: one graph, the eager values. (A model whose attention was
-    captured at its call sites still breaks the graph in the capture code, see below.)"""
+    """The attention ops on their own: one graph, the eager values. (Models with captured attention:
+    tests/test_compile_models.py and the model matrix.)"""
     resolved = "emulated" if backend == "emulated" else ("cpu" if cpu.native() is not None else "emulated")
     common = {"fp8_dtype": torch.float8_e4m3fn, "fp8_max": 448.0, "dtype": torch.float32, "backend": resolved}
     sdpa, bmm = QSDPA(**common), QMatmul("baddbmm", **common)

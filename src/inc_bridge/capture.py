@@ -11,10 +11,13 @@ Two mechanisms, one result (an ``SDPA`` or ``Matmul`` submodule per attention ca
   that records each call site of ``F.scaled_dot_product_attention`` and of activation × activation
   ``torch.matmul`` / ``torch.bmm`` / ``torch.baddbmm`` (``@`` included). A call site is the innermost
   enclosing module plus the source position of the call (file, line, bytecode offset), so names are stable (``attn.sdpa``,
-  ``attn.bmm``, ``attn.bmm_1``). Afterwards the root's ``forward`` runs inside the same mode (the
-  root becomes an instance of a subclass of its class, same name), which routes each known call
-  site to its module. ``nn.MultiheadAttention`` is handled by running
-  PyTorch's own ``multi_head_attention_forward`` code with its attention calls routed the same way.
+  ``attn.bmm``, ``attn.bmm_1``). Each call site in its owner's own ``forward`` (and in
+  ``F.multi_head_attention_forward`` for an ``nn.MultiheadAttention``) is then rewritten into a call
+  of its module (``capture_rewrite.py``): nothing is routed at run time, so the model compiles and
+  exports as plain PyTorch. Call sites that cannot be rewritten with certainty are routed instead:
+  the root's ``forward`` runs inside the same mode (the root becomes an instance of a subclass of
+  its class, same name), which sends each known call site to its module. That works in eager mode
+  and non-strict ``torch.export``; dynamo cannot trace its frame inspection (graph breaks).
 
 We use a function mode rather than ``torch.fx`` because it works on models fx cannot trace and
 keeps every module's type. Capture changes no numerics: a captured float model's outputs are
@@ -25,6 +28,7 @@ fused fast path cannot be intercepted and is not taken while capturing).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import inspect
 import sys
@@ -39,11 +43,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .batches import run_batch
+from .capture_rewrite import Site, call_position, disable_fast_path, rewrite_owner
 from .errors import ConversionError
 from .nn.attention import QSDPA, SDPA, Matmul, QMatmul
 
 HF_IMPLEMENTATION = "inc_bridge"
 _SITES_ATTR = "_inc_bridge_sites"  # on the root: {(owner name, file, line, bytecode offset): module name}
+_REWRITTEN_ATTR = "_inc_bridge_rewritten_sites"  # on the root: the call sites rewritten into module calls
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _FUNCTION_KIND: dict[Callable, str] = {
@@ -81,23 +87,44 @@ def capture_attention(model: nn.Module, example_inputs: Any = None) -> nn.Module
             "capture_attention needs example_inputs for a model that is not a Hugging Face model using "
             "attn_implementation='sdpa': call sites are found by running one forward"
         )
-    known = getattr(model, _SITES_ATTR, None) or {}
+    known = {*(getattr(model, _SITES_ATTR, None) or {}), *getattr(model, _REWRITTEN_ATTR, ())}
     # a second capture (e.g. with a longer example) adds only the call sites the first did not see
-    sites = {key: fn for key, fn in _discover(model, example_inputs).items() if key not in known}
+    found = _discover(model, example_inputs)
+    sites = {key: fn for key, fn in found.items() if key not in known}
     if not sites:
         return model  # no (new) attention: the model is left as it was
     table: dict[tuple[str, str, int, int], str] = {}
-    for (owner_name, file, line, offset), fn in sites.items():
+    per_owner: dict[str, list[tuple[tuple[str, str, int, int], Site | None]]] = {}
+    for key, fn in sites.items():
+        owner_name = key[0]
         owner = model.get_submodule(owner_name) if owner_name else model
-        base = "sdpa" if fn == "sdpa" else fn
+        base = "sdpa" if fn.kind == "sdpa" else fn.kind
         name = _free_name(owner, base)
-        owner.add_module(name, SDPA() if fn == "sdpa" else Matmul(fn))
-        table[(owner_name, file, line, offset)] = f"{owner_name}.{name}" if owner_name else name
+        owner.add_module(name, SDPA() if fn.kind == "sdpa" else Matmul(fn.kind))
+        table[key] = f"{owner_name}.{name}" if owner_name else name
+        per_owner.setdefault(owner_name, []).append(
+            (key, None if fn.position is None else Site(fn.position, name, fn.method)))
+    # Where the call is in the owner's own forward, that forward is rewritten to call the module:
+    # nothing is routed at run time, so torch.compile and torch.export see plain module calls.
+    for owner_name, owned in per_owner.items():
+        owner = model.get_submodule(owner_name) if owner_name else model
+        kinds = {sites[key].where for key, _ in owned}
+        if len(kinds) == 1 and all(site is not None for _, site in owned) and kinds != {"other"}:
+            if rewrite_owner(owner, [site for _, site in owned], mha=kinds == {"mha"}):  # type: ignore[misc]
+                for key, _ in owned:
+                    table.pop(key)
+                if kinds == {"mha"}:  # its parents' fused fast paths (TransformerEncoderLayer) would skip it
+                    parts = owner_name.split(".")
+                    for i in range(len(parts)):
+                        disable_fast_path(model.get_submodule(".".join(parts[:i])) if i else model)
+                rewritten = getattr(model, _REWRITTEN_ATTR, frozenset())
+                object.__setattr__(model, _REWRITTEN_ATTR, rewritten | {key for key, _ in owned})
     existing = getattr(model, _SITES_ATTR, None)
-    if existing is None:
+    if table and existing is None:
         _route(model)
         existing = {}
-    setattr(model, _SITES_ATTR, {**existing, **table})
+    if table or existing is not None:
+        setattr(model, _SITES_ATTR, {**(existing or {}), **table})
     return model
 
 
@@ -203,7 +230,7 @@ class _CallSiteMode(TorchFunctionMode):
         self.root = root
         self.names = {id(m): n for n, m in root.named_modules()}
         self.discover = discover
-        self.found: dict[tuple[str, str, int, int], str] = {}
+        self.found: dict[tuple[str, str, int, int], _Found] = {}
         self.table: dict[tuple[str, str, int, int], str] = getattr(root, _SITES_ATTR, {}) or {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -216,6 +243,8 @@ class _CallSiteMode(TorchFunctionMode):
         return self.route(kind, func, args, kwargs, sys._getframe(1))
 
     def route(self, kind: str, func: Callable, args: tuple, kwargs: dict, frame: types.FrameType | None):
+        if _in_captured_module(frame):  # the captured module's own call (a rewritten call site)
+            return func(*args, **kwargs)
         frame = _user_frame(frame)
         owner = _owner_name(frame, self.names)
         if frame is None or owner is None:
@@ -223,12 +252,26 @@ class _CallSiteMode(TorchFunctionMode):
         # the bytecode offset tells apart two calls on one source line (``a @ b + c @ d``)
         key = (owner, frame.f_code.co_filename, frame.f_lineno, frame.f_lasti)
         if self.discover:
-            self.found.setdefault(key, kind)
+            if key not in self.found:
+                self.found[key] = _Found(kind, call_position(frame.f_code, frame.f_lasti), func in _METHODS,
+                                         self._where(frame, owner))
             return func(*args, **kwargs)
         name = self.table.get(key)
         if name is None:  # a call site the discovery run did not see: leave it alone
             return func(*args, **kwargs)
         return self.root.get_submodule(name)(*args, **kwargs)
+
+    def _where(self, frame: types.FrameType, owner_name: str) -> str:
+        """"forward": the call is in the owner's own forward; "mha": in F.multi_head_attention_forward
+        called by a MultiheadAttention owner; "other": elsewhere (a helper function, a parent's forward)."""
+        owner = self.root.get_submodule(owner_name) if owner_name else self.root
+        code = frame.f_code
+        if isinstance(owner, nn.MultiheadAttention) and code is F.multi_head_attention_forward.__code__:
+            return "mha"
+        own = getattr(type(owner).forward, "__code__", None)
+        same = own is not None and (own.co_filename, own.co_firstlineno, own.co_name) == (
+            code.co_filename, code.co_firstlineno, code.co_name)
+        return "forward" if same and frame.f_locals.get("self") is owner else "other"
 
     def _multi_head_attention(self, args: tuple, kwargs: dict):
         # The mode is inactive inside its own handler, so F.multi_head_attention_forward would run
@@ -284,7 +327,26 @@ def _owner_name(frame: types.FrameType | None, names: dict[int, str]) -> str | N
     return None
 
 
-def _discover(model: nn.Module, example_inputs: Any) -> dict[tuple[str, str, int, int], str]:
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """A call site found by discovery: its kind, source span, call style and where it is (see ``_where``)."""
+
+    kind: str
+    position: tuple[int, int, int, int] | None
+    method: bool
+    where: str
+
+
+_METHODS = frozenset({torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.baddbmm})
+
+
+def _in_captured_module(frame: types.FrameType | None) -> bool:
+    while frame is not None and frame.f_code.co_filename.endswith("overrides.py"):
+        frame = frame.f_back
+    return frame is not None and isinstance(frame.f_locals.get("self"), (SDPA, Matmul))
+
+
+def _discover(model: nn.Module, example_inputs: Any) -> dict[tuple[str, str, int, int], _Found]:
     mode = _CallSiteMode(model, discover=True)
     token = _DISCOVERING.set(True)
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .capture import hf_attention_sites
+from .capture_rewrite import disable_fast_paths_above
 from .coverage import FloatMatrix, float_matrices, matrix_bytes, quantized_layers
 from .errors import ConversionError
 from .experts_scales import FALLBACK_RULE
@@ -196,6 +197,7 @@ def convert(
             memo.update(shared_tensors(model))
         target = copy.deepcopy(model, memo)
     retie(tied, target.get_submodule)  # layers sharing a float weight share its FP8 weight
+    disable_fast_paths_above(target, list(scales.layers))
     _attach_result(target, form, backend_name, scales, Backend(backend).value, types=types)
     if kv_cache:
         sdpa_layers = [name for name, ls in scales.layers.items() if ls.kind is Op.SDPA]

@@ -183,10 +183,12 @@ def _without_kv_cache(model: nn.Module) -> None:
 
     A decoder's ``config.use_cache`` is True by default, and torch.export cannot return transformers'
     ``DynamicCache``; the copy being exported gets ``use_cache=False`` (the caller's model keeps its own).
+    Every submodule's config: an encoder-decoder (T5) gives its decoder stack a config of its own.
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None):
-        config.use_cache = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
 
 
 def _failing_twin(exc: BaseException) -> str:

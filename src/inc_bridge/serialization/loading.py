@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..capture import hf_attention_sites
+from ..capture_rewrite import disable_fast_paths_above
 from ..convert import _RESULT_ATTR, ConversionResult, _set_submodule
 from ..errors import BackendUnavailableError, RecipeError, SerializationError
 from ..formats import dtype_from_name, dtype_name
@@ -159,6 +160,7 @@ class _Plan:
                 module._buffers[local] = value
         for name, new in self.replacements.items():
             _set_submodule(self.skeleton, name, new)
+        disable_fast_paths_above(self.skeleton, list(self.result.converted))
         object.__setattr__(self.skeleton, _RESULT_ATTR, self.result)
         if self.kv_cache:
             self.result.kv_cache = enable_fp8_kv_cache(self.skeleton, [f"{n}.sdpa" if n else "sdpa" for n in self.kv_cache])
