@@ -80,7 +80,7 @@ def _experts_observer(module: nn.Module, bins: int) -> ExpertsObserver:
 
 
 def _resolve(cls: type) -> ModuleEntry | None:
-    """Entries of op ``linear``; no ONNX twin (their export is refused with the layer's name)."""
+    """Entries of op ``linear``; their ONNX twins are in ``onnx_llm`` (looked up by ``export_onnx``)."""
     if (cls.__module__, cls.__qualname__) == CONV1D:
         return ModuleEntry(spec_named("linear"), cls, Conv1DConverter.to_subclass, Conv1DConverter.to_module,
                            weight_of=_conv1d_weight, observer=_bridge_input_observer)

@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import SerializationError
 from .nn._fp8_module import Fp8Module
+from .onnx_llm import MODULE_TWINS, TENSOR_TWINS
 from .opspecs import SPECS, entry_for, spec_of_quantized
 from .opspecs._onnx import MIN_OPSET, ONNX_FP8, OnnxTwin
 from .safe_io import current_umask
@@ -132,7 +133,13 @@ def _twin_of(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
     if spec is not None:
         return spec.onnx_twin
     entry = entry_for(module)
-    return None if entry is None else entry.onnx_twin
+    if entry is not None and entry.onnx_twin is not None:
+        return entry.onnx_twin
+    # transformers' Conv1D and fused experts (onnx_llm): the module form by class, the subclass
+    # form by the FP8 tensor type the float module holds.
+    twin = MODULE_TWINS.get(type(module))
+    held = (type(t) for t in module._parameters.values() if t is not None)
+    return twin or next((TENSOR_TWINS[t] for t in held if t in TENSOR_TWINS), None)
 
 
 def _in_place(module: nn.Module) -> bool:

@@ -8,8 +8,9 @@ module keeps its own forward; the two ways transformers runs it are supported:
 
 * ``eager``: ``weight[e]`` is expert ``e``'s ``Float8StaticTensor`` (its scales, its activation
   scale), and ``F.linear`` with it runs the ``linear`` kernel op;
-* ``grouped_mm``: ``F.grouped_mm(x, weight.transpose(-2, -1), offs=...)`` runs the ``linear``
-  kernel op once per expert on that expert's rows.
+* ``grouped_mm``: ``F.grouped_mm(x, weight.transpose(-2, -1), offs=...)`` (and, under
+  ``torch.compile``, transformers' ``grouped_mm_fallback`` op) runs the ``grouped_linear`` kernel
+  op: each expert's ``linear`` kernel on that expert's rows, one opaque op for the compiler.
 
 ``batched_mm`` (a per-token gather of whole expert matrices) is refused with a clear error.
 """
@@ -25,6 +26,10 @@ from .kernels import ops as kernel_ops
 from .tensor import Float8StaticTensor
 
 __all__ = ["Float8ExpertsTensor"]
+
+# transformers' own grouped_mm stand-in (a custom op; what its experts call under torch.compile for
+# non-bf16 weights), matched by name: transformers registers it only once imported.
+_TRANSFORMERS_GROUPED_MM = "transformers::grouped_mm_fallback"
 
 
 def check_experts_parts(qdata, scale, act_scale, fp8_max, dtype, *, where: str, error) -> None:
@@ -71,6 +76,13 @@ class Float8ExpertsTensor(Float8StaticTensor):
         self.fp8_max = float(fp8_max)
         self.backend = str(backend)
         self.transposed = bool(transposed)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+        if getattr(getattr(func, "_schema", None), "name", None) == _TRANSFORMERS_GROUPED_MM:
+            kwargs = kwargs or {}
+            return _grouped(args[0], args[1], kwargs.get("offs", args[2] if len(args) > 2 else None))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
     @property
     def num_experts(self) -> int:
@@ -165,18 +177,13 @@ def _transpose(func, types, args, kwargs):
 
 
 def _grouped(x: torch.Tensor, w: Float8ExpertsTensor, offs: torch.Tensor | None) -> torch.Tensor:
-    """``grouped_mm(x, w, offs)`` (w = [E, in, out] view): expert ``e``'s linear on rows offs[e-1]:offs[e]."""
+    """``grouped_mm(x, w, offs)`` (w = [E, in, out] view): expert ``e``'s linear on rows offs[e-1]:offs[e]
+    (the ``grouped_linear`` kernel op)."""
     if not isinstance(w, Float8ExpertsTensor) or not w.transposed or isinstance(x, Float8ExpertsTensor) or offs is None \
             or x.dim() != 2:
         raise NotImplementedError("grouped_mm with a fused FP8 experts weight: only grouped_mm(x2d, weight.transpose(-2, -1), "
                                   "offs=...) (transformers' grouped_mm experts) is supported")
-    out = x.new_zeros(x.shape[0], w.shape[-1])
-    start = 0
-    for e, end in enumerate(offs.tolist()):
-        if end > start:
-            out[start:end] = w.expert_linear(e, x[start:end])
-        start = end
-    return out
+    return kernel_ops.grouped_linear(x, w.qdata, w.scale, w.act_scale, offs, w.fp8_max, w.dtype, w.backend)
 
 
 @implements_torch_function([F.grouped_mm, torch._grouped_mm])

@@ -6,9 +6,12 @@ so a saved model has the float checkpoint's shapes, and ``Conv1D.forward`` runs 
 ``torch.addmm`` / ``torch.mm`` / ``torch.matmul`` with this weight call the ``linear`` kernel op on
 the transposed view ([out, in]). Per-channel scales are per *output* feature: shaped [1, out].
 
-[in, out] is also the layout INC keeps a quantized Linear's weight in, so the emulated kernel reads
-it without a copy; the cpu backend's native GEMV wants [out, in] contiguous and runs the exact
-emulated path for these layers instead.
+The FP8 codes lie in memory as an ``nn.Linear`` weight does, [out, in] contiguous: ``qdata`` is
+the [in, out] *view* of that storage (strides ``(1, in)``), so ``qdata.t()`` is the contiguous
+[out, in] matrix every backend's ``linear`` kernel takes (the cpu backend's native GEMV included),
+and a layer computes what the equivalent ``nn.Linear`` computes. Saved files hold ``qdata`` as the
+contiguous [in, out] tensor it reads as (the format is unchanged); built from such data, the tensor
+lays it out as [out, in] once (``nk_layout``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from .fp8_checks import check_scale_values, check_weight_parts
 from .kernels import ops as kernel_ops
 from .tensor import Float8StaticTensor
 
-__all__ = ["Float8StaticTensorKN"]
+__all__ = ["Float8StaticTensorKN", "nk_layout"]
+
+
+def nk_layout(qdata: torch.Tensor) -> torch.Tensor:
+    """``qdata`` [in, out] as the view of a contiguous [out, in] matrix (a copy only when it is not one)."""
+    return qdata if qdata.dim() != 2 or qdata.t().is_contiguous() else qdata.t().contiguous().t()
 
 
 def _as_nk(qdata, scale):
@@ -56,6 +64,9 @@ class Float8StaticTensorKN(Float8StaticTensor):
             cls, qdata.shape, dtype=dtype, device=qdata.device, requires_grad=False
         )
 
+    def __init__(self, qdata, scale, fp8_max, backend, dtype, act_scale=None):  # noqa: D107
+        super().__init__(nk_layout(qdata), scale, fp8_max, backend, dtype, act_scale=act_scale)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W + bias`` with ``x`` quantized by the static scale (the ``linear`` kernel op)."""
         qweight, scale = _as_nk(self.qdata, self.scale)
@@ -78,7 +89,7 @@ def _checked_setstate(self: Float8StaticTensorKN, state) -> None:
         raise SerializationError(f"{where}: its shape or backend does not fit its data")
     check_scale_values(scale, where=f"{where} (scale)", error=SerializationError)
     check_scale_values(act_scale, where=f"{where} (act_scale)", error=SerializationError)
-    torch._utils._set_obj_state(self, {**dict_state, "fp8_max": float(dict_state["fp8_max"])})
+    torch._utils._set_obj_state(self, {**dict_state, "qdata": nk_layout(qdata), "fp8_max": float(dict_state["fp8_max"])})
 
 
 Float8StaticTensorKN.__setstate__ = _checked_setstate  # type: ignore[method-assign]

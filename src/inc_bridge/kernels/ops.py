@@ -26,7 +26,7 @@ from torch import Tensor
 from . import emulated
 from .registry import Fp8Params, KernelFn, get_kernel, resolve_backend
 
-__all__ = ["conv2d", "conv2d_args", "dequantize", "embedding", "kernel_for", "linear", "matmul", "matmul_args",
+__all__ = ["conv2d", "conv2d_args", "dequantize", "embedding", "grouped_linear", "kernel_for", "linear", "matmul", "matmul_args",
            "quantize", "sdpa"]
 
 LIBRARY = "inc_bridge"
@@ -119,6 +119,35 @@ def embedding(ids: Tensor, qweight: Tensor, weight_scale: Tensor, fp8_max: float
 @embedding.register_fake
 def _embedding_fake(ids, qweight, weight_scale, fp8_max, hp_dtype, backend):
     return emulated.embedding_emulated(ids, qweight, weight_scale, _params(qweight.dtype, fp8_max, hp_dtype))
+
+
+# ------------------------------------------------------------------ grouped linear (fused MoE experts)
+
+
+@torch.library.custom_op(f"{LIBRARY}::grouped_linear", mutates_args=())
+def grouped_linear(x: Tensor, qweight: Tensor, weight_scale: Tensor, input_scale: Tensor, offs: Tensor,
+                   fp8_max: float, hp_dtype: torch.dtype, backend: str) -> Tensor:
+    """Per-expert static FP8 linear over rows grouped by expert (``F.grouped_mm``'s ``offs``).
+
+    ``qweight`` [E, out, in], ``weight_scale`` [E] or [E, out, 1], ``input_scale`` [E]: rows
+    ``offs[e-1]:offs[e]`` of ``x`` [rows, in] go through expert ``e``'s ``linear`` kernel with its
+    own scales; rows past ``offs[-1]`` stay zero. One op, so the row counts (data) are read only
+    inside it: ``torch.compile`` traces an MoE layer without a graph break.
+    """
+    kernel = kernel_for("linear", backend, x.device)
+    p = _params(qweight.dtype, fp8_max, hp_dtype)
+    out = x.new_zeros(x.shape[0], qweight.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = kernel(x[start:end], qweight[e], weight_scale[e], input_scale[e], None, p)
+        start = end
+    return out
+
+
+@grouped_linear.register_fake
+def _grouped_linear_fake(x, qweight, weight_scale, input_scale, offs, fp8_max, hp_dtype, backend):
+    return x.new_empty(x.shape[0], qweight.shape[1])
 
 
 # ------------------------------------------------------------------ activation quantize / dequantize

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..formats import dtype_name
-from ..tensor_kn import Float8StaticTensorKN
+from ..tensor_kn import Float8StaticTensorKN, nk_layout
 from ._fp8_module import Fp8Module
 
 if TYPE_CHECKING:  # annotation only: the functions call its methods; scales sit above this layer
@@ -19,16 +19,18 @@ def quantize_kn(weight: torch.Tensor, scales: LayerScales) -> tuple[torch.Tensor
     """FP8 data [in, out] and its scale ([] or [1, out]) of a Conv1D weight [in, out].
 
     Quantized as the [out, in] Linear weight it is (scales per output feature), then laid back out
-    as [in, out]: elementwise, so the FP8 values are those of the equivalent ``nn.Linear``.
+    as [in, out]: elementwise, so the FP8 values are those of the equivalent ``nn.Linear``. The data
+    is the [in, out] view of a contiguous [out, in] matrix (``tensor_kn``: what the kernels take).
     """
     qdata, scale = scales.quantize_weight(weight.t())
-    return qdata.t().contiguous(), (scale.t().contiguous() if scale.dim() else scale)
+    return qdata.contiguous().t(), (scale.t().contiguous() if scale.dim() else scale)
 
 
 class QConv1D(Fp8Module):
     """A Conv1D with an FP8 weight [in, out] and a static FP8 activation scale.
 
-    Buffers: ``qweight`` (FP8, [in_features, out_features], Conv1D's layout), ``weight_scale``
+    Buffers: ``qweight`` (FP8, [in_features, out_features], Conv1D's shape; in memory the contiguous
+    [out, in] matrix of an ``nn.Linear``, laid out so again on the first call after a load), ``weight_scale``
     (fp32, [] or [1, out_features]), ``input_scale`` (fp32, 0-d). ``weight`` reads as a
     ``Float8StaticTensorKN``. Computes what the subclass form's ``Conv1D`` computes, op for op.
     """
@@ -53,6 +55,9 @@ class QConv1D(Fp8Module):
     @property
     def weight(self) -> Float8StaticTensorKN:
         """The FP8 weight as model code expects it ([in, out], built on access over the buffers)."""
+        if not self.qweight.t().is_contiguous() and not torch.compiler.is_compiling():
+            # Loaded from a file (contiguous [in, out]): lay the buffer out as [out, in] once.
+            self._buffers["qweight"] = nk_layout(self.qweight)
         return Float8StaticTensorKN(self.qweight, self.weight_scale, self.fp8_max, self.backend, self.dtype,
                                     act_scale=self.input_scale)
 
