@@ -104,6 +104,11 @@ def _op_cases():
             x = torch.randn(2, 5, 16, dtype=hp)
             yield "linear", ops.linear, (x, _fp8((8, 16)), s, a, torch.randn(8, dtype=hp), 448.0, hp, backend), 7
             yield "linear", ops.linear, (x, _fp8((8, 16)), torch.rand(8, 1) * 0.05, a, None, 240.0, hp, backend), 7
+            rows, offs = torch.randn(8, 16, dtype=hp), torch.tensor([3, 3, 7], dtype=torch.int32)  # expert 1: no rows
+            yield "grouped_linear", ops.grouped_linear, (rows, _fp8((3, 8, 16)), torch.rand(3) * 0.05 + 0.01,
+                                                         torch.rand(3) * 0.05 + 0.01, offs, 448.0, hp, backend), 7
+            yield "grouped_linear", ops.grouped_linear, (rows, _fp8((3, 8, 16)), torch.rand(3, 8, 1) * 0.05 + 0.01,
+                                                         torch.rand(3) * 0.05 + 0.01, offs, 448.0, hp, backend), 7
             img = torch.randn(2, 4, 9, 9, dtype=hp)
             yield "conv2d", ops.conv2d, (img, _fp8((6, 2, 3, 3)), s, a, torch.randn(6, dtype=hp), 448.0, hp, backend,
                                          [2, 1], [1, 1], "", [1, 2], 2), 7

@@ -77,11 +77,18 @@ class Float8ExpertsTensor(Float8StaticTensor):
         self.backend = str(backend)
         self.transposed = bool(transposed)
 
+    # transformers' grouped_mm_fallback reaches the tensor at the torch-function level (eager,
+    # torch.export) or at dispatch (dynamo's fake tensors): both run the grouped_linear op.
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+        if _is_transformers_grouped_mm(func):
+            return _grouped_mm_fallback(args, kwargs or {})
+        return super().__torch_function__(func, types, args, kwargs)
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: D105
-        if getattr(getattr(func, "_schema", None), "name", None) == _TRANSFORMERS_GROUPED_MM:
-            kwargs = kwargs or {}
-            return _grouped(args[0], args[1], kwargs.get("offs", args[2] if len(args) > 2 else None))
+        if _is_transformers_grouped_mm(func):
+            return _grouped_mm_fallback(args, kwargs or {})
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     @property
@@ -184,6 +191,15 @@ def _grouped(x: torch.Tensor, w: Float8ExpertsTensor, offs: torch.Tensor | None)
         raise NotImplementedError("grouped_mm with a fused FP8 experts weight: only grouped_mm(x2d, weight.transpose(-2, -1), "
                                   "offs=...) (transformers' grouped_mm experts) is supported")
     return kernel_ops.grouped_linear(x, w.qdata, w.scale, w.act_scale, offs, w.fp8_max, w.dtype, w.backend)
+
+
+def _is_transformers_grouped_mm(func) -> bool:
+    name = getattr(func, "_qualified_op_name", None) or getattr(getattr(func, "_schema", None), "name", None)
+    return name == _TRANSFORMERS_GROUPED_MM
+
+
+def _grouped_mm_fallback(args, kwargs) -> torch.Tensor:
+    return _grouped(args[0], args[1], kwargs.get("offs", args[2] if len(args) > 2 else None))
 
 
 @implements_torch_function([F.grouped_mm, torch._grouped_mm])
