@@ -120,3 +120,42 @@ def test_conv1d_fp8_codes_lie_as_a_linear_weight_and_files_keep_the_in_out_layou
     ids = _ids((1, 9))
     assert torch.equal(_logits(loaded, ids), _logits(q, ids))
     assert loaded.transformer.h[0].attn.c_attn.weight.qdata.t().is_contiguous()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt2"])
+def test_locked_recipe_reproduces_the_tuned_model(arch, tmp_path):
+    """A locked recipe holds each fused experts layer's per-expert scales: apply_recipe rebuilds
+    the tuned model bit for bit, in memory and from the YAML file."""
+    model = _model(arch)
+    ids = _ids((2, 9))
+    ref = _logits(model, ids)
+
+    def evaluate(m):  # negative logits error: any FP8 model meets a loose tolerance on the first trial
+        return -float((_logits(m, ids) - ref).abs().mean())
+
+    result = ib.autotune(model, evaluate, calib_data=_batches(), tolerable_loss={"absolute": 1.0}, output_dir=tmp_path,
+                         progress=False)
+    locked = result.recipe.locked
+    experts = {n: layer.experts for n, layer in locked.scales.items() if layer.experts is not None}
+    assert len(experts) == (2 if arch == "mixtral" else 0)
+    assert all(len(e.input_scales[0]) == 4 for e in experts.values())
+    for recipe in (result.recipe, ib.load_recipe(tmp_path / "locked_recipe.yaml")):
+        assert torch.equal(_logits(ib.apply_recipe(model, recipe), ids), _logits(result.model, ids))
+
+
+def test_locked_experts_scales_are_checked():
+    from inc_bridge.recipe import LockedLayer
+
+    good = {"input_scales": [[0.1, 0.2], [0.3, 0.4]], "weight_scales": [[0.01, [0.02, 0.03]], [0.04, 0.05]]}
+    layer = LockedLayer(kind="linear", format="e4m3", fp8_max=448.0, hp_dtype="float32", experts=good)
+    assert layer.experts.weight_scales[0][1] == (0.02, 0.03)
+    bad = [
+        ({**good, "input_scales": [[0.1, 0.2], [0.3]]}, "one entry per expert"),
+        ({**good, "weight_scales": [[0.01, -0.02], [0.04, 0.05]]}, "weight scale"),
+        ({**good, "fallback": [2]}, "one entry per expert"),
+    ]
+    for experts, match in bad:
+        with pytest.raises(ValueError, match=match):
+            LockedLayer(kind="linear", format="e4m3", fp8_max=448.0, hp_dtype="float32", experts=experts)
+    with pytest.raises(ValueError, match="in 'experts' only"):
+        LockedLayer(kind="linear", format="e4m3", fp8_max=448.0, hp_dtype="float32", experts=good, input_scales=[0.1])

@@ -311,9 +311,36 @@ def _check_scale(value: float, what: str) -> float:
     return value
 
 
+class LockedExperts(_Closed):
+    """A fused MoE experts layer's finished scales, per matrix (gate_up_proj, down_proj) and per expert.
+
+    ``weight_scales[m][e]`` is one number (per tensor) or one per output channel; ``fallback``: the
+    experts that received no calibration tokens; ``tokens``: calibration tokens per expert.
+    """
+
+    input_scales: tuple[tuple[float, ...], tuple[float, ...]]
+    weight_scales: tuple[tuple[float | tuple[float, ...], ...], tuple[float | tuple[float, ...], ...]]
+    fallback: tuple[int, ...] = ()
+    tokens: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LockedExperts:
+        experts = len(self.input_scales[0])
+        if not experts or any(len(t) != experts for t in (*self.input_scales, *self.weight_scales)) or (
+                self.tokens and len(self.tokens) != experts) or any(not 0 <= e < experts for e in self.fallback):
+            raise ValueError(f"experts scales must have one entry per expert for both matrices ({experts} experts)")
+        for m, (inputs, weights) in enumerate(zip(self.input_scales, self.weight_scales, strict=True)):
+            for e, (a, w) in enumerate(zip(inputs, weights, strict=True)):
+                _check_scale(a, f"matrix {m} expert {e} input scale")
+                for i, v in enumerate(w if isinstance(w, tuple) else (w,)):
+                    _check_scale(v, f"matrix {m} expert {e} weight scale {i}")
+        return self
+
+
 class LockedLayer(_Closed):
     """One layer's finished scales. ``input_scales`` has one scale per quantized input (see ``Op.n_inputs``);
-    ``weight_scale`` is one number (per tensor) or one per output channel, None for layers without a weight."""
+    ``weight_scale`` is one number (per tensor) or one per output channel, None for layers without a weight.
+    A fused experts layer has neither: its scales are per expert, in ``experts``."""
 
     kind: Op
     format: FP8Format
@@ -321,6 +348,7 @@ class LockedLayer(_Closed):
     hp_dtype: Literal["float32", "bfloat16"]
     input_scales: tuple[float, ...] = ()
     weight_scale: float | tuple[float, ...] | None = None
+    experts: LockedExperts | None = None
 
     @field_validator("input_scales", mode="after")
     @classmethod
@@ -345,6 +373,10 @@ class LockedLayer(_Closed):
         top = self.format.max
         if not (0.0 < self.fp8_max <= top):
             raise ValueError(f"fp8_max {shorten(self.fp8_max, 40)} is out of range for {self.format.value}; valid: 0 < fp8_max <= {top:g}")
+        if self.experts is not None:
+            if self.kind is not Op.LINEAR or self.input_scales or self.weight_scale is not None:
+                raise ValueError("a fused experts layer (linear) keeps its scales in 'experts' only")
+            return self
         if len(self.input_scales) != self.kind.n_inputs:
             raise ValueError(
                 f"a {self.kind.value} layer has {self.kind.n_inputs} input scale(s), got {len(self.input_scales)}"

@@ -44,12 +44,14 @@ from .capture import capture_attention, captured_sites
 from .convert import conversion_result, convert, structural_copy, swapped_in
 from .coverage import float_matrices
 from .errors import CalibrationError, RecipeError
+from .experts_scales import ExpertsScales
 from .formats import FP8Format, dtype_name
 from .measurements import Measurements
 from .pipeline import _peek, model_scales
 from .recipe import (
     Granularity,
     Locked,
+    LockedExperts,
     LockedLayer,
     Op,
     Recipe,
@@ -502,6 +504,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe | Path | str, *, example_input
                       format=recipe.quantization.format, target=recipe.quantization.target)
     for name, layer in recipe.locked.scales.items():
         dtype = getattr(torch, layer.hp_dtype)
+        if layer.experts is not None:
+            scales.layers[name] = _experts_scales(name, layer, dtype)
+            continue
         weight = None if layer.weight_scale is None else torch.tensor(layer.weight_scale, dtype=dtype)
         scales.layers[name] = LayerScales(
             name, layer.kind, layer.format, layer.fp8_max, dtype,
@@ -669,9 +674,28 @@ def _choose(trials: list[TrialRecord], hib: bool) -> TrialRecord | None:
     return max(ok, key=lambda t: t.metric if hib else -t.metric)
 
 
+def _experts_scales(name: str, layer: LockedLayer, dtype: torch.dtype) -> ExpertsScales:
+    """A locked experts layer's ``ExpertsScales`` (the values ``_locked_experts`` wrote, exactly)."""
+    ex = layer.experts
+    return ExpertsScales(name, layer.kind, layer.format, layer.fp8_max, dtype, (), None,
+                         tuple(torch.tensor(v, dtype=dtype) for v in ex.input_scales),
+                         tuple(torch.tensor(v, dtype=dtype) for v in ex.weight_scales), ex.fallback, ex.tokens)
+
+
+def _locked_experts(ls: ExpertsScales) -> LockedExperts:
+    return LockedExperts(input_scales=tuple(tuple(t.tolist()) for t in ls.expert_input_scales),
+                         weight_scales=tuple(tuple(tuple(r) if isinstance(r, list) else r for r in t.tolist())
+                                             for t in ls.expert_weight_scales),
+                         fallback=tuple(ls.fallback), tokens=tuple(ls.tokens))
+
+
 def _locked(recipe: Recipe, scales: ScaleSet, captured: bool, chosen: TrialRecord | None, baseline: float) -> Recipe:
     layers = {}
     for name, ls in scales.layers.items():
+        if isinstance(ls, ExpertsScales):
+            layers[name] = LockedLayer(kind=ls.kind, format=ls.format, fp8_max=ls.fp8_max,
+                                       hp_dtype=dtype_name(ls.hp_dtype), experts=_locked_experts(ls))
+            continue
         w = ls.weight_scale
         layers[name] = LockedLayer(
             kind=ls.kind, format=ls.format, fp8_max=ls.fp8_max, hp_dtype=dtype_name(ls.hp_dtype),
