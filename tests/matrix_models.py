@@ -282,25 +282,21 @@ def _toy_image(batch: int, length: int, seed: int) -> torch.Tensor:
 
 
 CASES: dict[str, Case] = {
-    # GPT-2: its blocks use transformers' Conv1D, which inc_bridge quantizes as `linear` but cannot
-    # export to ONNX yet (no export twin for Conv1D / QConv1D), so the matrix keeps them float; the
-    # untied lm_head is the Linear that is quantized.
+    # GPT-2: its blocks use transformers' Conv1D, quantized as `linear` (and the untied lm_head).
     "gpt2": Case(_hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4,
                      n_positions=64, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False), _text,
-                 ("linear", "sdpa"), hf=True, decoder=True, exclude=(r"re:.*\.(c_attn|c_proj|c_fc)$",)),
+                 ("linear", "sdpa"), hf=True, decoder=True),
     "llama_gqa": Case(_hf("LlamaConfig", "LlamaForCausalLM", **_DECODER), _text, ("linear", "sdpa"), hf=True,
                       decoder=True),
     "mistral": Case(_hf("MistralConfig", "MistralForCausalLM", **_DECODER), _text, ("linear", "sdpa"), hf=True,
                     decoder=True),
     "qwen3": Case(_hf("Qwen3Config", "Qwen3ForCausalLM", **_DECODER, head_dim=8), _text, ("linear", "sdpa"),
                   hf=True, decoder=True),
-    # Qwen2-MoE: quantized routed experts need the "eager" or "grouped_mm" experts implementation to
-    # be measured, and grouped_mm's CPU custom op has no ONNX function; the matrix keeps the experts
-    # float and runs them with "batched_mm" (plain torch ops).
+    # Qwen2-MoE: fused routed experts with per-expert FP8 weights and input scales (transformers'
+    # default "grouped_mm" experts implementation), shared expert and attention Linears.
     "qwen2_moe": Case(_hf("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_DECODER, moe_intermediate_size=32,
-                          experts_implementation="batched_mm",
                           shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
-                      _text, ("linear", "sdpa"), hf=True, decoder=True, exclude=(r"re:.*\.experts$",)),
+                      _text, ("linear", "sdpa"), hf=True, decoder=True),
     "bert": Case(_hf("BertConfig", "BertModel", **{**_TEXT, "max_position_embeddings": 64}), _text,
                  ("linear", "sdpa"), hf=True),
     "vit": Case(_hf("ViTConfig", "ViTModel", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
