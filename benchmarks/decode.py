@@ -21,9 +21,10 @@ SQNR of each model's prompt logits against bf16's, next to the emulated backend'
 math): random weights give flat logits, so FP8 usually picks other tokens than bf16 after a few
 steps, and token agreement says nothing; the SQNR says whether a kernel is as close as INC's.
 
-"FP8 module, OpenMP threads" is the module form with the cpu backend's kernels running on torch's
-OpenMP workers instead of threads of their own (``_Native.set_openmp``; see docs/kernels.md): the
-two ways are measured side by side because which wins depends on how busy the machine is.
+The cpu backend's kernels run on torch's OpenMP workers (the default where the library was built
+with OpenMP); "FP8 module, own threads" is the module form with the kernels on pthreads of their
+own instead (``_Native.set_openmp(False)``; see docs/kernels.md): the two ways are measured side by
+side because which wins depends on how busy the machine is.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from torchao.quantization.utils import compute_error
 
 PROMPT, NEW = 64, 48
-OPENMP = "FP8 module, OpenMP threads"
+OWN_THREADS = "FP8 module, own threads"
 # TinyLlama-1.1B's layer shapes (also Llama-3.2-1B's hidden size), 8 of its 22 layers: 0.48B parameters.
 CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=32,
               num_key_value_heads=4, head_dim=64, vocab_size=32000, max_position_embeddings=256,
@@ -103,9 +104,9 @@ def main() -> None:
         models[f"FP8 {form}"] = ib.convert(bf16, scales, form=form, backend="auto")
     backend = ib.conversion_result(models["FP8 module"]).backend
     lib = cpu_kernels.native() if backend == "cpu" else None
-    if lib is not None and lib.set_openmp(True):  # False where the library was built without OpenMP
-        models[OPENMP] = models["FP8 module"]
-        lib.set_openmp(False)
+    openmp = lib is not None and lib.set_openmp(True)  # False where the library was built without OpenMP
+    if openmp:
+        models[OWN_THREADS] = models["FP8 module"]
     with torch.inference_mode():
         ref = bf16(prompt).logits[0].float()
         sqnr = {name: float(compute_error(ref, model(prompt).logits[0].float())) for name, model in models.items()
@@ -122,13 +123,13 @@ def main() -> None:
                            do_sample=False, pad_token_id=0)
         for _ in range(turns):
             for name, model in models.items():
-                if lib is not None:
-                    lib.set_openmp(name == OPENMP)
+                if openmp:
+                    lib.set_openmp(name != OWN_THREADS)
                 p, d, _ = run(model, prompt)
                 prefill[name].append(p)
                 decode[name].append(d)
-        if lib is not None:
-            lib.set_openmp(False)
+        if openmp:
+            lib.set_openmp(True)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Llama-shaped {params / 1e9:.2f}B params "
           f"(random weights), batch 1, {PROMPT}-token prompt + {NEW} new tokens, greedy; median of {turns} "

@@ -103,8 +103,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 timed turns instead of 7")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile models")
-    parser.add_argument("--openmp", action="store_true",
-                        help="run the cpu backend's kernels on torch's OpenMP workers (docs/kernels.md)")
+    parser.add_argument("--own-threads", action="store_true",
+                        help="run the cpu backend's kernels on pthreads of their own, not torch's OpenMP workers "
+                             "(docs/kernels.md)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,11 +114,10 @@ def main() -> None:
     import inc_bridge as ib
     from inc_bridge import kernels
 
-    if args.openmp and kernels.backend_availability("cpu").available:
+    if args.own_threads and kernels.backend_availability("cpu").available:
         from inc_bridge.kernels import cpu
 
-        if not cpu.native().set_openmp(True):
-            parser.error("--openmp: the native library was built without OpenMP")
+        cpu.native().set_openmp(False)
     fp32, batch, calib = load()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     with torch.no_grad():
@@ -161,7 +161,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; all-MiniLM-L6-v2, {BATCH} sentences x {TOKENS} "
           f"tokens per forward; median of {reps} interleaved turns")
     print(f"cpu backend: {kernels.backend_availability('cpu').reason}"
-          f"{' on torch OpenMP workers' if args.openmp else ''}")
+          f"{' on threads of their own' if args.own_threads else ''}")
     print(f"\n{'model':<55}{'ms':>9}{'x bf16':>9}{'Linear MiB':>12}{'all MiB':>10}{'cos mean':>10}{'cos min':>9}")
     for name, model in models.items():
         linear, total = tensor_bytes(model)

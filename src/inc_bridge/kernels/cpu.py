@@ -144,8 +144,8 @@ class _Native:
         self.simd = bool(lib.ib_fp8_gemv_simd())
 
     def set_openmp(self, on: bool) -> bool:
-        """Run the kernels' threads on torch's OpenMP workers (True) or on threads of their own
-        (False, the default); returns whether OpenMP is in use (False where the library was built
+        """Run the kernels' threads on torch's OpenMP workers (True, the default where the library
+        was built with OpenMP) or on threads of their own (False); returns whether OpenMP is in use (False where the library was built
         without it). See ``parallel_for`` in csrc/fp8_cpu.c for what each costs."""
         return bool(self.lib.ib_set_openmp(int(on)))
 

@@ -116,17 +116,21 @@ typedef void (*range_fn)(void* ctx, int64_t begin, int64_t end);
 
 /* Two ways to run a kernel's chunks on several threads, chosen at run time by ib_set_openmp:
  *
- * - pthreads of our own (the default), created per call; they take chunks of `grain` items from a
+ * - pthreads of our own (the default in a build without OpenMP), created per call; they take chunks of `grain` items from a
  *   shared counter until none are left, so a thread that is descheduled (shared cores) loses its
  *   share to the others.
- * - torch's OpenMP workers (only in a build with -fopenmp, which the Makefile uses): the library
+ * - torch's OpenMP workers (the default in a build with -fopenmp, which the Makefile uses): the library
  *   then needs libgomp.so.1, and the dynamic loader binds that to the libgomp torch already loaded
  *   (same soname; torch is always imported first). Those workers are still spinning right after a
  *   torch op, so they pick our chunks up at once, where our own threads must be created and then
  *   fight the spinning workers for the cores. But an OpenMP region ends at a barrier that every
  *   worker must reach: on an oversubscribed machine a worker that is not scheduled stalls each call
  *   (measured on 2 cores at load 10: a decode step 2.4x slower than with our own threads). */
+#if defined(_OPENMP)
+static int use_openmp = 1; /* the default: on a quiet 2-core machine, decode 1.50-1.54x bf16 vs 0.85x (docs/benchmarks.md) */
+#else
 static int use_openmp = 0;
+#endif
 
 /* 1: run kernels on torch's OpenMP workers (where the library was built with OpenMP); 0: on
  * threads of our own. Returns whether OpenMP is in use after the call. */
