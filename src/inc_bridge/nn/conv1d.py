@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from ..formats import dtype_name
 from ..tensor_kn import Float8StaticTensorKN, nk_layout
 from ._fp8_module import Fp8Module
+from .linear import QuantizedLinear
 
 if TYPE_CHECKING:  # annotation only: the functions call its methods; scales sit above this layer
     from ..scales import LayerScales
@@ -73,18 +74,8 @@ class QConv1D(Fp8Module):
             q._take_bias(module.bias)
         return q
 
-    def quant_config(self) -> dict[str, Any]:
-        """The constructor arguments as JSON values; ``from_config`` turns them back into a module."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "fp8_dtype": dtype_name(self.qweight.dtype),
-            "fp8_max": self.fp8_max,
-            "dtype": dtype_name(self.dtype),
-            "per_channel": self.weight_scale.dim() > 0,
-            "backend": self.backend,
-        }
+    # The same constructor arguments as QuantizedLinear's, so the same JSON record.
+    quant_config = QuantizedLinear.quant_config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Conv1D.forward's own steps (2-D addmm, then the output shape), so both forms match bit for bit.
