@@ -288,29 +288,45 @@ static inline void store16(void* out, int dt, int64_t i, __mmask16 m, __m512 v) 
   _mm256_mask_storeu_epi16((uint16_t*)out + i, m, _mm512_cvtepi32_epi16(r));
 }
 
+/* The FP8 value round(clamp(x / s, ±fp8_max)) as fp32, 16 lanes: round_e4m3 / round_e5m2 vectorised. */
+typedef struct {
+  __m512 s, hi, lo, magic;
+  __m512i thr, radd, keep, abs_mask, one, inf;
+  __m128i shift;
+} qround_t;
+
+static inline qround_t qround_init(float scale, float fp8_max, int fmt) {
+  const int e4 = fmt == IB_E4M3;
+  qround_t r;
+  r.s = _mm512_set1_ps(scale); r.hi = _mm512_set1_ps(fp8_max); r.lo = _mm512_set1_ps(-fp8_max);
+  r.magic = _mm512_set1_ps(e4 ? 0x1p14f : 0x1p7f);
+  r.thr = _mm512_set1_epi32(e4 ? (121 << 23) : (113 << 23));
+  r.radd = _mm512_set1_epi32(e4 ? 0x7FFFF : 0xFFFFF);
+  r.keep = _mm512_set1_epi32(e4 ? (int)0xFFF00000u : (int)0xFFE00000u);
+  r.shift = _mm_cvtsi32_si128(e4 ? 20 : 21);
+  r.abs_mask = _mm512_set1_epi32(0x7FFFFFFF); r.one = _mm512_set1_epi32(1); r.inf = _mm512_set1_epi32(0x7F800000);
+  return r;
+}
+
+static inline __m512 qround16(const qround_t* q, __m512 x) {
+  __m512 t = _mm512_div_ps(x, q->s);
+  t = _mm512_min_ps(q->hi, _mm512_max_ps(q->lo, t)); /* x86 max/min return the 2nd operand on NaN: kept */
+  __m512i u = _mm512_castps_si512(t);
+  __m512i a = _mm512_and_si512(u, q->abs_mask), sign = _mm512_andnot_si512(q->abs_mask, u);
+  __m512 af = _mm512_castsi512_ps(a);
+  __m512i den = _mm512_castps_si512(_mm512_sub_ps(_mm512_add_ps(af, q->magic), q->magic));
+  __m512i odd = _mm512_and_si512(_mm512_srl_epi32(a, q->shift), q->one);
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(a, q->radd), odd), q->keep);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmplt_epu32_mask(a, q->thr), den);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(a, q->inf), a);
+  return _mm512_castsi512_ps(_mm512_or_si512(r, sign));
+}
+
 static void qdq_range_avx512(const elem_ctx* c, int64_t b, int64_t e) {
-  const int e4 = c->fmt == IB_E4M3;
-  const __m512 s = _mm512_set1_ps(c->scale), hi = _mm512_set1_ps(c->fp8_max), lo = _mm512_set1_ps(-c->fp8_max);
-  const __m512 magic = _mm512_set1_ps(e4 ? 0x1p14f : 0x1p7f);
-  const __m512i thr = _mm512_set1_epi32(e4 ? (121 << 23) : (113 << 23));
-  const __m512i radd = _mm512_set1_epi32(e4 ? 0x7FFFF : 0xFFFFF);
-  const __m512i keep = _mm512_set1_epi32(e4 ? (int)0xFFF00000u : (int)0xFFE00000u);
-  const __m128i shift = _mm_cvtsi32_si128(e4 ? 20 : 21);
-  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
-  const __m512i inf = _mm512_set1_epi32(0x7F800000);
+  const qround_t q = qround_init(c->scale, c->fp8_max, c->fmt);
   for (int64_t i = b; i < e; i += 16) {
     const __mmask16 m = e - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (e - i)) - 1);
-    __m512 t = _mm512_div_ps(load16(c->x, c->in_dt, i, m), s);
-    t = _mm512_min_ps(hi, _mm512_max_ps(lo, t)); /* x86 max/min return the 2nd operand on NaN: kept */
-    __m512i u = _mm512_castps_si512(t);
-    __m512i a = _mm512_and_si512(u, abs_mask), sign = _mm512_andnot_si512(abs_mask, u);
-    __m512 af = _mm512_castsi512_ps(a);
-    __m512i den = _mm512_castps_si512(_mm512_sub_ps(_mm512_add_ps(af, magic), magic));
-    __m512i odd = _mm512_and_si512(_mm512_srl_epi32(a, shift), one);
-    __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(a, radd), odd), keep);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmplt_epu32_mask(a, thr), den);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(a, inf), a);
-    store16(c->out, c->out_dt, i, m, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(r, sign)), s));
+    store16(c->out, c->out_dt, i, m, _mm512_mul_ps(qround16(&q, load16(c->x, c->in_dt, i, m)), q.s));
   }
 }
 #else
@@ -459,6 +475,46 @@ static inline void lut_decode_bf16(const uint8_t* restrict q, int64_t n, const u
     _mm512_mask_storeu_epi16(out + i, mask, decode32(q + i, mask, t0, t1, t2, t3));
   }
 }
+
+/* 64 FP8 bytes → 64 bf16 in the GEMM's order: w0 holds k = 0-7, 16-23, 32-39, 48-55 of the chunk
+ * and w1 the other 32 (the order of an in-lane byte interleave; the activations are packed in the
+ * same order, so each product still meets its partner). With AVX512-VBMI one vpermi2b looks up
+ * the high bytes of all 64 values in a 128-entry table and another the low bytes: 6 instructions
+ * for 64 weights, where decode32 takes 8 for 32 (a decode step is bound by this, not by memory). */
+typedef struct { __m512i hi0, hi1, lo0, lo1, t0, t1, t2, t3; } lut64_t;
+
+static inline lut64_t lut64_init(int fmt) {
+  const uint16_t* lut = LUT_BF16[fmt];
+  uint8_t hi[128], lo[128];
+  for (int i = 0; i < 128; i++) { hi[i] = (uint8_t)(lut[i] >> 8); lo[i] = (uint8_t)lut[i]; }
+  lut64_t t;
+  t.hi0 = _mm512_loadu_si512(hi); t.hi1 = _mm512_loadu_si512(hi + 64);
+  t.lo0 = _mm512_loadu_si512(lo); t.lo1 = _mm512_loadu_si512(lo + 64);
+  t.t0 = _mm512_loadu_si512(lut); t.t1 = _mm512_loadu_si512(lut + 32);
+  t.t2 = _mm512_loadu_si512(lut + 64); t.t3 = _mm512_loadu_si512(lut + 96);
+  return t;
+}
+
+static inline __attribute__((always_inline)) void decode64(const uint8_t* p, __mmask64 mask, const lut64_t* t,
+                                                           __m512i* w0, __m512i* w1) {
+#if defined(__AVX512VBMI__)
+  const __m512i u = _mm512_maskz_loadu_epi8(mask, p);
+  __m512i hi = _mm512_permutex2var_epi8(t->hi0, u, t->hi1); /* index bits 0-6; the sign bit is ignored */
+  const __m512i lo = _mm512_permutex2var_epi8(t->lo0, u, t->lo1);
+  hi = _mm512_ternarylogic_epi32(hi, u, _mm512_set1_epi8((char)0x80), 0xF8); /* hi | (u & 0x80): the sign */
+  *w0 = _mm512_unpacklo_epi8(lo, hi);
+  *w1 = _mm512_unpackhi_epi8(lo, hi);
+#else /* AVX512-BF16 without VBMI (Cooper Lake): decode32 twice, then the same order */
+  const __m512i a = decode32(p, (__mmask32)mask, t->t0, t->t1, t->t2, t->t3);
+  const __m512i b = decode32(p + 32, (__mmask32)(mask >> 32), t->t0, t->t1, t->t2, t->t3);
+  const __m512i i0 = _mm512_setr_epi32(0x00010000 | 0x00000000, 0x00030002, 0x00050004, 0x00070006, 0x00110010,
+                                       0x00130012, 0x00150014, 0x00170016, 0x00210020, 0x00230022, 0x00250024,
+                                       0x00270026, 0x00310030, 0x00330032, 0x00350034, 0x00370036);
+  const __m512i i1 = _mm512_add_epi16(i0, _mm512_set1_epi16(8));
+  *w0 = _mm512_permutex2var_epi16(a, i0, b);
+  *w1 = _mm512_permutex2var_epi16(a, i1, b);
+#endif
+}
 #else
 static inline void lut_decode_bf16(const uint8_t* restrict q, int64_t n, const uint16_t* lut,
                                    uint16_t* restrict out) {
@@ -579,8 +635,9 @@ void ib_dequant(const uint8_t* q, int64_t N, int64_t K, const float* scale, int 
 
 /* y[m, n] = sum_k fp8(x[m, k]) * fp8(w[n, k]), summed in fp32. Products of two FP8 values are exact
  * in fp32, so only the order of the sums differs from a float matmul; that order is fixed: for each
- * (m, n), 16 fp32 lanes each sum their share of k in increasing k (vdpbf16ps adds a pair per lane),
- * then the lanes are added up (_mm512_reduce_add_ps). It depends neither on the thread count nor on
+ * (m, n), 16 fp32 lanes each sum a fixed share of every 64-wide chunk of k (the pairs decode64 puts
+ * in their lane; vdpbf16ps adds a pair per lane), chunk after chunk, then the lanes are added up in
+ * _mm512_reduce_add_ps's tree. It depends neither on the thread count nor on
  * how rows are blocked, so the GEMV (few rows, weights decoded in registers) and the GEMM (more
  * rows, each block of weight rows decoded once into a bf16 buffer that all activation rows reuse)
  * give the same bits for the same (m, n).
@@ -591,10 +648,10 @@ void ib_dequant(const uint8_t* q, int64_t N, int64_t K, const float* scale, int 
  * ((acc * (input_scale * weight_scale)).to(dtype) + bias). */
 
 typedef struct {
-  const uint16_t* xb; /* [M, Kp] activations as bf16 bits (exact FP8 values), zero-padded to Kp, rows Ks apart */
+  const uint16_t* xb; /* activations as bf16 bits (exact FP8 values), packed: see gemv_prepare */
   const float* xf;    /* [M, K] the same as fp32 (portable path) */
   const uint8_t* w;   /* [N, K] */
-  int64_t M, K, Kp, Ks, N;
+  int64_t M, K, Kp, N; /* Kp: K rounded up to 64 */
   int fmt;
   float* y;           /* raw sums [M, N], or NULL when `out` gets the finished output */
   /* fused output */
@@ -626,34 +683,73 @@ static inline void gemv_store(const gemv_ctx* c, int64_t m, int64_t n, float acc
 #define GEMV_MB 4 /* activation rows per block: NB x MB = 16 accumulators, no spills */
 #endif
 
+/* out[j] = _mm512_reduce_add_ps(a[j]) for 16 vectors, the same additions in the same tree (GCC's
+ * and clang's: lanes l + l+8, then l + l+4, l + l+2, l + l+1), done on all 16 at once: 15 vector
+ * adds and 30 shuffles, where 16 separate reductions take about 150 instructions, a tenth of a
+ * 4 x 4 block's multiply-adds at K = 2048. */
+static inline void reduce16(const __m512* a, float* out) {
+  __m512 s8[8], s4[4], s2[2];
+  for (int i = 0; i < 8; i++) /* [a.lo256 + a.hi256, b.lo256 + b.hi256] */
+    s8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++) /* 128-bit lanes (0 + 1, 2 + 3) of each input */
+    s4[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s8[2 * i], s8[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s8[2 * i], s8[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; i++) /* within 128-bit lanes: elements 0 + 2, 1 + 3 */
+    s2[i] = _mm512_add_ps(_mm512_shuffle_ps(s4[2 * i], s4[2 * i + 1], 0x44), _mm512_shuffle_ps(s4[2 * i], s4[2 * i + 1], 0xEE));
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], 0x88), _mm512_shuffle_ps(s2[0], s2[1], 0xDD));
+  /* lane of vector j's sum in r, found by tracing the shuffles above */
+  const __m512i where = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(out, _mm512_permutexvar_ps(where, r));
+}
+
 /* One block: MT activation rows x GEMV_NB weight rows, all accumulators in registers. MT is a
  * compile-time constant at every call site (see the switch below), so the loops unroll fully; a
  * runtime row count here made the compiler spill the accumulators to the stack on every step.
- * Weights come either as FP8 rows decoded here (wbuf NULL) or as rows of bf16 already decoded into
- * wbuf (rows Ks apart, zero-padded to Kp): the same values, so the same sums. */
+ * Weights come either as FP8 rows decoded here (wbuf NULL) or as bf16 already decoded into wbuf
+ * (packed like the activations: for each 32-wide slice of k, the block's GEMV_NB rows one after
+ * the other, zero-padded to Kp): the same values, so the same sums. Packing puts everything one
+ * step of k reads into one contiguous run, one stream for the hardware prefetcher instead of
+ * one per row (rows of a power-of-two length also all fell into the same L1 sets). */
 static inline __attribute__((always_inline)) void gemv_block(const gemv_ctx* c, const uint16_t* wbuf, int64_t n0,
                                                              int64_t nt, int64_t m0, const int MT, const int BUF,
-                                                             __m512i t0, __m512i t1, __m512i t2, __m512i t3) {
-  const int64_t K = c->K, Ks = c->Ks;
+                                                             const lut64_t* t) {
+  const int64_t K = c->K, slices = c->Kp / 32;
   const uint8_t* wr[GEMV_NB];
-  const uint16_t* wb[GEMV_NB];
+  int64_t wb[GEMV_NB];
   for (int j = 0; j < GEMV_NB; j++) {
     const int64_t row = j < nt ? j : nt - 1; /* tail: repeat a row */
     wr[j] = c->w + (n0 + row) * K;
-    wb[j] = BUF ? wbuf + row * Ks : NULL;
+    wb[j] = row * 32;
   }
+  const uint16_t* xblk = c->xb + (m0 / GEMV_MB) * slices * (GEMV_MB * 32);
   __m512 acc[GEMV_MB][GEMV_NB];
   for (int i = 0; i < MT; i++)
     for (int j = 0; j < GEMV_NB; j++) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
-    __m512i wv[GEMV_NB];
-    for (int j = 0; j < GEMV_NB; j++)
-      wv[j] = BUF ? _mm512_loadu_si512(wb[j] + k) : decode32(wr[j] + k, mask, t0, t1, t2, t3);
-    for (int i = 0; i < MT; i++) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(c->xb + (m0 + i) * Ks + k);
-      for (int j = 0; j < GEMV_NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, (__m512bh)wv[j]);
+  for (int64_t sl = 0; sl < slices; sl += 2) { /* 64 values of k: slices sl and sl + 1 */
+    const int64_t k = sl * 32;
+    const __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+    __m512i w0[GEMV_NB], w1[GEMV_NB];
+    for (int j = 0; j < GEMV_NB; j++) {
+      if (BUF) {
+        w0[j] = _mm512_loadu_si512(wbuf + sl * (GEMV_NB * 32) + wb[j]);
+        w1[j] = _mm512_loadu_si512(wbuf + (sl + 1) * (GEMV_NB * 32) + wb[j]);
+      } else {
+        decode64(wr[j] + k, mask, t, &w0[j], &w1[j]);
+      }
     }
+    for (int i = 0; i < MT; i++) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xblk + sl * (GEMV_MB * 32) + i * 32);
+      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xblk + (sl + 1) * (GEMV_MB * 32) + i * 32);
+      for (int j = 0; j < GEMV_NB; j++)
+        acc[i][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[i][j], x0, (__m512bh)w0[j]), x1, (__m512bh)w1[j]);
+    }
+  }
+  if (MT * GEMV_NB == 16) { /* a full 4 x 4 block: the 16 lane sums at once, same tree */
+    float sums[16];
+    reduce16(&acc[0][0], sums);
+    for (int i = 0; i < MT; i++)
+      for (int j = 0; j < GEMV_NB; j++)
+        if (j < nt) gemv_store(c, m0 + i, n0 + j, sums[i * GEMV_NB + j]);
+    return;
   }
   for (int i = 0; i < MT; i++)
     for (int j = 0; j < GEMV_NB; j++)
@@ -662,24 +758,28 @@ static inline __attribute__((always_inline)) void gemv_block(const gemv_ctx* c, 
 
 static void gemv_range(void* p, int64_t nb, int64_t ne) {
   const gemv_ctx* c = (const gemv_ctx*)p;
-  const uint16_t* lut = LUT_BF16[c->fmt];
-  const __m512i t0 = _mm512_loadu_si512(lut), t1 = _mm512_loadu_si512(lut + 32);
-  const __m512i t2 = _mm512_loadu_si512(lut + 64), t3 = _mm512_loadu_si512(lut + 96);
+  const lut64_t t = lut64_init(c->fmt);
   /* More rows than one block: decode each block of weight rows once, for all activation rows. */
-  uint16_t* wbuf = c->M > GEMV_MB ? (uint16_t*)aligned_alloc(64, (size_t)GEMV_NB * c->Ks * 2) : NULL;
+  uint16_t* wbuf = c->M > GEMV_MB ? (uint16_t*)aligned_alloc(64, (size_t)GEMV_NB * c->Kp * 2) : NULL;
   for (int64_t n0 = nb; n0 < ne; n0 += GEMV_NB) {
     const int64_t nt = ne - n0 < GEMV_NB ? ne - n0 : GEMV_NB;
     if (wbuf)
       for (int64_t j = 0; j < nt; j++) {
-        lut_decode_bf16(c->w + (n0 + j) * c->K, c->K, lut, wbuf + j * c->Ks);
-        for (int64_t k = c->K; k < c->Kp; k++) wbuf[j * c->Ks + k] = 0;
+        const uint8_t* row = c->w + (n0 + j) * c->K;
+        for (int64_t k = 0; k < c->Kp; k += 64) { /* zeros past K: the masked load reads 0, which decodes to +0 */
+          const __mmask64 mask = c->K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (c->K - k)) - 1);
+          __m512i w0, w1;
+          decode64(row + k, mask, &t, &w0, &w1);
+          _mm512_storeu_si512(wbuf + k / 32 * (GEMV_NB * 32) + j * 32, w0);
+          _mm512_storeu_si512(wbuf + (k / 32 + 1) * (GEMV_NB * 32) + j * 32, w1);
+        }
       }
     for (int64_t m0 = 0; m0 < c->M; m0 += GEMV_MB) {
       switch (c->M - m0 < GEMV_MB ? c->M - m0 : GEMV_MB) {
 #define IB_BLOCK(MT)                                                  \
   case MT:                                                            \
-    if (wbuf) { gemv_block(c, wbuf, n0, nt, m0, MT, 1, t0, t1, t2, t3); } \
-    else { gemv_block(c, NULL, n0, nt, m0, MT, 0, t0, t1, t2, t3); }     \
+    if (wbuf) { gemv_block(c, wbuf, n0, nt, m0, MT, 1, &t); } \
+    else { gemv_block(c, NULL, n0, nt, m0, MT, 0, &t); }     \
     break;
         IB_BLOCK(1) IB_BLOCK(2) IB_BLOCK(3) IB_BLOCK(4)
 #if GEMV_MB > 4
@@ -722,34 +822,79 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
 }
 #endif
 
-/* Rows of bf16 operands are Kp = K rounded up to 32 long (whole vectors), and 64 bytes more apart:
- * at a power-of-two stride (K = 2048: 4 KiB) the 8 rows a block streams through would all map to
- * the same L1 cache sets. */
-static inline int64_t row_stride(int64_t K) { return (K + 31) / 32 * 32 + 32; }
+#ifndef GEMV_MB
+#define GEMV_MB 4 /* the portable build packs activations in blocks of this many rows too */
+#endif
 
 /* Size in bytes of the scratch buffer ib_fp8_gemv / ib_fp8_linear need for M rows of K. */
 int64_t ib_fp8_gemv_scratch(int64_t M, int64_t K) {
-  return M * row_stride(K) * 2 + M * K * 4;
+  const int64_t Mp = (M + GEMV_MB - 1) / GEMV_MB * GEMV_MB, Kp = (K + 63) / 64 * 64;
+  return Mp * Kp * 2 + M * K * 4;
 }
 
-/* The activation as exact FP8 values in bf16 (zero-padded rows of Kp) and fp32: from FP8 bytes
- * (xq) or quantized here from x (the bytes ib_quantize would write). */
-static void gemv_prepare(const uint8_t* xq, const void* x, int x_dt, float in_scale, float fp8_max, int64_t M,
-                         int64_t K, int fmt, void* scratch, uint16_t** xb_out, float** xf_out) {
-  const int64_t Kp = (K + 31) / 32 * 32, Ks = row_stride(K);
-  uint16_t* xb = (uint16_t*)scratch;
-  float* xf = (float*)((char*)scratch + M * Ks * 2);
-  for (int64_t m = 0; m < M; m++) {
-    for (int64_t k = 0; k < K; k++) {
-      const uint8_t q = xq ? xq[m * K + k] : quant_one(load_hp(x, x_dt, m * K + k), in_scale, fp8_max, fmt);
-      const float v = fmt == IB_E4M3 ? f32_from_e4m3(q) : f32_from_e5m2(q);
-      xb[m * Ks + k] = (uint16_t)(f2u(v) >> 16);
-      xf[m * K + k] = v;
+/* The activation as exact FP8 values in bf16 and (portable build) fp32, from FP8 bytes (xq) or
+ * quantized here from x (the bytes ib_quantize would write). The bf16 copy is packed in blocks of
+ * GEMV_MB rows: for each 32-wide slice of k, the block's rows one after the other (zero-padded to
+ * Kp), so that a block of the GEMM reads one contiguous run per step of k. */
+typedef struct {
+  const uint8_t* xq;
+  const void* x;
+  int x_dt, fmt;
+  float in_scale, fp8_max;
+  int64_t K, Kp;
+  uint16_t* xb;
+  float* xf;
+} prep_ctx;
+
+/* Where x[m, k] goes: in each 64-wide chunk of k, the values decode64 puts in w0 (k % 16 < 8) fill
+ * the first 32-wide slice and the rest the second, each in decode64's order. */
+static inline uint16_t* packed_at(uint16_t* xb, int64_t Kp, int64_t m, int64_t k) {
+  const int64_t j = k % 64, slice = k / 64 * 2 + (j % 16 >= 8), pos = j / 16 * 8 + j % 8;
+  return xb + (m / GEMV_MB) * Kp * GEMV_MB + slice * (GEMV_MB * 32) + (m % GEMV_MB) * 32 + pos;
+}
+
+static void prepare_range(void* p, int64_t mb, int64_t me) {
+  const prep_ctx* c = (const prep_ctx*)p;
+  const int64_t K = c->K, Kp = c->Kp;
+  for (int64_t m = mb; m < me; m++) {
+#if IB_AVX512BF16 && IB_AVX512_QDQ
+    if (!c->xq) { /* the rounding of qdq_range_avx512, kept unscaled: exact in bf16 */
+      const qround_t q = qround_init(c->in_scale, c->fp8_max, c->fmt);
+      const __m512i nan = _mm512_set1_epi32(c->fmt == IB_E4M3 ? 0x7FC0 : 0x7FE0); /* f32_from_e4m3/e5m2 of NaN */
+      for (int64_t k = 0; k < Kp; k += 16) {
+        const __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (K > k ? (__mmask16)((1u << (K - k)) - 1) : 0);
+        const __m512 v = qround16(&q, load16(c->x, c->x_dt, m * K + k, mask));
+        __m512i u = _mm512_srli_epi32(_mm512_castps_si512(v), 16);
+        const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(0x8000));
+        u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(nan, sign));
+        const __m256i w = _mm512_cvtepi32_epi16(u); /* k .. k + 15: 8 to each slice (packed_at) */
+        _mm_storeu_si128((__m128i*)packed_at(c->xb, Kp, m, k), _mm256_castsi256_si128(w));
+        _mm_storeu_si128((__m128i*)packed_at(c->xb, Kp, m, k + 8), _mm256_extracti128_si256(w, 1));
+      }
+      continue;
     }
-    for (int64_t k = K; k < Kp; k++) xb[m * Ks + k] = 0;
+#endif
+    for (int64_t k = 0; k < K; k++) {
+      const uint8_t q = c->xq ? c->xq[m * K + k]
+                              : quant_one(load_hp(c->x, c->x_dt, m * K + k), c->in_scale, c->fp8_max, c->fmt);
+      const float v = c->fmt == IB_E4M3 ? f32_from_e4m3(q) : f32_from_e5m2(q);
+      *packed_at(c->xb, Kp, m, k) = (uint16_t)(f2u(v) >> 16);
+      if (c->xf) c->xf[m * K + k] = v;
+    }
+    for (int64_t k = K; k < Kp; k++) *packed_at(c->xb, Kp, m, k) = 0;
   }
-  *xb_out = xb;
-  *xf_out = xf;
+}
+
+static void gemv_prepare(const uint8_t* xq, const void* x, int x_dt, float in_scale, float fp8_max, int64_t M,
+                         int64_t K, int fmt, void* scratch, uint16_t** xb_out, float** xf_out, int nthreads) {
+  const int64_t Mp = (M + GEMV_MB - 1) / GEMV_MB * GEMV_MB, Kp = (K + 63) / 64 * 64;
+  prep_ctx c = {xq, x, x_dt, fmt, in_scale, fp8_max, K, Kp, (uint16_t*)scratch,
+                IB_AVX512BF16 ? NULL : (float*)((char*)scratch + Mp * Kp * 2)};
+  const int64_t grain = K > 0 && K < (1 << 14) ? (1 << 14) / K : 1;
+  /* torch's OpenMP workers take a chunk at once; threads of our own only pay off for more work */
+  parallel_for(prepare_range, &c, M, grain, threads_for(M * K, nthreads, use_openmp ? (1 << 15) : ELEMWISE_MIN_PER_THREAD));
+  *xb_out = c.xb;
+  *xf_out = c.xf;
 }
 
 static void gemv_run(gemv_ctx* c, int nthreads) {
@@ -764,8 +909,8 @@ void ib_fp8_gemv(const uint8_t* xq, int64_t M, int64_t K, const uint8_t* w, int6
                  void* scratch, int nthreads) {
   pthread_once(&lut_once, build_luts);
   gemv_ctx c = {0};
-  gemv_prepare(xq, NULL, 0, 1.0f, 0.0f, M, K, fmt, scratch, (uint16_t**)&c.xb, (float**)&c.xf);
-  c.w = w; c.M = M; c.K = K; c.Kp = (K + 31) / 32 * 32; c.Ks = row_stride(K); c.N = N; c.fmt = fmt; c.y = y;
+  gemv_prepare(xq, NULL, 0, 1.0f, 0.0f, M, K, fmt, scratch, (uint16_t**)&c.xb, (float**)&c.xf, nthreads);
+  c.w = w; c.M = M; c.K = K; c.Kp = (K + 63) / 64 * 64; c.N = N; c.fmt = fmt; c.y = y;
   gemv_run(&c, nthreads);
 }
 
@@ -776,8 +921,8 @@ void ib_fp8_linear(const void* x, int x_dt, int64_t M, int64_t K, float in_scale
                    void* scratch, int nthreads) {
   pthread_once(&lut_once, build_luts);
   gemv_ctx c = {0};
-  gemv_prepare(NULL, x, x_dt, in_scale, fp8_max, M, K, fmt, scratch, (uint16_t**)&c.xb, (float**)&c.xf);
-  c.w = w; c.M = M; c.K = K; c.Kp = (K + 31) / 32 * 32; c.Ks = row_stride(K); c.N = N; c.fmt = fmt; c.y = NULL;
+  gemv_prepare(NULL, x, x_dt, in_scale, fp8_max, M, K, fmt, scratch, (uint16_t**)&c.xb, (float**)&c.xf, nthreads);
+  c.w = w; c.M = M; c.K = K; c.Kp = (K + 63) / 64 * 64; c.N = N; c.fmt = fmt; c.y = NULL;
   c.in_scale = in_scale; c.w_scale = w_scale; c.per_row = per_row; c.bias = bias; c.out = out; c.out_dt = out_dt;
   gemv_run(&c, nthreads);
 }
