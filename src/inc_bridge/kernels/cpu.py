@@ -390,6 +390,23 @@ def _qdq(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params, out_d
     return lib.qdq(x, scale, p.fp8_dtype, p.fp8_max, out_dtype)
 
 
+def linear_route(x: torch.Tensor, qweight: torch.Tensor, p: Fp8Params) -> str:
+    """Which path ``linear_cpu`` takes for these tensors (decided by shapes, dtypes and layout).
+
+    "emulated" (native code does not cover them) and "exact" (native conversions around the very
+    matmul ``emulated`` calls) give ``linear_emulated``'s bits; "fp8" (the FP8 GEMV/GEMM) and "tiled"
+    (row-block GEMMs of a large weight) do not promise them.
+    """
+    if _native_for(p, x) is None or not _cpu_weight(qweight) or x.dtype != p.hp_dtype:
+        return "emulated"
+    n, k = qweight.shape
+    rows = x.numel() // k if k else 0
+    fp8_rows = FP8_GEMM_MAX_ROWS if n * k >= TILED_MIN_WEIGHT or k >= FP8_GEMM_MIN_K else GEMV_MAX_ROWS
+    if 0 < rows <= fp8_rows and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
+        return "fp8"
+    return "tiled" if n * k >= TILED_MIN_WEIGHT else "exact"
+
+
 # ------------------------------------------------------------------ kernels
 
 
@@ -406,13 +423,13 @@ def linear_cpu(
 ) -> torch.Tensor:
     """Static FP8 linear; the arguments and result are those of ``linear_emulated``."""
     _check_layer("linear", qweight, weight_scale, input_scale, p, 2)
-    lib = _native_for(p, x)
-    if lib is None or not _cpu_weight(qweight) or x.dtype != p.hp_dtype:
+    route = linear_route(x, qweight, p)
+    if route == "emulated":
         return linear_emulated(x, qweight, weight_scale, input_scale, bias, p)
+    lib = native()
     n, k = qweight.shape
     rows = x.numel() // k if k else 0
-    fp8_rows = FP8_GEMM_MAX_ROWS if n * k >= TILED_MIN_WEIGHT or k >= FP8_GEMM_MIN_K else GEMV_MAX_ROWS
-    if 0 < rows <= fp8_rows and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
+    if route == "fp8":
         if weight_scale.dtype == input_scale.dtype == torch.float32:
             fused = bias is not None and bias.dtype == x.dtype and bias.is_contiguous() and bias.numel() == n
             y = lib.linear(x.reshape(rows, k), qweight, weight_scale.reshape(-1), input_scale, bias if fused else None,
@@ -422,7 +439,7 @@ def linear_cpu(
         acc = lib.gemv(xq, qweight)
         scale = input_scale * (weight_scale.reshape(1, n) if weight_scale.numel() > 1 else weight_scale)
         y = (acc * scale).to(p.hp_dtype).reshape(*x.shape[:-1], n)
-    elif n * k >= TILED_MIN_WEIGHT:
+    elif route == "tiled":
         xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
         rows_per_tile = max(1, TILE_BYTES // (k * p.hp_dtype.itemsize))
         per_row = weight_scale.numel() > 1
