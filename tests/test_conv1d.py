@@ -201,6 +201,19 @@ def test_save_and_load_equal(tmp_path, form):
         assert torch.equal(loaded(x), q(x))
 
 
+def test_a_saved_qconv1d_config_is_checked_for_one_spatial_dim():
+    model = _float_model()
+    layer = ib.convert(model, _scales(model, RECIPE), form="module").c3
+    cfg = layer.quant_config()
+    assert cfg["kernel_size"] == [3] and cfg["padding"] == "same" and cfg["padding_mode"] == "reflect"
+    twin = QConv1d.from_config(cfg, device="meta")
+    assert twin._reversed_padding_repeated_twice == layer._reversed_padding_repeated_twice == [1, 1]
+    with pytest.raises(ib.SerializationError, match="'stride' must be one positive integer, got"):
+        QConv1d.from_config({**cfg, "stride": [1, 1]}, device="meta")
+    with pytest.raises(ib.SerializationError, match="'stride' must be two positive integers"):
+        ib.nn.QConv2d.from_config({**cfg, "kernel_size": [3, 3]}, device="meta")
+
+
 @pytest.mark.parametrize("form", ["subclass", "module"])
 def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch_and_length(tmp_path, form):
     """FP8 QDQ around each Conv (as for conv2d): every QuantizeLinear→DequantizeLinear equals torch's
