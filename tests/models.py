@@ -44,6 +44,27 @@ class LinearNet(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+class AudioCNN(nn.Module):
+    """A 1-D CNN over [batch, channels, length] (audio frames, token embeddings): strided, dilated,
+    grouped, "same" / reflect / circular padded and pointwise Conv1d layers, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 16, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(16, 16, 3, padding=2, dilation=2, groups=4)
+        self.c3 = nn.Conv1d(16, 24, 3, padding="same", padding_mode="reflect")
+        self.c4 = nn.Conv1d(24, 24, 3, padding=1, padding_mode="circular", bias=False)
+        self.c5 = nn.Conv1d(24, 24, 1)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h))
+        h = torch.relu(self.c3(h))
+        h = self.c5(torch.relu(self.c4(h)))
+        return self.head(h.mean(-1))
+
+
 def toy_batches(n: int = 4, dtype: torch.dtype = torch.float32, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(3, 4, 12, 12, generator=g) * 2).to(dtype) for _ in range(n)]

@@ -114,6 +114,11 @@ def _op_cases():
                                          [2, 1], [1, 1], "", [1, 2], 2), 7
             yield "conv2d", ops.conv2d, (img, _fp8((6, 4, 3, 3)), torch.rand(6, 1, 1, 1) * 0.05, a, None, 448.0, hp,
                                          backend, [1, 1], [0, 0], "same", [1, 1], 1), 7
+            seq = torch.randn(2, 4, 11, dtype=hp)
+            yield "conv1d", ops.conv1d, (seq, _fp8((6, 2, 3)), s, a, torch.randn(6, dtype=hp), 448.0, hp, backend,
+                                         [2], [1], "", [2], 2), 7
+            yield "conv1d", ops.conv1d, (seq, _fp8((6, 4, 3)), torch.rand(6, 1, 1) * 0.05, a, None, 448.0, hp,
+                                         backend, [1], [0], "same", [1], 1), 7
             yield "embedding", ops.embedding, (torch.tensor([[0, 3], [2, 2]]), _fp8((5, 8)), torch.rand(5, 1) * 0.05,
                                                448.0, hp, backend), 5
             yield "quantize", ops.quantize, (x, a, torch.float8_e4m3fn, 448.0, backend), 4

@@ -45,12 +45,12 @@ from .models import LinearNet, linear_batches  # noqa: E402
 
 
 class _Mixed(nn.Module):
-    """A Linear inc_bridge converts, a Conv1d and a 3-D expert parameter it cannot, an embedding it skips."""
+    """A Linear inc_bridge converts, a ConvTranspose1d and a 3-D expert parameter it cannot, an embedding it skips."""
 
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(16, 32)
-        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.conv = nn.ConvTranspose1d(32, 32, 3, padding=1)
         self.experts = nn.Module()
         self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 32, 64))
         self.fc = nn.Linear(32, 8)
@@ -72,13 +72,13 @@ def test_summary_lists_every_module_left_in_float_with_reason_and_bytes(form):
     result = ib.conversion_result(q)
     left = {f.name: f for f in result.float_left}
     assert set(left) == {"emb", "conv", "experts"}
-    assert left["conv"].unsupported and left["conv"].module_type == "Conv1d"
+    assert left["conv"].unsupported and left["conv"].module_type == "ConvTranspose1d"
     assert left["experts"].unsupported and left["experts"].nbytes == 4 * 32 * 64 * 4
     assert left["emb"].reason == "op 'embedding' not in quantization.ops" and not left["emb"].unsupported
     text = result.summary()
     assert text.startswith("1 layer converted (form=")
     assert "3 modules with weight matrices left in high precision" in text
-    assert f"kept conv (Conv1d, {32 * 32 * 3 * 4} B): unsupported type: no converter for Conv1d" in text
+    assert f"kept conv (ConvTranspose1d, {32 * 32 * 3 * 4} B): unsupported type: no converter for ConvTranspose1d" in text
     assert f"kept experts (Module, {_mib(4 * 32 * 64 * 4)}): unsupported type" in text
 
 
@@ -87,7 +87,7 @@ def _mib(n):
 
 
 def test_strict_raises_for_unsupported_matrix_layers_unless_excluded():
-    with pytest.raises(ib.ConversionError, match=r"strict=True: 2 module\(s\).*conv \(Conv1d\), experts \(Module\)"):
+    with pytest.raises(ib.ConversionError, match=r"strict=True: 2 module\(s\).*conv \(ConvTranspose1d\), experts \(Module\)"):
         ib.quantize(_Mixed().eval(), _ids(), strict=True)
     recipe = ib.Recipe.model_validate({"quantization": {"exclude": ["conv", "re:experts"]}})
     q = ib.quantize(_Mixed().eval(), _ids(), recipe, strict=True)
@@ -342,12 +342,12 @@ def test_autotune_report_lists_modules_left_in_float(tmp_path):
     result = ib.autotune(model, lambda q: 1.0, calib_data=_ids(), progress=False)
     left = {f["name"]: f for f in result.report.float_left}
     assert set(left) == {"emb", "conv", "experts"}
-    assert left["conv"]["type"] == "Conv1d" and left["conv"]["bytes"] == 32 * 32 * 3 * 4
+    assert left["conv"]["type"] == "ConvTranspose1d" and left["conv"]["bytes"] == 32 * 32 * 3 * 4
     assert left["conv"]["reason"].startswith("unsupported type")
     md = render_markdown(result.report)
     total = sum(f["bytes"] for f in left.values())
     assert f"## Left in high precision (3 modules with weight matrices, {total} bytes)" in md
-    assert "`experts`" in md and "unsupported type: no converter for Conv1d" in md
+    assert "`experts`" in md and "unsupported type: no converter for ConvTranspose1d" in md
     assert "Left in high precision (3 modules" in render_html(result.report, render_plots(result.report))
     result.report.save(tmp_path)
     assert ib.Report.load(tmp_path).float_left == result.report.float_left

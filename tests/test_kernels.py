@@ -537,5 +537,5 @@ def test_hpu_fp8_gemm_call_with_a_standin_within_sqnr_of_emulated(hpu_standin_op
 def test_registered_kernels_take_the_emulated_arguments():
     """Backends that have no special kernel for an op reuse the emulated one as is."""
     for backend in ("cuda", "hpu"):
-        for op in ("conv2d", "embedding", "sdpa", "matmul"):
+        for op in ("conv2d", "conv1d", "embedding", "sdpa", "matmul"):
             assert kernels.get_kernel(op, backend) is kernels.get_kernel(op, "emulated")

@@ -14,7 +14,7 @@ from inc_bridge.select import select_layers
 from inc_bridge.serialization import registry
 
 from .attention_models import BaddbmmAttention, FunctionalAttention
-from .models import ToyNet
+from .models import AudioCNN, ToyNet
 
 ALL_OPS = ib.Recipe.model_validate({"quantization": {"ops": [s.name for s in opspecs.SPECS]}})
 
@@ -43,6 +43,7 @@ class _Embed(nn.Module):
 
 def _cases():
     yield "toy", ToyNet().eval(), [torch.randn(2, 4, 12, 12) for _ in range(2)]
+    yield "conv1d", AudioCNN().eval(), [torch.randn(2, 4, 20) for _ in range(2)]
     yield "embedding", _Embed().eval(), [torch.randint(20, (2, 5)) for _ in range(2)]
     yield "sdpa", FunctionalAttention().eval(), [torch.randn(2, 6, 32) for _ in range(2)]
     yield "baddbmm", BaddbmmAttention().eval(), [torch.randn(2, 6, 32) for _ in range(2)]
@@ -74,9 +75,10 @@ def test_both_forms_call_the_same_custom_ops(case):
 
 def test_recipe_ops_are_the_specs():
     layer_ops = [op.value for op in Op if op.is_layer]
-    assert layer_ops == [s.name for s in opspecs.SPECS] == ["linear", "conv2d", "embedding", "sdpa", "bmm"]
+    assert layer_ops == [s.name for s in opspecs.SPECS] == ["linear", "conv2d", "conv1d", "embedding", "sdpa", "bmm"]
     assert [op.value for op in Op if not op.is_layer] == ["kv_cache"] and not Op.KV_CACHE.has_weight
-    assert Op.EMBEDDING.weight_only and not Op.SDPA.has_weight and Op.BMM.n_inputs == 2 and Op.SDPA.spec is opspecs.SPECS[3]
+    assert Op.EMBEDDING.weight_only and not Op.SDPA.has_weight and Op.BMM.n_inputs == 2 and Op.SDPA.spec is opspecs.SPECS[4]
+    assert Op.CONV1D.spec.bridge_observed and not Op.CONV2D.spec.bridge_observed  # INC patches Conv2d, not Conv1d
     with pytest.raises(ib.RecipeError, match="linear"):
         ib.Recipe.model_validate({"quantization": {"ops": ["conv3d"]}})
 
@@ -87,7 +89,8 @@ def test_specs_are_what_saving_and_lookup_use():
         for t in spec.module_types:
             assert opspecs.entry_for(object.__new__(t)).spec is spec
     assert {k.name for k in registry.in_place_kinds().values()} == {"fp8_inputs"}
-    assert opspecs.entry_for(nn.Conv1d(2, 2, 1)) is None
+    assert opspecs.entry_for(nn.Conv1d(2, 2, 1)).spec is opspecs.spec_named("conv1d")
+    assert opspecs.entry_for(nn.Conv3d(2, 2, 1)) is None
     with pytest.raises(KeyError, match="ops: linear, conv2d"):
         opspecs.spec_named("conv3d")
 

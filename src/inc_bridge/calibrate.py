@@ -83,8 +83,10 @@ def calibrate(
     fmt = recipe.quantization.format
     bins = recipe.calibration.histogram_bins
     observers: dict[str, Any] = {}
-    # Weighted layers INC does not patch (transformers' Conv1D, fused experts) bring their own observer.
-    own_observer = {n for n in weighted if entries[n] is not None and entries[n].observer is not None}
+    # Weighted layers INC does not patch (transformers' Conv1D, fused experts: an observer of their own;
+    # nn.Conv1d: the bridge's InputObserver) are measured by the bridge.
+    own_observer = {n for n in weighted if entries[n] is not None
+                    and (entries[n].observer is not None or entries[n].spec.bridge_observed)}
     inc_measures = hp_dtype is not None and bool(set(weighted) - own_observer)
 
     def run_observed(prepared: nn.Module) -> int:
@@ -92,7 +94,7 @@ def calibrate(
         for name, op in selection.selected.items():
             if not op.weight_only:
                 module = prepared.get_submodule(name)
-                if name in own_observer:
+                if name in own_observer and entries[name].observer is not None:
                     observers[name] = entries[name].observer(module, bins)
                 else:
                     observers[name] = InputObserver(module, op.spec.input_positions(module), bins)
@@ -106,7 +108,7 @@ def calibrate(
             if inc_measures:
                 config = _inc.fp8_config(wd, hp_dtype, fmt, config_dir=private)
                 num_batches = _inc.measure(shadow, run_observed, config)
-            else:  # only layers the bridge measures (captured attention, Conv1D, experts): nothing for INC
+            else:  # only layers the bridge measures (captured attention, Conv1D, Conv1d, experts): nothing for INC
                 num_batches = run_observed(shadow)
         finally:
             _dismantle(shadow)

@@ -93,7 +93,7 @@ class _OpName(str, Enum):
         return self.spec.n_inputs if self.is_layer else 0
 
 
-# One member per op spec, in the specs' order: Op.LINEAR, Op.CONV2D, Op.EMBEDDING, Op.SDPA, Op.BMM;
+# One member per op spec, in the specs' order: Op.LINEAR, Op.CONV2D, Op.CONV1D, Op.EMBEDDING, Op.SDPA, Op.BMM;
 # then Op.KV_CACHE.
 Op = _OpName("Op", [(spec.name.upper(), spec.name) for spec in SPECS] + [("KV_CACHE", KV_CACHE_OP)])  # type: ignore[misc]
 

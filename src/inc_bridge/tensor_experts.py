@@ -209,7 +209,7 @@ def _grouped_mm(func, types, args, kwargs):
     return _grouped(args[0], args[1], kwargs.get("offs", args[2] if len(args) > 2 else None))
 
 
-@implements_torch_function([F.linear, F.conv2d, F.embedding, torch.bmm, torch.matmul, torch.Tensor.matmul])
+@implements_torch_function([F.linear, F.conv1d, F.conv2d, F.embedding, torch.bmm, torch.matmul, torch.Tensor.matmul])
 def _refused(func, types, args, kwargs):
     raise NotImplementedError(
         f"{getattr(func, '__name__', func)} with a fused FP8 experts weight: index one expert (weight[e]) or use "

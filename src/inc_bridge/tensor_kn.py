@@ -128,7 +128,7 @@ def _mm(func, types, args, kwargs):
     return w.linear(x, None)
 
 
-@implements_torch_function([F.linear, F.conv2d, F.embedding])
+@implements_torch_function([F.linear, F.conv1d, F.conv2d, F.embedding])
 def _refused(func, types, args, kwargs):
     raise NotImplementedError(
         f"{func.__name__} with a Float8StaticTensorKN: this weight is stored [in, out] (transformers Conv1D); "

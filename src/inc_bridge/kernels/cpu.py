@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..errors import ConversionError
 from .emulated import (
+    conv1d_emulated,
     conv2d_emulated,
     dequantize_emulated,
     embedding_emulated,
@@ -518,3 +519,26 @@ def dequantize_cpu(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype)
     """``dequantize_emulated`` by native code where it covers the tensors (same values)."""
     out = native_dequantize(q, scale, out_dtype)
     return dequantize_emulated(q, scale, out_dtype) if out is None else out
+
+
+@register_kernel("conv1d", CPU, "native qdq(x) and dequant(W), then torch conv1d (exact)")
+def conv1d_cpu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: Fp8Params,
+    stride: tuple[int, ...] | int = 1,
+    padding: tuple[int, ...] | int | str = 0,
+    dilation: tuple[int, ...] | int = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``conv1d_emulated`` with native conversions (as ``conv2d_cpu``: same values, same torch call)."""
+    _check_layer("conv1d", qweight, weight_scale, input_scale, p, 3)
+    lib = _native_for(p, x)
+    if lib is None or not _cpu_weight(qweight):
+        return conv1d_emulated(x, qweight, weight_scale, input_scale, bias, p, stride, padding, dilation, groups)
+    xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
+    w = lib.dequant(qweight, weight_scale.reshape(-1), p.hp_dtype)
+    return F.conv1d(xq, w, bias, stride, padding, dilation, groups)

@@ -66,6 +66,25 @@ def conv2d_emulated(
     return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
 
 
+@register_kernel("conv1d", EMULATED, "conv1d(qdq(x), dequant(W)) in the model dtype")
+def conv1d_emulated(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    p: Fp8Params,
+    stride: tuple[int, ...] | int = 1,
+    padding: tuple[int, ...] | int | str = 0,
+    dilation: tuple[int, ...] | int = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``conv2d_emulated``'s math for ``nn.Conv1d`` (INC has no Conv1d patch; this is the same QDQ)."""
+    xq = quant_dequant(x, input_scale, p.fp8_dtype, p.fp8_max, p.hp_dtype)
+    w = dequantize_fp8(qweight, weight_scale, p.hp_dtype)
+    return F.conv1d(xq, w, bias, stride, padding, dilation, groups)
+
+
 @register_kernel("embedding", EMULATED, "gather FP8 rows, dequantize them")
 def embedding_emulated(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
     """Gather FP8 rows, then dequantize only those: equal to ``F.embedding(ids, dequant(W))``."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import emulated
 from .registry import Fp8Params, KernelFn, get_kernel, resolve_backend
 
-__all__ = ["conv2d", "conv2d_args", "dequantize", "embedding", "grouped_linear", "kernel_for", "linear", "matmul", "matmul_args",
+__all__ = ["conv1d", "conv1d_args", "conv2d", "conv2d_args", "dequantize", "embedding", "grouped_linear", "kernel_for", "linear", "matmul", "matmul_args",
            "quantize", "sdpa"]
 
 LIBRARY = "inc_bridge"
@@ -94,15 +94,44 @@ def _conv2d_fake(x, qweight, weight_scale, input_scale, bias, fp8_max, hp_dtype,
                                     dilation, groups)
 
 
-def conv2d_args(stride, padding, dilation) -> tuple[list[int], list[int], str, list[int]]:
-    """F.conv2d's ``stride, padding, dilation`` (ints, pairs or a padding string) as the op's arguments."""
-
-    def pair(v) -> list[int]:
-        return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+def _conv_args(stride, padding, dilation, dims: int) -> tuple[list[int], list[int], str, list[int]]:
+    def spread(v) -> list[int]:
+        return [int(v)] * dims if isinstance(v, int) else [int(i) for i in v]
 
     if isinstance(padding, str):
-        return pair(stride), [0, 0], padding, pair(dilation)
-    return pair(stride), pair(padding), "", pair(dilation)
+        return spread(stride), [0] * dims, padding, spread(dilation)
+    return spread(stride), spread(padding), "", spread(dilation)
+
+
+def conv2d_args(stride, padding, dilation) -> tuple[list[int], list[int], str, list[int]]:
+    """F.conv2d's ``stride, padding, dilation`` (ints, pairs or a padding string) as the op's arguments."""
+    return _conv_args(stride, padding, dilation, 2)
+
+
+# ------------------------------------------------------------------ conv1d
+
+
+@torch.library.custom_op(f"{LIBRARY}::conv1d", mutates_args=())
+def conv1d(x: Tensor, qweight: Tensor, weight_scale: Tensor, input_scale: Tensor, bias: Tensor | None,
+           fp8_max: float, hp_dtype: torch.dtype, backend: str, stride: list[int], padding: list[int],
+           padding_mode: str, dilation: list[int], groups: int) -> Tensor:
+    """Static FP8 conv1d: ``conv1d(qdq(x), dequant(qweight), bias, ...)``; arguments as ``conv2d``'s, one spatial dim."""
+    kernel = kernel_for("conv1d", backend, x.device)
+    return kernel(x, qweight, weight_scale, input_scale, bias, _params(qweight.dtype, fp8_max, hp_dtype),
+                  stride, padding_mode or padding, dilation, groups)
+
+
+@conv1d.register_fake
+def _conv1d_fake(x, qweight, weight_scale, input_scale, bias, fp8_max, hp_dtype, backend, stride, padding,
+                 padding_mode, dilation, groups):
+    return emulated.conv1d_emulated(x, qweight, weight_scale, input_scale, bias,
+                                    _params(qweight.dtype, fp8_max, hp_dtype), stride, padding_mode or padding,
+                                    dilation, groups)
+
+
+def conv1d_args(stride, padding, dilation) -> tuple[list[int], list[int], str, list[int]]:
+    """F.conv1d's ``stride, padding, dilation`` (ints, 1-tuples or a padding string) as the op's arguments."""
+    return _conv_args(stride, padding, dilation, 1)
 
 
 # ------------------------------------------------------------------ embedding
@@ -260,11 +289,12 @@ def _linear_backward(ctx, grad):
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def _conv2d_setup(ctx, inputs, output) -> None:
+def _conv_setup(ctx, inputs, output) -> None:
     x, qweight, weight_scale, _input_scale, bias, _fp8_max, hp_dtype, _backend, stride, padding, padding_mode, \
         dilation, groups = inputs
+    dims = qweight.dim() - 2
     if padding_mode == "valid":
-        padding = [0, 0]
+        padding = [0] * dims
     elif padding_mode == "same":
         total = [d * (k - 1) for d, k in zip(dilation, qweight.shape[2:], strict=True)]
         padding = [t // 2 for t in total]
@@ -276,25 +306,32 @@ def _conv2d_setup(ctx, inputs, output) -> None:
     ctx.asymmetric = getattr(ctx, "asymmetric", False)
 
 
-def _conv2d_backward(ctx, grad):
-    x, qweight, weight_scale = ctx.saved_tensors
-    if ctx.asymmetric:
-        raise NotImplementedError("inc_bridge::conv2d: no gradient for padding='same' with an even kernel extent")
-    stride, padding, dilation, groups = ctx.conv
-    w = emulated.dequantize_emulated(qweight, weight_scale, ctx.hp_dtype)
-    batched = x.dim() == 4
-    xb, gb = (x, grad) if batched else (x.unsqueeze(0), grad.unsqueeze(0))
-    grad_x, _, _ = torch.ops.aten.convolution_backward(
-        gb.to(ctx.hp_dtype), xb.to(ctx.hp_dtype), w, None, stride, padding, dilation, False, [0, 0], groups,
-        [True, False, False])
-    grad_x = (grad_x if batched else grad_x.squeeze(0)).to(x.dtype)
-    grad_bias = None
-    if ctx.has_bias:
-        grad_bias = gb.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None, None, None, None, None, None, None, None
+def _conv_backward(op: str):
+    """The straight-through backward of ``inc_bridge::<op>`` (conv1d or conv2d): ``aten.convolution_backward``."""
+
+    def backward(ctx, grad):
+        x, qweight, weight_scale = ctx.saved_tensors
+        if ctx.asymmetric:
+            raise NotImplementedError(f"inc_bridge::{op}: no gradient for padding='same' with an even kernel extent")
+        stride, padding, dilation, groups = ctx.conv
+        dims = qweight.dim() - 2
+        w = emulated.dequantize_emulated(qweight, weight_scale, ctx.hp_dtype)
+        batched = x.dim() == dims + 2
+        xb, gb = (x, grad) if batched else (x.unsqueeze(0), grad.unsqueeze(0))
+        grad_x, _, _ = torch.ops.aten.convolution_backward(
+            gb.to(ctx.hp_dtype), xb.to(ctx.hp_dtype), w, None, stride, padding, dilation, False, [0] * dims, groups,
+            [True, False, False])
+        grad_x = (grad_x if batched else grad_x.squeeze(0)).to(x.dtype)
+        grad_bias = None
+        if ctx.has_bias:
+            grad_bias = gb.sum(dim=(0, *range(2, dims + 2))).to(ctx.bias_dtype)
+        return grad_x, None, None, None, grad_bias, None, None, None, None, None, None, None, None
+
+    return backward
 
 
-conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
+conv2d.register_autograd(_conv_backward("conv2d"), setup_context=_conv_setup)
+conv1d.register_autograd(_conv_backward("conv1d"), setup_context=_conv_setup)
 
 
 

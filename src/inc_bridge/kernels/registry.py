@@ -26,7 +26,7 @@ from ..errors import BackendUnavailableError
 KernelFn = Callable[..., torch.Tensor]
 
 EMULATED = "emulated"
-OPS = ("linear", "conv2d", "embedding", "sdpa", "matmul", "quantize", "dequantize")
+OPS = ("linear", "conv2d", "conv1d", "embedding", "sdpa", "matmul", "quantize", "dequantize")
 
 
 class Availability(NamedTuple):

@@ -22,24 +22,26 @@ _COUNTS = ("in_features", "out_features", "in_channels", "out_channels", "num_em
 _PAIRS = ("kernel_size", "stride", "dilation")
 _FLAGS = ("bias", "per_channel")
 _NAMES = ("backend", "padding_mode", "fn")
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _config_problem(key: str, value: Any) -> str | None:
-    """Why ``value`` cannot be constructor argument ``key``, or None when it can."""
+def _config_problem(key: str, value: Any, dims: int = 2) -> str | None:
+    """Why ``value`` cannot be constructor argument ``key``, or None when it can (``dims``: a conv's
+    spatial dims, the length of its kernel_size, stride, padding and dilation)."""
     if key in _COUNTS:
         return None if _is_int(value) and value >= 0 else "a non-negative integer"
     if key == "groups":
         return None if _is_int(value) and value >= 1 else "a positive integer"
     if key in _PAIRS:
-        ok = isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)
-        return None if ok else "two positive integers"
+        ok = isinstance(value, list) and len(value) == dims and all(_is_int(v) and v >= 1 for v in value)
+        return None if ok else f"{_COUNT_WORDS[dims]} positive integer{'s' if dims > 1 else ''}"
     if key == "padding":
-        ok = isinstance(value, str) or (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v >= 0 for v in value))
-        return None if ok else "\"same\", \"valid\" or two non-negative integers"
+        ok = isinstance(value, str) or (isinstance(value, list) and len(value) == dims and all(_is_int(v) and v >= 0 for v in value))
+        return None if ok else f"\"same\", \"valid\" or {_COUNT_WORDS[dims]} non-negative integer{'s' if dims > 1 else ''}"
     if key in _FLAGS:
         return None if isinstance(value, bool) else "true or false"
     if key in _NAMES:
@@ -67,6 +69,7 @@ class Fp8Module(nn.Module):
     dtype: torch.dtype
     fp8_max: float
     backend: str
+    config_dims: int = 2  # a conv's spatial dims (the length of kernel_size, stride ... in a saved config)
     _fixed_dtype_buffers: tuple[str, ...] = ("qweight", "weight_scale", "input_scale")
     # The float layer's tensors this layer holds under another name. State dicts and saved
     # directories written before the rename hold them under the float name; loading reads both.
@@ -167,7 +170,7 @@ class Fp8Module(nn.Module):
         if not isinstance(cfg, dict):
             raise SerializationError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
         for key, value in cfg.items():
-            problem = _config_problem(key, value)
+            problem = _config_problem(key, value, cls.config_dims)
             if problem is not None:
                 raise SerializationError(f"{where}: {key!r} must be {problem}, got {shorten(value, 60)}")
         try:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .conv1d import CONV1D
 from .conv2d import CONV2D
 from .embedding import EMBEDDING
 from .linear import LINEAR
@@ -29,7 +30,7 @@ from .spec import Builder, InPlaceKind, OpSpec
 __all__ = ["SPECS", "Builder", "InPlaceKind", "ModuleEntry", "OpSpec", "describe_registered", "entry_for", "spec_named",
            "spec_of_quantized", "register_module_resolver", "register_module_type"]
 
-SPECS: tuple[OpSpec, ...] = (LINEAR, CONV2D, EMBEDDING, SDPA_SPEC, MATMUL_SPEC)
+SPECS: tuple[OpSpec, ...] = (LINEAR, CONV2D, CONV1D, EMBEDDING, SDPA_SPEC, MATMUL_SPEC)
 
 
 def _weight(module: nn.Module) -> torch.Tensor:

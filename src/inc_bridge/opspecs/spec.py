@@ -57,6 +57,9 @@ class OpSpec:
         onnx_twin: ``fn(module)`` → the ONNX export twin of a layer quantized in either form.
         in_place: for ops whose subclass form keeps the module and adds state (no FP8 weight), what
             saving records and how loading restores it; None where a weight subclass carries it.
+        bridge_observed: INC does not patch the op's module types, so calibration measures their
+            inputs with the bridge's observer (INC's statistic) instead of reading INC's dump
+            (``conv1d``: INC 3.10 has no ``Conv1d`` patch). Attention ops are always observed so.
     """
 
     name: str
@@ -70,6 +73,7 @@ class OpSpec:
     kernel: Any
     onnx_twin: Callable[[nn.Module], nn.Module]
     in_place: InPlaceKind | None = None
+    bridge_observed: bool = False
 
     @property
     def weight_only(self) -> bool:
