@@ -682,6 +682,9 @@ static inline void gemv_store(const gemv_ctx* c, int64_t m, int64_t n, float acc
 #ifndef GEMV_MB
 #define GEMV_MB 4 /* activation rows per block: NB x MB = 16 accumulators, no spills */
 #endif
+#ifndef GEMV_PREFETCH
+#define GEMV_PREFETCH 2 /* blocks of weight rows the GEMV prefetches ahead */
+#endif
 
 /* out[j] = _mm512_reduce_add_ps(a[j]) for 16 vectors, the same additions in the same tree (GCC's
  * and clang's: lanes l + l+8, then l + l+4, l + l+2, l + l+1), done on all 16 at once: 15 vector
@@ -721,6 +724,11 @@ static inline __attribute__((always_inline)) void gemv_block(const gemv_ctx* c, 
     wb[j] = row * 32;
   }
   const uint16_t* xblk = c->xb + (m0 / GEMV_MB) * slices * (GEMV_MB * 32);
+  /* the rows after this block's, GEMV_PREFETCH blocks ahead, are fetched from memory while this one
+   * computes (a decode step streams every weight once; the hardware prefetcher alone left the
+   * GEMV waiting on memory) */
+  const int64_t ahead = n0 + GEMV_PREFETCH * GEMV_NB, ahead_rows = c->N - ahead < GEMV_NB ? c->N - ahead : GEMV_NB;
+  const uint8_t* pf = c->w + ahead * K;
   __m512 acc[GEMV_MB][GEMV_NB];
   for (int i = 0; i < MT; i++)
     for (int j = 0; j < GEMV_NB; j++) acc[i][j] = _mm512_setzero_ps();
@@ -734,6 +742,7 @@ static inline __attribute__((always_inline)) void gemv_block(const gemv_ctx* c, 
         w1[j] = _mm512_loadu_si512(wbuf + (sl + 1) * (GEMV_NB * 32) + wb[j]);
       } else {
         decode64(wr[j] + k, mask, t, &w0[j], &w1[j]);
+        if (j < ahead_rows) _mm_prefetch((const char*)(pf + j * K + k), _MM_HINT_T0);
       }
     }
     for (int i = 0; i < MT; i++) {
@@ -763,6 +772,12 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
   uint16_t* wbuf = c->M > GEMV_MB ? (uint16_t*)aligned_alloc(64, (size_t)GEMV_NB * c->Kp * 2) : NULL;
   for (int64_t n0 = nb; n0 < ne; n0 += GEMV_NB) {
     const int64_t nt = ne - n0 < GEMV_NB ? ne - n0 : GEMV_NB;
+    if (wbuf) {
+      /* the next block's rows come from memory while this block computes */
+      const int64_t next = n0 + GEMV_NB < c->N ? n0 + GEMV_NB : c->N;
+      const int64_t next_end = next + GEMV_NB < c->N ? next + GEMV_NB : c->N;
+      for (int64_t off = next * c->K; off < next_end * c->K; off += 64) _mm_prefetch((const char*)(c->w + off), _MM_HINT_T1);
+    }
     if (wbuf)
       for (int64_t j = 0; j < nt; j++) {
         const uint8_t* row = c->w + (n0 + j) * c->K;
