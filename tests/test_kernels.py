@@ -159,7 +159,7 @@ def _equal_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @needs_native
 @pytest.mark.parametrize(("fmt", "fp8_max"), FORMATS)
-@pytest.mark.parametrize("scale", [1.0, 0.013671875, 3.7e-3, 250.0, 1e-30])
+@pytest.mark.parametrize("scale", [1.0, 0.013671875, 3.7e-3, 250.0, 1e-30, 1e-37])  # 1e-37: fp32 denormal outputs
 def test_native_quantize_and_qdq_are_torch_bit_for_bit(fmt, fp8_max, scale):
     lib = cpu.native()
     s = torch.tensor(scale, dtype=torch.float32)

@@ -226,7 +226,7 @@ static inline uint8_t quant_one(float x, float scale, float fp8_max, int fmt) {
 /* The loops copy every field into locals and use restrict pointers: a store through a uint8_t
  * pointer may alias anything, and the compiler would otherwise reload the fields on each element
  * and refuse to vectorise. */
-static void quantize_range(void* p, int64_t b, int64_t e) {
+static __attribute__((unused)) void quantize_range(void* p, int64_t b, int64_t e) { /* the portable build's */
   const elem_ctx* c = (const elem_ctx*)p;
   const float scale = c->scale, fp8_max = c->fp8_max;
   uint8_t* restrict q = c->q;
@@ -281,6 +281,20 @@ static inline __m512 load16(const void* x, int dt, int64_t i, __mmask16 m) {
 
 static inline void store16(void* out, int dt, int64_t i, __mmask16 m, __m512 v) {
   if (dt != IB_BF16) { _mm512_mask_storeu_ps((float*)out + i, m, v); return; }
+#if defined(__AVX512BF16__)
+  /* vcvtneps2bf16 rounds to nearest even like c10 but flushes fp32 denormals to zero and keeps a
+   * NaN's sign: NaN lanes are fixed up here, and a vector holding a denormal (a scale below 2^-117)
+   * takes the integer path below. */
+  const __m512 mag = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(mag, _mm512_set1_ps(0x1p-126f), _CMP_LT_OQ) &
+                         _mm512_cmp_ps_mask(mag, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+  if (!tiny) {
+    __m256i r = (__m256i)_mm512_cvtneps_pbh(v);
+    r = _mm256_mask_mov_epi16(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm256_set1_epi16(0x7FC0));
+    _mm256_mask_storeu_epi16((uint16_t*)out + i, m, r);
+    return;
+  }
+#endif
   __m512i u = _mm512_castps_si512(v);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
@@ -289,37 +303,59 @@ static inline void store16(void* out, int dt, int64_t i, __mmask16 m, __m512 v) 
 }
 
 /* The FP8 value round(clamp(x / s, ±fp8_max)) as fp32, 16 lanes: round_e4m3 / round_e5m2 vectorised. */
+/* The FP8 value round(clamp(x / s, ±fp8_max)) as fp32, 16 lanes: round_e4m3 / round_e5m2 done by
+ * the FPU. Adding c = 2^(E + 20), E the exponent of |t| (at least -6, the e4m3 denormal grid),
+ * leaves |t|'s bits below 2^(E - 3) to the addition's round-to-nearest-even; subtracting c again is
+ * exact. So |t| ends with 3 mantissa bits (e4m3; 2^(E + 21) and 2 bits for e5m2), as c10's
+ * integer rounding gives (the tests compare every bf16 input). NaN is kept as it is. */
 typedef struct {
-  __m512 s, hi, lo, magic;
-  __m512i thr, radd, keep, abs_mask, one, inf;
-  __m128i shift;
+  __m512 s, hi, lo;
+  __m512i emin, cadd, abs_mask, inf;
 } qround_t;
 
 static inline qround_t qround_init(float scale, float fp8_max, int fmt) {
   const int e4 = fmt == IB_E4M3;
   qround_t r;
   r.s = _mm512_set1_ps(scale); r.hi = _mm512_set1_ps(fp8_max); r.lo = _mm512_set1_ps(-fp8_max);
-  r.magic = _mm512_set1_ps(e4 ? 0x1p14f : 0x1p7f);
-  r.thr = _mm512_set1_epi32(e4 ? (121 << 23) : (113 << 23));
-  r.radd = _mm512_set1_epi32(e4 ? 0x7FFFF : 0xFFFFF);
-  r.keep = _mm512_set1_epi32(e4 ? (int)0xFFF00000u : (int)0xFFE00000u);
-  r.shift = _mm_cvtsi32_si128(e4 ? 20 : 21);
-  r.abs_mask = _mm512_set1_epi32(0x7FFFFFFF); r.one = _mm512_set1_epi32(1); r.inf = _mm512_set1_epi32(0x7F800000);
+  r.emin = _mm512_set1_epi32(e4 ? (121 << 23) : (113 << 23)); /* 2^-6, 2^-14: the smallest normal */
+  r.cadd = _mm512_set1_epi32(e4 ? (20 << 23) : (21 << 23));
+  r.abs_mask = _mm512_set1_epi32(0x7FFFFFFF); r.inf = _mm512_set1_epi32(0x7F800000);
   return r;
 }
 
 static inline __m512 qround16(const qround_t* q, __m512 x) {
   __m512 t = _mm512_div_ps(x, q->s);
   t = _mm512_min_ps(q->hi, _mm512_max_ps(q->lo, t)); /* x86 max/min return the 2nd operand on NaN: kept */
-  __m512i u = _mm512_castps_si512(t);
-  __m512i a = _mm512_and_si512(u, q->abs_mask), sign = _mm512_andnot_si512(q->abs_mask, u);
-  __m512 af = _mm512_castsi512_ps(a);
-  __m512i den = _mm512_castps_si512(_mm512_sub_ps(_mm512_add_ps(af, q->magic), q->magic));
-  __m512i odd = _mm512_and_si512(_mm512_srl_epi32(a, q->shift), q->one);
-  __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(a, q->radd), odd), q->keep);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmplt_epu32_mask(a, q->thr), den);
+  const __m512i u = _mm512_castps_si512(t);
+  const __m512i a = _mm512_and_si512(u, q->abs_mask), sign = _mm512_andnot_si512(q->abs_mask, u);
+  const __m512i e = _mm512_max_epu32(_mm512_and_si512(a, q->inf), q->emin);
+  const __m512 c = _mm512_castsi512_ps(_mm512_add_epi32(e, q->cadd));
+  __m512i r = _mm512_castps_si512(_mm512_sub_ps(_mm512_add_ps(_mm512_castsi512_ps(a), c), c));
   r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epu32_mask(a, q->inf), a);
   return _mm512_castsi512_ps(_mm512_or_si512(r, sign));
+}
+
+/* FP8 bytes of values qround16 returned (exact FP8 values, NaN allowed). */
+static inline __m128i fp8_bytes16(__m512 r, int fmt) {
+  const __m512i u = _mm512_castps_si512(r);
+  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i sign = _mm512_srli_epi32(_mm512_andnot_si512(_mm512_set1_epi32(0x7FFFFFFF), u), 24);
+  const int e4 = fmt == IB_E4M3;
+  /* normal: exponent rebiased, top mantissa bits; denormal: the value in units of the smallest step */
+  const __m512i nrm = _mm512_sub_epi32(_mm512_srli_epi32(a, e4 ? 20 : 21), _mm512_set1_epi32(e4 ? (120 << 3) : (112 << 2)));
+  const __m512i den = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(e4 ? 0x1p9f : 0x1p16f)));
+  __m512i b = _mm512_mask_mov_epi32(nrm, _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(e4 ? (121 << 23) : (113 << 23))), den);
+  b = _mm512_mask_mov_epi32(b, _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7F800000)),
+                            _mm512_set1_epi32(e4 ? 0x7F : 0x7F)); /* NaN: c10 writes 0x7F for both formats */
+  return _mm512_cvtepi32_epi8(_mm512_or_si512(b, sign));
+}
+
+static void quantize_range_avx512(const elem_ctx* c, int64_t b, int64_t e) {
+  const qround_t q = qround_init(c->scale, c->fp8_max, c->fmt);
+  for (int64_t i = b; i < e; i += 16) {
+    const __mmask16 m = e - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (e - i)) - 1);
+    _mm_mask_storeu_epi8(c->q + i, m, fp8_bytes16(qround16(&q, load16(c->x, c->in_dt, i, m)), c->fmt));
+  }
 }
 
 static void qdq_range_avx512(const elem_ctx* c, int64_t b, int64_t e) {
@@ -359,10 +395,18 @@ static void qdq_range(void* p, int64_t b, int64_t e) {
 }
 
 /* FP8 bytes of clamp(x / scale, ±fp8_max): torch's quantize_fp8. */
+static void quantize_any(void* p, int64_t b, int64_t e) {
+#if IB_AVX512_QDQ
+  quantize_range_avx512((const elem_ctx*)p, b, e);
+#else
+  quantize_range(p, b, e);
+#endif
+}
+
 void ib_quantize(const void* x, int in_dt, int64_t n, float scale, float fp8_max, int fmt, uint8_t* q,
                  int nthreads) {
   elem_ctx c = {x, in_dt, scale, fp8_max, fmt, q, NULL, 0};
-  parallel_for(quantize_range, &c, n, 1 << 14, threads_for(n, nthreads, ELEMWISE_MIN_PER_THREAD));
+  parallel_for(quantize_any, &c, n, 1 << 14, threads_for(n, nthreads, ELEMWISE_MIN_PER_THREAD));
 }
 
 /* The same, one scale per row of a [rows, cols] x (per-channel weights): row r is quantized
@@ -384,7 +428,7 @@ static void quantize_rows_range(void* p, int64_t b, int64_t e) {
   for (int64_t row = b; row < e; row++) {
     elem_ctx c = {(const char*)r->x + (size_t)(row * cols) * width, r->in_dt, r->scales[row], r->fp8_max, r->fmt,
                   r->q + row * cols, NULL, 0};
-    quantize_range(&c, 0, cols);
+    quantize_any(&c, 0, cols);
   }
 }
 
