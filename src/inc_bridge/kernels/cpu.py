@@ -12,7 +12,7 @@ FP8 weights stay FP8 in memory; nothing keeps a bf16 copy. What runs, per op (se
   it by SQNR; on the machine it was developed on the results were identical).
 * **linear, few rows** (decode: at most ``GEMV_MAX_ROWS`` rows, weight of at least
   ``GEMV_MIN_WEIGHT`` elements; prefill: at most ``FP8_GEMM_MAX_ROWS`` rows of a weight of at least
-  ``TILED_MIN_WEIGHT``, or of ``GEMV_MIN_WEIGHT`` in rows of at least ``FP8_GEMM_MIN_K``): a true FP8 x FP8 GEMV / GEMM, one native call (``_Native.linear``) that
+  ``TILED_MIN_WEIGHT``): a true FP8 x FP8 GEMV / GEMM, one native call (``_Native.linear``) that
   quantizes the activation, reads the 1-byte weights directly, multiplies FP8 values (exact in
   fp32), sums in fp32, applies the two static scales, rounds and adds the bias. A decode step reads
   half the bytes a bf16 GEMV reads; a prefill decodes each block of weight rows once into cache for
@@ -74,11 +74,6 @@ TILE_BYTES = 8 << 20
 # bf16 buffer in cache and reuses it for every activation row, where the tiled path writes and
 # rereads a bf16 copy of the whole weight on every call. Beyond it oneDNN's GEMM is faster.
 FP8_GEMM_MAX_ROWS = 256
-# ... and so do weights of at least GEMV_MIN_WEIGHT elements with rows this long or longer (the key
-# and value projections of a GQA model, 256 x 2048 in a 1B Llama): there a prefill's FP8 GEMM beats
-# qdq + dequantize + oneDNN (0.43 vs 0.51 ms at 64 x 256 x 2048, one thread); on shorter rows
-# (MiniLM's 384) the per-output reductions make it slower.
-FP8_GEMM_MIN_K = 1024
 
 _DTYPE = {torch.float32: 0, torch.bfloat16: 1}
 _FORMAT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
@@ -402,7 +397,7 @@ def linear_route(x: torch.Tensor, qweight: torch.Tensor, p: Fp8Params) -> str:
         return "emulated"
     n, k = qweight.shape
     rows = x.numel() // k if k else 0
-    fp8_rows = FP8_GEMM_MAX_ROWS if n * k >= TILED_MIN_WEIGHT or k >= FP8_GEMM_MIN_K else GEMV_MAX_ROWS
+    fp8_rows = FP8_GEMM_MAX_ROWS if n * k >= TILED_MIN_WEIGHT else GEMV_MAX_ROWS
     if 0 < rows <= fp8_rows and n * k >= GEMV_MIN_WEIGHT and x.is_contiguous():
         return "fp8"
     return "tiled" if n * k >= TILED_MIN_WEIGHT else "exact"
@@ -411,8 +406,7 @@ def linear_route(x: torch.Tensor, qweight: torch.Tensor, p: Fp8Params) -> str:
 # ------------------------------------------------------------------ kernels
 
 
-@register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows (≤{FP8_GEMM_MAX_ROWS} of 4M+ weights or rows of ≥{FP8_GEMM_MIN_K}): "
-                 "native FP8 GEMV/GEMM; "
+@register_kernel("linear", CPU, f"≤{GEMV_MAX_ROWS} rows (≤{FP8_GEMM_MAX_ROWS} of 4M+ weights): native FP8 GEMV/GEMM; "
                  "else native qdq/dequant + oneDNN GEMM (exact below 4M weights)")
 def linear_cpu(
     x: torch.Tensor,

@@ -194,6 +194,7 @@ static void parallel_for(range_fn fn, void* ctx, int64_t n, int64_t grain, int n
  * 0.54 ms on two; dequantizing a 384 x 384 weight 0.08 ms vs 0.89 ms). So each thread gets at least
  * `min_per_thread` elements. */
 static int threads_for(int64_t elems, int nthreads, int64_t min_per_thread) {
+  if (use_openmp) min_per_thread /= 8; /* torch's spinning OpenMP workers take a chunk at once */
   int64_t useful = elems / min_per_thread;
   if (useful < 1) useful = 1;
   return nthreads < useful ? nthreads : (int)useful;
@@ -950,8 +951,7 @@ static void gemv_prepare(const uint8_t* xq, const void* x, int x_dt, float in_sc
   prep_ctx c = {xq, x, x_dt, fmt, in_scale, fp8_max, K, Kp, (uint16_t*)scratch,
                 IB_AVX512BF16 ? NULL : (float*)((char*)scratch + Mp * Kp * 2)};
   const int64_t grain = K > 0 && K < (1 << 14) ? (1 << 14) / K : 1;
-  /* torch's OpenMP workers take a chunk at once; threads of our own only pay off for more work */
-  parallel_for(prepare_range, &c, M, grain, threads_for(M * K, nthreads, use_openmp ? (1 << 15) : ELEMWISE_MIN_PER_THREAD));
+  parallel_for(prepare_range, &c, M, grain, threads_for(M * K, nthreads, ELEMWISE_MIN_PER_THREAD));
   *xb_out = c.xb;
   *xf_out = c.xf;
 }
