@@ -727,6 +727,9 @@ static inline void gemv_store(const gemv_ctx* c, int64_t m, int64_t n, float acc
 #ifndef GEMV_MB
 #define GEMV_MB 4 /* activation rows per block: NB x MB = 16 accumulators, no spills */
 #endif
+#ifndef GEMM_CHUNK_ROWS
+#define GEMM_CHUNK_ROWS 32 /* weight rows per chunk of work in a GEMM (8 blocks) */
+#endif
 #ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 2 /* blocks of weight rows the GEMV prefetches ahead */
 #endif
@@ -819,8 +822,8 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
     const int64_t nt = ne - n0 < GEMV_NB ? ne - n0 : GEMV_NB;
     if (wbuf) {
       /* the next block's rows come from memory while this block computes */
-      const int64_t next = n0 + GEMV_NB < c->N ? n0 + GEMV_NB : c->N;
-      const int64_t next_end = next + GEMV_NB < c->N ? next + GEMV_NB : c->N;
+      const int64_t next = n0 + GEMV_NB < ne ? n0 + GEMV_NB : ne; /* this chunk's: this thread's */
+      const int64_t next_end = next + GEMV_NB < ne ? next + GEMV_NB : ne;
       for (int64_t off = next * c->K; off < next_end * c->K; off += 64) _mm_prefetch((const char*)(c->w + off), _MM_HINT_T1);
     }
     if (wbuf)
@@ -960,6 +963,8 @@ static void gemv_run(gemv_ctx* c, int nthreads) {
   /* About 32K weights per chunk at one row, fewer as rows add work; whole blocks of weight rows. */
   int64_t grain = (1 << 15) / ((c->K > 0 ? c->K : 1) * (c->M > 0 ? c->M : 1));
   grain = grain < 4 ? 4 : (grain + 3) / 4 * 4;
+  /* a GEMM's chunk holds several blocks, so that the block a thread prefetches is its own next one */
+  if (c->M > GEMV_MB && grain < GEMM_CHUNK_ROWS) grain = GEMM_CHUNK_ROWS;
   parallel_for(gemv_range, c, c->N, grain, nthreads);
 }
 
