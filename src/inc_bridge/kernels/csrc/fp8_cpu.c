@@ -727,9 +727,6 @@ static inline void gemv_store(const gemv_ctx* c, int64_t m, int64_t n, float acc
 #ifndef GEMV_MB
 #define GEMV_MB 4 /* activation rows per block: NB x MB = 16 accumulators, no spills */
 #endif
-#ifndef GEMM_CHUNK_ROWS
-#define GEMM_CHUNK_ROWS 32 /* weight rows per chunk of work in a GEMM (8 blocks) */
-#endif
 #ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 2 /* blocks of weight rows the GEMV prefetches ahead */
 #endif
@@ -887,6 +884,9 @@ static void gemv_range(void* p, int64_t nb, int64_t ne) {
 
 #ifndef GEMV_MB
 #define GEMV_MB 4 /* the portable build packs activations in blocks of this many rows too */
+#endif
+#ifndef GEMM_CHUNK_ROWS
+#define GEMM_CHUNK_ROWS 32 /* weight rows per chunk of work in a GEMM (8 blocks of 4) */
 #endif
 
 /* Size in bytes of the scratch buffer ib_fp8_gemv / ib_fp8_linear need for M rows of K. */
