@@ -18,6 +18,7 @@ import importlib.util
 import math
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,33 @@ def test_cpu_embedding_equals_emulated(per_row):
     for hp in (torch.float32, torch.bfloat16):
         p = Fp8Params(E4M3, 448.0, hp)
         assert torch.equal(cpu.embedding_cpu(ids, qw, ws, p), emulated.embedding_emulated(ids, qw, ws, p))
+
+
+@needs_native
+def test_cpu_scratch_buffers_change_no_bit_and_never_reach_an_output(monkeypatch):
+    """Temporaries live in per-thread scratch buffers (cpu._Scratch): the same bits as fresh ones,
+    an earlier output is not overwritten by a later call, and threads running at once do not share
+    them."""
+    cases = [_linear_case((4, 50), 384, 512, hp, bias=True) for hp in (torch.bfloat16, torch.float32)]
+    q8, k8, v8 = (quantize_fp8(torch.randn(2, 9, 4, 16).transpose(1, 2), torch.tensor(0.02), E4M3, 448.0)
+                  for _ in range(3))
+    scales = (torch.tensor(0.02),) * 3
+
+    def run(case):
+        return cpu.linear_cpu(*case), cpu.sdpa_cpu(q8, k8, v8, scales, case[0].dtype)
+
+    first = [run(case) for case in cases]  # the second case reuses the first one's buffers
+    kept = [tuple(t.clone() for t in out) for out in first]
+    assert all(cpu.linear_route(c[0], c[1], c[5]) == "exact" for c in cases)
+    assert all(torch.equal(a, b) for out, copy in zip(first, kept, strict=True) for a, b in zip(out, copy, strict=True))
+    buffers = list(cpu._SCRATCH.buffers.values())
+    assert buffers and all(t.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+                           for out in first for t in out for b in buffers)
+    with ThreadPoolExecutor(4) as pool:  # each thread its own buffers
+        concurrent = list(pool.map(run, cases * 8))
+    assert all(torch.equal(a, b) for i, out in enumerate(concurrent) for a, b in zip(out, kept[i % 2], strict=True))
+    monkeypatch.setattr(cpu, "SCRATCH_MAX_BYTES", 0)  # fresh temporaries: the same bits
+    assert all(torch.equal(a, b) for case, copy in zip(cases, kept, strict=True) for a, b in zip(run(case), copy, strict=True))
 
 
 @needs_native

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
+import threading
 from pathlib import Path
 
 import torch
@@ -174,22 +176,30 @@ class _Native:
         return q
 
     def qdq(self, x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float,
-            out_dtype: torch.dtype) -> torch.Tensor:
-        """``quant.quant_dequant`` for a dense float32/bfloat16 ``x``, bit for bit."""
+            out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``quant.quant_dequant`` for a dense float32/bfloat16 ``x``, bit for bit; into ``out`` (a
+        contiguous tensor of ``out_dtype`` and ``x``'s shape, ``x`` then contiguous too) if given."""
         _check_dense(x, _DTYPE, "qdq input")
         _check_scale(scale, None, "activation scale")
         _require(fp8_dtype in _FORMAT and out_dtype in _DTYPE, f"qdq: unsupported formats {fp8_dtype} -> {out_dtype}")
-        out = torch.empty_like(x, dtype=out_dtype)
+        if out is None:
+            out = torch.empty_like(x, dtype=out_dtype)
+        else:
+            _check_dense(out, _DTYPE, "qdq output", contiguous=True)
+            _require(x.is_contiguous() and out.dtype == out_dtype and out.shape == x.shape,
+                     f"qdq: output {out.dtype}{list(out.shape)} for a {out_dtype} result of {list(x.shape)}")
         self.lib.ib_qdq(x.data_ptr(), _DTYPE[x.dtype], x.numel(), float(scale), fp8_max, _FORMAT[fp8_dtype],
                         out.data_ptr(), _DTYPE[out_dtype], torch.get_num_threads())
         return out
 
-    def dequant(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+    def dequant(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, transpose: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """``quant.dequantize_fp8`` of q viewed as [rows, -1], one scale or one per row.
 
         ``transpose=True`` returns the [-1, rows] contiguous transpose, equal to dequantizing
         ``q.t().contiguous()`` with ``scale.t()``. With one scale ``q`` may be any dense layout
         (elementwise in memory order; the result keeps the layout); per row it must be contiguous.
+        ``out``: where to write it (the result's shape, strides and ``out_dtype``).
         """
         _require(q.dim() > 0, "dequant needs a tensor with rows")
         n = q.shape[0]
@@ -199,7 +209,12 @@ class _Native:
         _require(out_dtype in _DTYPE, f"dequant: unsupported output dtype {out_dtype}")
         per_row = scale.numel() > 1
         scale = scale.to(torch.float32).contiguous()
-        out = torch.empty((k, n), dtype=out_dtype) if transpose else torch.empty_like(q, dtype=out_dtype)
+        shape, stride = ((k, n), (n, 1)) if transpose else (q.shape, q.stride())
+        if out is None:
+            out = torch.empty((k, n), dtype=out_dtype) if transpose else torch.empty_like(q, dtype=out_dtype)
+        _require(_real(out) and out.dtype == out_dtype and out.shape == shape and out.stride() == stride,
+                 f"dequant: output {out.dtype}{list(out.shape)} strides {out.stride()} for {out_dtype}{list(shape)} "
+                 f"strides {stride}")
         self.lib.ib_dequant(q.data_ptr(), n, k, scale.data_ptr(), int(per_row), _FORMAT[q.dtype], out.data_ptr(),
                             _DTYPE[out_dtype], int(transpose), torch.get_num_threads())
         return out
@@ -386,6 +401,56 @@ def _qdq(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params, out_d
     return lib.qdq(x, scale, p.fp8_dtype, p.fp8_max, out_dtype)
 
 
+class _Scratch(threading.local):
+    """Reusable buffers per thread for temporaries a kernel's torch op reads once and drops: a
+    linear layer's quantize-dequantized input and dequantized weight (exact path), attention's
+    dequantized operands. Why: a fresh multi-MiB temporary on every call is a
+    fresh ``mmap`` whose page faults cost MiniLM's 1536-wide layers about 1 ms a call (2 threads;
+    gone with glibc's mmap threshold raised). Results never depend on it: the buffer is written in
+    full before it is read. Inputs above ``SCRATCH_MAX_BYTES`` get a temporary of their own, so a
+    long prompt does not leave a large buffer behind."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor of this dense layout in buffer ``slot``, or None (too large)."""
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        if nbytes > SCRATCH_MAX_BYTES:
+            return None
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:nbytes].view(dtype).as_strided(shape, stride)
+
+
+_SCRATCH = _Scratch()
+SCRATCH_MAX_BYTES = 16 << 20
+
+
+def _qdq_input(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
+    """The layer input's quantize-dequantize, in this thread's scratch buffer where it fits."""
+    out = _SCRATCH.get("input", tuple(x.shape), tuple(x.stride()), p.hp_dtype) if x.is_contiguous() else None
+    return lib.qdq(x, scale, p.fp8_dtype, p.fp8_max, p.hp_dtype, out=out)
+
+
+def _dequant_weight_kn(lib: _Native, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized [K, N] weight the exact path multiplies by, in scratch where it fits."""
+    n, k = qweight.shape
+    return lib.dequant(qweight, scale, dtype, transpose=True, out=_SCRATCH.get("weight", (k, n), (n, 1), dtype))
+
+
+def _dequant_operand(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
+    """An attention operand dequantized for the torch op that reads it once, in scratch where it fits
+    (``dequantize_cpu`` otherwise: other layouts, per-row scales, no library)."""
+    lib = native()
+    if (lib is None or not _plain_cpu(q, scale) or q.dtype not in _FORMAT or dtype not in _DTYPE or q.dim() == 0
+            or scale.dim() != 0 or scale.dtype != torch.float32 or not _dense(q)):
+        return dequantize_cpu(q, scale, dtype)
+    return lib.dequant(q, scale, dtype, out=_SCRATCH.get(slot, tuple(q.shape), tuple(q.stride()), dtype))
+
+
 def linear_route(x: torch.Tensor, qweight: torch.Tensor, p: Fp8Params) -> str:
     """Which path ``linear_cpu`` takes for these tensors (decided by shapes, dtypes and layout).
 
@@ -435,7 +500,7 @@ def linear_cpu(
         scale = input_scale * (weight_scale.reshape(1, n) if weight_scale.numel() > 1 else weight_scale)
         y = (acc * scale).to(p.hp_dtype).reshape(*x.shape[:-1], n)
     elif route == "tiled":
-        xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
+        xq = _qdq_input(lib, x, input_scale, p)
         rows_per_tile = max(1, TILE_BYTES // (k * p.hp_dtype.itemsize))
         per_row = weight_scale.numel() > 1
         y = torch.cat([
@@ -444,8 +509,8 @@ def linear_cpu(
             for i in range(0, n, rows_per_tile)
         ], dim=-1)
     else:
-        xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
-        y = torch.matmul(xq, lib.dequant(qweight, weight_scale, p.hp_dtype, transpose=True))
+        xq = _qdq_input(lib, x, input_scale, p)
+        y = torch.matmul(xq, _dequant_weight_kn(lib, qweight, weight_scale, p.hp_dtype))
     # In place: y is ours, and a second [rows, N] temporary costs as much as the add (same bits).
     return y.add_(bias) if bias is not None else y
 
@@ -489,7 +554,7 @@ def embedding_cpu(ids: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.
 @register_kernel("sdpa", CPU, "native dequant of q, k, v, then torch SDPA (exact)")
 def sdpa_cpu(q, k, v, scales: tuple[torch.Tensor, ...], out_dtype: torch.dtype, **sdpa_kwargs) -> torch.Tensor:
     """``sdpa_emulated`` with native dequantization."""
-    q, k, v = (dequantize_cpu(t, s, out_dtype) for t, s in zip((q, k, v), scales, strict=True))
+    q, k, v = (_dequant_operand(t, s, out_dtype, slot) for t, s, slot in zip((q, k, v), scales, "qkv", strict=True))
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 
@@ -497,7 +562,7 @@ def sdpa_cpu(q, k, v, scales: tuple[torch.Tensor, ...], out_dtype: torch.dtype, 
 def matmul_cpu(fn: str, a: torch.Tensor, b: torch.Tensor, scales: tuple[torch.Tensor, ...], addend: torch.Tensor | None,
                beta: float, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``matmul_emulated`` with native dequantization."""
-    a, b = dequantize_cpu(a, scales[0], out_dtype), dequantize_cpu(b, scales[1], out_dtype)
+    a, b = _dequant_operand(a, scales[0], out_dtype, "a"), _dequant_operand(b, scales[1], out_dtype, "b")
     return matmul_call(fn, a, b, addend, beta, alpha)
 
 
