@@ -515,6 +515,19 @@ def linear_cpu(
     return y.add_(bias) if bias is not None else y
 
 
+def _conv_cpu(op: str, dims: int, conv, emulated_conv, x: torch.Tensor, qweight: torch.Tensor,
+              weight_scale: torch.Tensor, input_scale: torch.Tensor, bias: torch.Tensor | None, p: Fp8Params,
+              *geometry) -> torch.Tensor:
+    """A conv kernel's body: native qdq(x) and dequant(W), then the torch ``conv`` the emulated one calls."""
+    _check_layer(op, qweight, weight_scale, input_scale, p, dims)
+    lib = _native_for(p, x)
+    if lib is None or not _cpu_weight(qweight):
+        return emulated_conv(x, qweight, weight_scale, input_scale, bias, p, *geometry)
+    xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
+    w = lib.dequant(qweight, weight_scale.reshape(-1), p.hp_dtype)
+    return conv(xq, w, bias, *geometry)
+
+
 @register_kernel("conv2d", CPU, "native qdq(x) and dequant(W), then torch conv2d (exact)")
 def conv2d_cpu(
     x: torch.Tensor,
@@ -529,13 +542,8 @@ def conv2d_cpu(
     groups: int = 1,
 ) -> torch.Tensor:
     """``conv2d_emulated`` with native conversions."""
-    _check_layer("conv2d", qweight, weight_scale, input_scale, p, 4)
-    lib = _native_for(p, x)
-    if lib is None or not _cpu_weight(qweight):
-        return conv2d_emulated(x, qweight, weight_scale, input_scale, bias, p, stride, padding, dilation, groups)
-    xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
-    w = lib.dequant(qweight, weight_scale.reshape(-1), p.hp_dtype)
-    return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
+    return _conv_cpu("conv2d", 4, F.conv2d, conv2d_emulated, x, qweight, weight_scale, input_scale, bias, p, stride,
+                     padding, dilation, groups)
 
 
 @register_kernel("embedding", CPU, "gather FP8 rows, native dequant (exact)")
@@ -594,10 +602,5 @@ def conv1d_cpu(
     groups: int = 1,
 ) -> torch.Tensor:
     """``conv1d_emulated`` with native conversions (as ``conv2d_cpu``: same values, same torch call)."""
-    _check_layer("conv1d", qweight, weight_scale, input_scale, p, 3)
-    lib = _native_for(p, x)
-    if lib is None or not _cpu_weight(qweight):
-        return conv1d_emulated(x, qweight, weight_scale, input_scale, bias, p, stride, padding, dilation, groups)
-    xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
-    w = lib.dequant(qweight, weight_scale.reshape(-1), p.hp_dtype)
-    return F.conv1d(xq, w, bias, stride, padding, dilation, groups)
+    return _conv_cpu("conv1d", 3, F.conv1d, conv1d_emulated, x, qweight, weight_scale, input_scale, bias, p, stride,
+                     padding, dilation, groups)

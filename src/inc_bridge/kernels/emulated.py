@@ -47,6 +47,14 @@ def linear_emulated(
     return y + bias if bias is not None else y
 
 
+def _conv_emulated(conv, x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                   bias: torch.Tensor | None, p: Fp8Params, *geometry) -> torch.Tensor:
+    """INC's PatchedConv2d QDQ math with the torch ``conv`` of the layer: ``conv(qdq(x), dequant(W), bias, ...)``."""
+    xq = quant_dequant(x, input_scale, p.fp8_dtype, p.fp8_max, p.hp_dtype)
+    w = dequantize_fp8(qweight, weight_scale, p.hp_dtype)
+    return conv(xq, w, bias, *geometry)
+
+
 @register_kernel("conv2d", EMULATED, "conv2d(qdq(x), dequant(W)) in the model dtype")
 def conv2d_emulated(
     x: torch.Tensor,
@@ -61,9 +69,7 @@ def conv2d_emulated(
     groups: int = 1,
 ) -> torch.Tensor:
     """INC's PatchedConv2d QDQ math: ``conv2d(qdq(x), dequant(W), bias, ...)``."""
-    xq = quant_dequant(x, input_scale, p.fp8_dtype, p.fp8_max, p.hp_dtype)
-    w = dequantize_fp8(qweight, weight_scale, p.hp_dtype)
-    return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
+    return _conv_emulated(F.conv2d, x, qweight, weight_scale, input_scale, bias, p, stride, padding, dilation, groups)
 
 
 @register_kernel("conv1d", EMULATED, "conv1d(qdq(x), dequant(W)) in the model dtype")
@@ -80,9 +86,7 @@ def conv1d_emulated(
     groups: int = 1,
 ) -> torch.Tensor:
     """``conv2d_emulated``'s math for ``nn.Conv1d`` (INC has no Conv1d patch; this is the same QDQ)."""
-    xq = quant_dequant(x, input_scale, p.fp8_dtype, p.fp8_max, p.hp_dtype)
-    w = dequantize_fp8(qweight, weight_scale, p.hp_dtype)
-    return F.conv1d(xq, w, bias, stride, padding, dilation, groups)
+    return _conv_emulated(F.conv1d, x, qweight, weight_scale, input_scale, bias, p, stride, padding, dilation, groups)
 
 
 @register_kernel("embedding", EMULATED, "gather FP8 rows, dequantize them")
