@@ -356,14 +356,17 @@ def native_quantize(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype
     return None
 
 
-def native_dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:
+def native_dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
+                      scratch: str | None = None) -> torch.Tensor | None:
     """``quant.dequantize_fp8`` by native code for a dense ``q`` (any dim order; the result keeps
-    it) and a 0-d fp32 scale; None where it cannot run."""
+    it) and a 0-d fp32 scale; None where it cannot run. ``scratch``: write it into this thread's
+    scratch buffer of that name (for a temporary that one torch op reads and drops)."""
     lib = native()
     if (lib is None or not _plain_cpu(q, scale) or q.dtype not in _FORMAT or out_dtype not in _DTYPE or q.dim() == 0
             or scale.dim() != 0 or scale.dtype != torch.float32 or not _dense(q)):
         return None
-    return lib.dequant(q, scale, out_dtype)
+    out = _SCRATCH.get(scratch, tuple(q.shape), tuple(q.stride()), out_dtype) if scratch else None
+    return lib.dequant(q, scale, out_dtype, out=out)
 
 
 def _plain_cpu(*tensors: torch.Tensor) -> bool:
@@ -442,13 +445,9 @@ def _dequant_weight_kn(lib: _Native, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 def _dequant_operand(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
-    """An attention operand dequantized for the torch op that reads it once, in scratch where it fits
-    (``dequantize_cpu`` otherwise: other layouts, per-row scales, no library)."""
-    lib = native()
-    if (lib is None or not _plain_cpu(q, scale) or q.dtype not in _FORMAT or dtype not in _DTYPE or q.dim() == 0
-            or scale.dim() != 0 or scale.dtype != torch.float32 or not _dense(q)):
-        return dequantize_cpu(q, scale, dtype)
-    return lib.dequant(q, scale, dtype, out=_SCRATCH.get(slot, tuple(q.shape), tuple(q.stride()), dtype))
+    """``dequantize_cpu`` of an attention operand that the torch op reads once: in scratch where it fits."""
+    out = native_dequantize(q, scale, dtype, scratch=slot)
+    return dequantize_emulated(q, scale, dtype) if out is None else out
 
 
 def linear_route(x: torch.Tensor, qweight: torch.Tensor, p: Fp8Params) -> str:
