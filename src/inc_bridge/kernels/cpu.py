@@ -400,14 +400,10 @@ def _cpu_weight(qweight: torch.Tensor) -> bool:
     return qweight.device.type == "cpu" and qweight.is_contiguous()
 
 
-def _qdq(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params, out_dtype: torch.dtype) -> torch.Tensor:
-    return lib.qdq(x, scale, p.fp8_dtype, p.fp8_max, out_dtype)
-
-
 class _Scratch(threading.local):
     """Reusable buffers per thread for temporaries a kernel's torch op reads once and drops: a
-    linear layer's quantize-dequantized input and dequantized weight (exact path), attention's
-    dequantized operands. Why: a fresh multi-MiB temporary on every call is a
+    linear or conv layer's quantize-dequantized input, the exact path's dequantized weight,
+    attention's dequantized operands. Why: a fresh multi-MiB temporary on every call is a
     fresh ``mmap`` whose page faults cost MiniLM's 1536-wide layers about 1 ms a call (2 threads;
     gone with glibc's mmap threshold raised). Results never depend on it: the buffer is written in
     full before it is read. Inputs above ``SCRATCH_MAX_BYTES`` get a temporary of their own, so a
@@ -433,7 +429,8 @@ SCRATCH_MAX_BYTES = 16 << 20
 
 
 def _qdq_input(lib: _Native, x: torch.Tensor, scale: torch.Tensor, p: Fp8Params) -> torch.Tensor:
-    """The layer input's quantize-dequantize, in this thread's scratch buffer where it fits."""
+    """A linear or conv layer input's quantize-dequantize, in this thread's scratch buffer where it fits
+    (a dense non-contiguous input, e.g. channels-last, gets a temporary of its own layout)."""
     out = _SCRATCH.get("input", tuple(x.shape), tuple(x.stride()), p.hp_dtype) if x.is_contiguous() else None
     return lib.qdq(x, scale, p.fp8_dtype, p.fp8_max, p.hp_dtype, out=out)
 
@@ -522,7 +519,7 @@ def _conv_cpu(op: str, dims: int, conv, emulated_conv, x: torch.Tensor, qweight:
     lib = _native_for(p, x)
     if lib is None or not _cpu_weight(qweight):
         return emulated_conv(x, qweight, weight_scale, input_scale, bias, p, *geometry)
-    xq = _qdq(lib, x, input_scale, p, p.hp_dtype)
+    xq = _qdq_input(lib, x, input_scale, p)
     w = lib.dequant(qweight, weight_scale.reshape(-1), p.hp_dtype)
     return conv(xq, w, bias, *geometry)
 
