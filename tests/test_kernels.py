@@ -172,6 +172,33 @@ def test_native_quantize_and_qdq_are_torch_bit_for_bit(fmt, fp8_max, scale):
 
 @needs_native
 @pytest.mark.parametrize(("fmt", "fp8_max"), FORMATS)
+def test_native_quantize_is_exact_with_denormals_flushed_and_at_random_scales(fmt, fp8_max):
+    """The bf16 quantize builds FP8 denormal bytes from fp32 denormals, which a thread that flushes
+    them (torch.set_flush_denormal) would zero: it must notice and take the other path. And the
+    conversions are exact at any scale, not only the few above (fresh mantissas, every bf16 input)."""
+    lib = cpu.native()
+    x = _all_bf16()
+    x = x[(x.float().abs() >= 2**-100) | (x == 0)]  # no bf16 denormal inputs: flushed inputs are another matter
+    s = torch.tensor(1.0)
+    threads = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        torch.set_num_threads(1)  # the flag is per thread: run the kernel on this one
+        flushed = lib.quantize(x, s, fmt, fp8_max)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert torch.equal(flushed.view(torch.uint8), quantize_fp8(x, s, fmt, fp8_max).view(torch.uint8))
+    g = torch.Generator().manual_seed(11)
+    x = _all_bf16()
+    for scale in torch.rand(12, generator=g).mul(40).sub(20).exp2():  # 2^-20 .. 2^20, random mantissas
+        assert torch.equal(lib.quantize(x, scale, fmt, fp8_max).view(torch.uint8), quantize_fp8(x, scale, fmt, fp8_max).view(torch.uint8))
+        assert _equal_or_both_nan(lib.qdq(x, scale, fmt, fp8_max, torch.bfloat16), quant_dequant(x, scale, fmt, fp8_max))
+
+
+@needs_native
+@pytest.mark.parametrize(("fmt", "fp8_max"), FORMATS)
 @pytest.mark.parametrize("hp", [torch.float32, torch.bfloat16])
 def test_native_weight_quantization_per_tensor_and_per_row_is_torch_bit_for_bit(fmt, fp8_max, hp):
     """What weights go through (``kernels.weights.quantize_fp8_rows``): native for both granularities, same bytes."""
