@@ -28,6 +28,7 @@ from torchao.quantization.utils import compute_error
 
 import inc_bridge as ib
 from inc_bridge import kernels
+from inc_bridge.errors import ConversionError
 from inc_bridge.kernels import cpu, cuda, emulated, hpu
 from inc_bridge.kernels.emulated import MATMUL_OPERANDS
 from inc_bridge.kernels.registry import Fp8Params
@@ -399,6 +400,30 @@ def test_cpu_embedding_equals_emulated(per_row):
 
 
 @needs_native
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_native_bias_add_is_torch_add_bit_for_bit(dt):
+    """The exact path's bias add (linear's last step): torch's ``y.add_(bias)``, every bit, for
+    widths that are and are not multiples of the vector, sums that are fp32 denormals (rounded, not
+    flushed), ties, saturation to inf and NaN."""
+    lib = cpu.native()
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 31, 32, 33, 384, 1000):
+        y = (torch.randn(37, n, generator=g) * torch.logspace(-3, 3, n)).to(dt)
+        b = (torch.randn(n, generator=g) * 10).to(dt)
+        y[0] = -b  # exact zeros
+        y[1, : n // 2] = 3e38  # inf for a positive bias
+        y[2, 0] = float("nan")
+        y[3] = (b.float() * -1).to(dt) + torch.tensor(2**-130).to(dt)  # sums near fp32 denormals
+        y[4, :] = torch.tensor(2**-127, dtype=dt)  # a denormal sum where b is 0
+        b[: min(n, 3)] = 0.0
+        assert _equal_or_both_nan(lib.add_bias(y.clone(), b), y.clone().add_(b))
+    tiny = torch.full((4, 64), 2**-127, dtype=dt)  # only denormal sums in the vector: the slow lanes
+    assert torch.equal(lib.add_bias(tiny.clone(), torch.full((64,), 2**-128, dtype=dt)), tiny + 2**-128)
+    with pytest.raises(ConversionError, match="bias"):
+        lib.add_bias(torch.zeros(3, 4, dtype=dt), torch.zeros(5, dtype=dt))
+
+
+@needs_native
 def test_cpu_scratch_buffers_change_no_bit_and_never_reach_an_output(monkeypatch):
     """Temporaries live in per-thread scratch buffers (cpu._Scratch): the same bits as fresh ones,
     an earlier output is not overwritten by a later call, and threads running at once do not share
@@ -508,6 +533,8 @@ def test_portable_build_of_the_native_library(tmp_path):
     s = torch.tensor(0.013671875)
     x = _all_bf16()
     assert _equal_or_both_nan(lib.qdq(x, s, E4M3, 448.0, torch.bfloat16), quant_dequant(x, s, E4M3, 448.0))
+    y, b = torch.randn(5, 130).to(torch.bfloat16), torch.randn(130).to(torch.bfloat16)
+    assert torch.equal(lib.add_bias(y.clone(), b), y + b)
     qw, ws = _weight(70, 130, per_row=True)
     assert torch.equal(lib.dequant(qw, ws, torch.bfloat16, transpose=True), dequantize_fp8(qw.t().contiguous(), ws.t(), torch.bfloat16))
     counts = torch.rand(500, dtype=torch.float64).mul(50).floor()  # some empty bins

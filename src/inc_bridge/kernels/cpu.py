@@ -143,6 +143,7 @@ class _Native:
         lib.ib_fp8_gemv_scratch.restype = i64
         lib.ib_fp8_linear.argtypes = [p, i32, i64, i64, f32, f32, p, i64, i32, p, i32, p, p, i32, p, i32]
         lib.ib_set_openmp.argtypes = [i32]
+        lib.ib_add_bias.argtypes = [p, i32, i64, i64, p, i32]
         self.lib = lib
         self.simd = bool(lib.ib_fp8_gemv_simd())
 
@@ -229,6 +230,17 @@ class _Native:
         self.lib.ib_clip_errors(counts.data_ptr(), counts.numel(), width, scales.data_ptr(), scales.numel(), fp8_max,
                                 _FORMAT[fp8_dtype], errors.data_ptr())
         return errors
+
+    def add_bias(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``y.add_(bias)`` for a contiguous float32/bfloat16 ``y`` [..., N] and ``bias`` [N] of its dtype, bit for bit."""
+        _check_dense(y, _DTYPE, "bias-add output", contiguous=True)
+        _check_dense(bias, _DTYPE, "bias", contiguous=True)
+        n = bias.numel()
+        _require(bias.dtype == y.dtype and y.dim() > 0 and y.shape[-1] == n,
+                 f"add_bias: bias {bias.dtype}[{n}] for a {y.dtype}{list(y.shape)} output")
+        self.lib.ib_add_bias(y.data_ptr(), _DTYPE[y.dtype], y.numel() // n if n else 0, n, bias.data_ptr(),
+                             torch.get_num_threads())
+        return y
 
     def gemv(self, xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """fp32 [M, N] = Σ_k xq[m, k] · w[n, k] for FP8 ``xq`` [M, K] and ``w`` [N, K] of one format."""
@@ -490,7 +502,7 @@ def linear_cpu(
             fused = bias is not None and bias.dtype == x.dtype and bias.is_contiguous() and bias.numel() == n
             y = lib.linear(x.reshape(rows, k), qweight, weight_scale.reshape(-1), input_scale, bias if fused else None,
                            p.fp8_max).reshape(*x.shape[:-1], n)
-            return y if bias is None or fused else y.add_(bias)
+            return y if fused else _add_bias(lib, y, bias)
         xq = lib.quantize(x.reshape(rows, k), input_scale, p.fp8_dtype, p.fp8_max)
         acc = lib.gemv(xq, qweight)
         scale = input_scale * (weight_scale.reshape(1, n) if weight_scale.numel() > 1 else weight_scale)
@@ -507,8 +519,17 @@ def linear_cpu(
     else:
         xq = _qdq_input(lib, x, input_scale, p)
         y = torch.matmul(xq, _dequant_weight_kn(lib, qweight, weight_scale, p.hp_dtype))
-    # In place: y is ours, and a second [rows, N] temporary costs as much as the add (same bits).
-    return y.add_(bias) if bias is not None else y
+    return _add_bias(lib, y, bias)
+
+
+def _add_bias(lib: _Native, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y + bias`` in place (y is ours: a second [rows, N] temporary costs as much as the add), natively
+    where the layouts allow: same bits as torch's ``add_``, about a third faster."""
+    if bias is None:
+        return y
+    if y.dtype in _DTYPE and bias.dtype == y.dtype and y.is_contiguous() and bias.is_contiguous() and _real(bias) and bias.dim() == 1:
+        return lib.add_bias(y, bias)
+    return y.add_(bias)
 
 
 def _conv_cpu(op: str, dims: int, conv, emulated_conv, x: torch.Tensor, qweight: torch.Tensor,
