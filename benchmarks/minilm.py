@@ -16,6 +16,10 @@ the bf16 model and calibrated on 32 other sentences:
 Compiled (``torch.compile``, inductor's defaults; skipped with ``--no-compile``): the bf16 model
 and the cpu-backend FP8 models, each compiled once before the timed turns, which they join.
 
+``bf16, INC's GEMM form (no FP8 work)`` is the bf16 model with each Linear computed as INC's QDQ
+model computes it, minus the FP8 steps (``IncGemmLinear``): the GEMMs and bias adds every exact FP8
+forward runs, so its ratio is the floor an exact FP8 model on this CPU cannot go below.
+
 Printed per model: latency (median of interleaved turns), ratio to bf16 in the same run (for a
 compiled model: to the compiled bf16 model), the bytes of the Linear weights (FP8 data + scales)
 and of all tensors, and the cosine similarity of the mean-pooled sentence embeddings to the fp32
@@ -51,6 +55,7 @@ PREDICATES = [
 ]
 SENTENCES = [f"{s} {p}" for s in SUBJECTS for p in PREDICATES]  # 64: 32 to time, 32 to calibrate
 BATCH, TOKENS = 32, 128
+FLOOR = "bf16, INC's GEMM form (no FP8 work)"
 
 
 def load():
@@ -80,6 +85,33 @@ def inc_qdq_model(model: nn.Module, calib: list[dict]) -> nn.Module:
     return _inc.inc_qdq_model(model, calib, torch.bfloat16)
 
 
+class IncGemmLinear(nn.Module):
+    """A bf16 Linear computed the way INC's QDQ model computes it, minus every FP8 step: the input
+    times a contiguous [K, N] weight, then the bias added to the rounded product (in place, as the
+    cpu backend adds it). The FP8 models run exactly these GEMMs and bias adds, plus their
+    conversions, so this model's time is the lower bound of an exact FP8 forward on a CPU without
+    FP8 arithmetic (the "exactness floor")."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight_kn", linear.weight.detach().t().contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_kn)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+def inc_gemm_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Linear layers are IncGemmLinear."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, child_name, IncGemmLinear(child))
+    return model
+
+
 def tensor_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the Linear layers' weights and scales, bytes of every parameter and buffer)."""
 
@@ -91,7 +123,7 @@ def tensor_bytes(model: nn.Module) -> tuple[int, int]:
 
     linear = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear) or type(m).__name__ in ("QuantizedLinear", "PatchedLinear"):
+        if isinstance(m, nn.Linear) or type(m).__name__ in ("QuantizedLinear", "PatchedLinear", "IncGemmLinear"):
             linear += sum(nbytes(t) for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
                           if name != "bias")
     total = sum(nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
@@ -123,7 +155,8 @@ def main() -> None:
     with torch.no_grad():
         reference = embed(fp32, batch)
 
-    models: dict[str, nn.Module] = {"fp32": fp32, "bf16": bf16, "INC FP8 QDQ (Linear)": inc_qdq_model(bf16, calib)}
+    models: dict[str, nn.Module] = {"fp32": fp32, "bf16": bf16, FLOOR: inc_gemm_form(bf16),
+                                    "INC FP8 QDQ (Linear)": inc_qdq_model(bf16, calib)}
     backends = ["emulated", "cpu"] if kernels.backend_availability("cpu").available else ["emulated"]
     attn = ib.capture_attention(copy.deepcopy(bf16))
     for ops, base in ((["linear"], bf16), (["linear", "sdpa"], attn)):
@@ -135,7 +168,7 @@ def main() -> None:
                 models[label] = ib.convert(base, scales, form=form, backend=backend)
 
     if not args.no_compile:
-        for name in ["bf16"] + [n for n in models if n.startswith("inc_bridge") and n.endswith(" cpu")]:
+        for name in ["bf16", FLOOR] + [n for n in models if n.startswith("inc_bridge") and n.endswith(" cpu")]:
             models[f"{name} (compiled)"] = torch.compile(models[name])
 
     with torch.no_grad():
@@ -169,6 +202,10 @@ def main() -> None:
         print(f"{name:<55}{ms[name]:>9.1f}{ratio(name):>8.2f}x{linear / 2**20:>12.2f}{total / 2**20:>10.2f}"
               f"{float(cosine.mean()):>10.5f}{float(cosine.min()):>9.5f}")
     print()
+    for name in (FLOOR, f"{FLOOR} (compiled)"):
+        if name in models:
+            print(f"exactness floor: {name}: {ratio(name):.2f}x {base(name)} (an exact FP8 forward adds its conversions "
+                  "to this)")
     for name in models:
         if name.startswith("inc_bridge") and (" cpu" in name):
             target = "<= 1.0x compiled bf16" if name.endswith("(compiled)") else "<= 1.1x bf16"

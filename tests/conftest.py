@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# Property tests draw the same examples on every run (a CI failure reproduces on any machine) and
+# keep no example database; hypothesis' own cache goes to a temporary directory, not the working
+# one. INC_BRIDGE_HYPOTHESIS=explore draws new examples.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="inc_bridge_hypothesis_")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", database=None)
+settings.load_profile(os.environ.get("INC_BRIDGE_HYPOTHESIS", "repeatable"))
 
 REPO = Path(__file__).resolve().parent.parent
-_IGNORED = {".venv", ".git", ".pytest_cache", ".ruff_cache", ".hypothesis", "__pycache__"}
+_IGNORED = {".venv", ".git", ".pytest_cache", ".ruff_cache", "__pycache__"}
 
 
 def _snapshot(root: Path) -> set[Path]:

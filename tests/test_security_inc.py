@@ -496,7 +496,8 @@ def test_random_npz_files_raise_only_calibration_error(tmp_path, data):
     if kind == "member":
         raw = _zip({"arr_0.npy": data.draw(_members())})
     elif kind == "names":
-        raw = _zip({data.draw(st.text(max_size=8)) or "x": data.draw(st.binary(max_size=64))
+        # zipfile cuts a name at its first NUL (and fails on the empty name left): no NUL in names
+        raw = _zip({data.draw(st.text(max_size=8).map(lambda n: n.replace("\x00", ""))) or "x": data.draw(st.binary(max_size=64))
                     for _ in range(data.draw(st.integers(0, 3)))})
     else:
         raw = bytearray(_REAL)
