@@ -105,7 +105,7 @@ class IncGemmLinear(nn.Module):
 def inc_gemm_form(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose Linear layers are IncGemmLinear."""
     model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, child_name, IncGemmLinear(child))

@@ -456,3 +456,27 @@ def test_tiny_llama_gqa_generate_both_forms():
     out_mod = qmod.generate(prompt, max_new_tokens=5, do_sample=False)
     assert out_sub.shape == (2, 10) and torch.equal(out_sub, out_mod)
     assert not math.isnan(float(a.sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_boolean_masks_reach_the_sdpa_op_as_the_additive_mask_torch_makes_of_them(dtype):
+    """QSDPA and the subclass form pass a boolean mask to ``inc_bridge::sdpa`` as 0 / -inf in the
+    query's dtype (what F.scaled_dot_product_attention makes of it; inductor builds floats ~6x
+    faster than booleans): attention is unchanged with either CPU kernel, a fully masked query
+    included (zeros). test_masks_and_gqa checks whole models with boolean masks against torch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from inc_bridge.kernels.ops import sdpa_mask
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g).to(dtype) for _ in range(3))
+    mask = torch.rand(2, 1, 6, 6, generator=g) > 0.4
+    mask[0, 0, 2] = False  # a query that sees no key
+    additive = sdpa_mask(mask, dtype)
+    assert additive.dtype == dtype and set(additive.unique().tolist()) <= {0.0, float("-inf")}
+    assert sdpa_mask(None, dtype) is None and sdpa_mask(additive, dtype) is additive
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend):
+            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=additive), expected)
+    assert torch.equal(expected[0, :, 2], torch.zeros_like(expected[0, :, 2]))

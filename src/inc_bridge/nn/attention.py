@@ -94,7 +94,8 @@ class QSDPA(Fp8Module):
     def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         # K/V from an FP8 KV cache arrive as FP8 codes made with these very scales (kv_cache.py)
         q, k, v = (self._codes(t, i) for i, t in enumerate((query, key, value)))
-        return kernel_ops.sdpa(q, k, v, self.input_scales[0], self.input_scales[1], self.input_scales[2], attn_mask,
+        return kernel_ops.sdpa(q, k, v, self.input_scales[0], self.input_scales[1], self.input_scales[2],
+                               kernel_ops.sdpa_mask(attn_mask, query.dtype),
                                float(dropout_p), bool(is_causal), None if scale is None else float(scale),
                                bool(enable_gqa), query.dtype, self.backend)
 

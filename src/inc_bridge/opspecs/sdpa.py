@@ -40,7 +40,7 @@ def _sdpa(func, types, args, kwargs):
             isinstance(t, Float8ActivationTensor) for t in (q, k, v)):
         return dequantized_call(func, args, kwargs)
     scale = call.get("scale")
-    return kernel_ops.sdpa(q.qdata, k.qdata, v.qdata, q.scale, k.scale, v.scale, call.get("attn_mask"),
+    return kernel_ops.sdpa(q.qdata, k.qdata, v.qdata, q.scale, k.scale, v.scale, kernel_ops.sdpa_mask(call.get("attn_mask"), q.dtype),
                            float(call.get("dropout_p", 0.0)), bool(call.get("is_causal", False)),
                            None if scale is None else float(scale), bool(call.get("enable_gqa", False)), q.dtype,
                            q.backend)
