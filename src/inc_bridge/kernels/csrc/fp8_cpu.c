@@ -313,6 +313,15 @@ static inline __m512 bf16_hi16(__m512i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
 }
 
+#if defined(__AVX512BF16__)
+/* store16 for 32 values (lo, then hi) that hold no fp32 denormal, which vcvtne2ps2bf16 would
+ * flush: one conversion for both halves; NaN lanes become 0x7FC0 as c10 writes them. */
+static inline void store32_bf16(uint16_t* out, __m512 lo, __m512 hi) {
+  const __mmask32 nan = _mm512_kunpackw(_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q), _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q));
+  _mm512_storeu_si512(out, _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), nan, _mm512_set1_epi16(0x7FC0)));
+}
+#endif
+
 /* The FP8 value round(clamp(x / s, ±fp8_max)) as fp32, 16 lanes: round_e4m3 / round_e5m2 vectorised. */
 /* The FP8 value round(clamp(x / s, ±fp8_max)) as fp32, 16 lanes: round_e4m3 / round_e5m2 done by
  * the FPU. Adding c = 2^(E + 20), E the exponent of |t| (at least -6, the e4m3 denormal grid),
@@ -407,10 +416,7 @@ static void qdq_range_avx512(const elem_ctx* c, int64_t b, int64_t e) {
     for (; i + 32 <= e; i += 32) {
       const __m512i v = _mm512_loadu_si512(x + i);
       const __m512 lo = bf16_lo16(v), hi = bf16_hi16(v);
-      const __m512 rl = _mm512_mul_ps(qround16(&q, lo), q.s), rh = _mm512_mul_ps(qround16(&q, hi), q.s);
-      const __mmask32 nan = _mm512_kunpackw(_mm512_cmp_ps_mask(rh, rh, _CMP_UNORD_Q), _mm512_cmp_ps_mask(rl, rl, _CMP_UNORD_Q));
-      const __m512i r = _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(rh, rl), nan, _mm512_set1_epi16(0x7FC0));
-      _mm512_storeu_si512(out + i, r);
+      store32_bf16(out + i, _mm512_mul_ps(qround16(&q, lo), q.s), _mm512_mul_ps(qround16(&q, hi), q.s));
     }
   }
 #endif
@@ -538,8 +544,7 @@ static void add_bias_range(void* p, int64_t rb, int64_t re) {
         store16(y, IB_BF16, j + 16, 0xFFFF, hi);
         continue;
       }
-      const __mmask32 nan = _mm512_kunpackw(_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q), _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q));
-      _mm512_storeu_si512(y + j, _mm512_mask_mov_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), nan, _mm512_set1_epi16(0x7FC0)));
+      store32_bf16(y + j, lo, hi);
     }
 #endif
 #if IB_AVX512_QDQ
